@@ -1,0 +1,195 @@
+"""The fused per-leaf step shared by DualOptim+ and DualOptim.
+
+Each leaf is updated in a single element-wise expression: the new delta moments of the
+present objectives, the merged parameter change and (for DualOptim+) the new base
+moments are computed from one read of the gradients and moments, so XLA emits one loop
+per leaf instead of a chain of tree maps that re-read the same buffers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dualoptax import _objectives
+
+
+class DeltaState(NamedTuple):
+  """Moments of one objective.
+
+  Attributes:
+    count: steps taken by this objective (``t_k``).
+    mu: first moment (DualOptim+: EMA of the residual ``g - m̂_B``).
+    nu: second moment (DualOptim+: EMA of ``g² - v̂_B``, a signed correction;
+      DualOptim: Adam's non-negative second moment).
+  """
+  count: jax.Array
+  mu: Any
+  nu: Any
+
+
+class Hyper(NamedTuple):
+  b1: Any
+  b2: Any
+  base_b1: Any
+  base_b2: Any
+  eps: Any
+  stable: bool
+
+
+def _bias_correction(beta: Any, count: jax.Array, dtype) -> jax.Array:
+  """``1 - beta**count`` in ``dtype``; 1 where ``count == 0`` (no correction)."""
+  beta = jnp.asarray(beta, dtype)
+  corr = 1 - beta ** count.astype(dtype)
+  return jnp.where(count > 0, corr, jnp.ones((), dtype))
+
+
+def init_moments(params: Any, dtype) -> Any:
+  # Tree-map only, so optax.tree.map_params and sharding propagation see through it.
+  return jax.tree.map(lambda p: jnp.zeros_like(p, dtype=dtype or p.dtype), params)
+
+
+def init_deltas(params, objectives, mu_dtype, nu_dtype) -> dict[str, DeltaState]:
+  return {
+      k: DeltaState(count=jnp.zeros([], jnp.int32),
+                    mu=init_moments(params, mu_dtype),
+                    nu=init_moments(params, nu_dtype))
+      for k in objectives
+  }
+
+
+def multi_objective_step(
+    grads: Mapping[str, Any],
+    deltas: Mapping[str, DeltaState],
+    base: Optional[tuple[Any, Any, jax.Array]],
+    params: Any,
+    coefficients: Mapping[str, Any],
+    weight_decay: Any,
+    decay_flags: Sequence[bool],
+    hyper: Hyper,
+    finite: Optional[jax.Array],
+):
+  """One call of the multi-objective rule on every leaf.
+
+  Args:
+    grads: present objectives' gradient trees (canonical order).
+    deltas: every objective's DeltaState.
+    base: ``(m_B, v_B, T)`` for DualOptim+, or None for DualOptim (no base).
+    params: params tree (only read when weight decay is on), or None.
+    coefficients: per present objective, the factor ``c_k`` of
+      ``Δθ = Σ_k c_k (u_k + wd·θ)`` (``-lr_k`` for the aliases, 1 for ``scale_by``).
+    weight_decay: decoupled decay strength, applied on leaves whose flag is True.
+    decay_flags: one bool per leaf.
+    hyper: betas, eps and the stability switch.
+    finite: scalar bool; where False the call is a no-op (update 0, moments kept).
+
+  Returns:
+    ``(updates, new_deltas, new_base_moments_or_None)``.
+  """
+  names = list(grads)
+  ref_tree = deltas[names[0]].mu
+  treedef = jax.tree.structure(ref_tree)
+  g_leaves = {k: treedef.flatten_up_to(grads[k]) for k in names}
+  m_leaves = {k: treedef.flatten_up_to(deltas[k].mu) for k in names}
+  v_leaves = {k: treedef.flatten_up_to(deltas[k].nu) for k in names}
+  p_leaves = (treedef.flatten_up_to(params) if params is not None
+              else [None] * treedef.num_leaves)
+  if base is not None:
+    mB_leaves = treedef.flatten_up_to(base[0])
+    vB_leaves = treedef.flatten_up_to(base[1])
+    base_count = base[2]
+  use_decay = _objectives._concrete_float(weight_decay) != 0.0
+
+  def keep(new, old):
+    return new if finite is None else jnp.where(finite, new, old)
+
+  upd_out, mB_out, vB_out = [], [], []
+  m_out = {k: [] for k in names}
+  v_out = {k: [] for k in names}
+  for i in range(treedef.num_leaves):
+    g0 = g_leaves[names[0]][i]
+    p = p_leaves[i]
+    out_dtype = p.dtype if p is not None else g0.dtype
+    mdt = m_leaves[names[0]][i].dtype
+    vdt = v_leaves[names[0]][i].dtype
+    if base is not None:
+      mB, vB = mB_leaves[i], vB_leaves[i]
+      # The base estimate from the state *before* this call (SPEC §1 step 2).
+      mhB = mB / _bias_correction(hyper.base_b1, base_count, mdt)
+      vhB = vB / _bias_correction(hyper.base_b2, base_count, vdt)
+    update = None
+    for k in names:
+      g, m, v = g_leaves[k][i], m_leaves[k][i], v_leaves[k][i]
+      t_k = deltas[k].count + 1
+      b1 = jnp.asarray(hyper.b1, mdt)
+      b2 = jnp.asarray(hyper.b2, vdt)
+      g_m = g.astype(mdt)
+      g_v = g.astype(vdt)
+      if base is not None:
+        m_new = b1 * m + (1 - b1) * (g_m - mhB)
+        v_new = b2 * v + (1 - b2) * (g_v * g_v - vhB)
+        num = m_new / _bias_correction(hyper.b1, t_k, mdt) + mhB
+        second = jnp.abs(v_new / _bias_correction(hyper.b2, t_k, vdt) + vhB)
+      else:
+        m_new = b1 * m + (1 - b1) * g_m
+        v_new = b2 * v + (1 - b2) * g_v * g_v
+        num = m_new / _bias_correction(hyper.b1, t_k, mdt)
+        second = v_new / _bias_correction(hyper.b2, t_k, vdt)
+      if hyper.stable:
+        # A second moment is never below the squared mean: |u| <= 1 (SPEC hazard).
+        second = jnp.maximum(second, num * num)
+      direction = num / (jnp.sqrt(second) + jnp.asarray(hyper.eps, second.dtype))
+      if use_decay and decay_flags[i]:
+        direction = direction + weight_decay * p
+      term = coefficients[k] * direction
+      update = term if update is None else update + term
+      m_out[k].append(keep(m_new, m))
+      v_out[k].append(keep(v_new, v))
+    update = update.astype(out_dtype)
+    if finite is not None:
+      update = jnp.where(finite, update, jnp.zeros_like(update))
+    upd_out.append(update)
+    if base is not None:
+      n = len(names)
+      g_mean = sum(g_leaves[k][i].astype(mdt) for k in names) / n
+      g2_mean = sum(jnp.square(g_leaves[k][i].astype(vdt)) for k in names) / n
+      bb1 = jnp.asarray(hyper.base_b1, mdt)
+      bb2 = jnp.asarray(hyper.base_b2, vdt)
+      mB_out.append(keep(bb1 * mB + (1 - bb1) * g_mean, mB))
+      vB_out.append(keep(bb2 * vB + (1 - bb2) * g2_mean, vB))
+
+  new_deltas = dict(deltas)
+  for k in names:
+    inc = optax.safe_increment(deltas[k].count)
+    new_deltas[k] = DeltaState(
+        count=keep(inc, deltas[k].count),
+        mu=treedef.unflatten(m_out[k]),
+        nu=treedef.unflatten(v_out[k]))
+  updates = treedef.unflatten(upd_out)
+  new_base = None
+  if base is not None:
+    new_base = (treedef.unflatten(mB_out), treedef.unflatten(vB_out))
+  return updates, new_deltas, new_base
+
+
+def prepare_call(grads, objectives, reference, params, weight_decay, mask,
+                 skip_nonfinite):
+  """Trace-time checks of one call; returns ``(present, decay_flags, finite)``."""
+  present = _objectives.present_gradients(grads, objectives, reference)
+  if _objectives._concrete_float(weight_decay) != 0.0 and params is None:
+    raise ValueError("`params` must be passed to update when weight_decay > 0.")
+  flags = _objectives.decay_mask(mask, reference if params is None else params)
+  finite = _objectives.all_finite(list(present.values())) if skip_nonfinite else None
+  return present, flags, finite
+
+
+def advance_counts(count, skipped, finite):
+  """Base count +1, or, for a skipped call, count unchanged and skipped +1."""
+  new_count = optax.safe_increment(count)
+  if finite is None:
+    return new_count, skipped
+  return (jnp.where(finite, new_count, count),
+          skipped + jnp.where(finite, 0, 1).astype(skipped.dtype))

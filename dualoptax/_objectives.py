@@ -1,0 +1,174 @@
+"""Shared plumbing for multi-objective transformations.
+
+Validation of hyperparameters and of the per-objective gradient mapping, learning-rate
+resolution, weight-decay masks and the non-finite guard. Everything here runs at trace
+time on static information (names, tree structures, shapes, dtypes), so errors surface
+before XLA sees the program.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import numbers
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
+LearningRate = Union[ScalarOrSchedule, Mapping[str, ScalarOrSchedule]]
+MaskOrFn = Union[Any, Callable[[optax.Params], Any], None]
+
+
+def _concrete_float(value: Any) -> float | None:
+  """Returns ``value`` as a float when it is known at trace time, else None."""
+  if isinstance(value, jax.core.Tracer):
+    return None
+  if isinstance(value, numbers.Real):
+    return float(value)
+  if isinstance(value, (jax.Array,)) or hasattr(value, "shape"):
+    try:
+      if getattr(value, "ndim", 0) == 0:
+        return float(value)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+      return None
+  return None
+
+
+def check_beta(name: str, value: Any) -> None:
+  v = _concrete_float(value)
+  if v is not None and not 0.0 <= v < 1.0:
+    raise ValueError(f"`{name}` must lie in [0, 1), got {value!r}.")
+
+
+def check_non_negative(name: str, value: Any) -> None:
+  v = _concrete_float(value)
+  if v is not None and not v >= 0.0:  # also rejects NaN
+    raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
+
+
+def check_objectives(objectives: Sequence[str]) -> tuple[str, ...]:
+  if isinstance(objectives, str):
+    raise ValueError(
+        "`objectives` must be a sequence of names, got the single string "
+        f"{objectives!r}; write ({objectives!r},) for one objective.")
+  objectives = tuple(objectives)
+  if not objectives:
+    raise ValueError("`objectives` must name at least one objective.")
+  for name in objectives:
+    if not isinstance(name, str) or not name:
+      raise ValueError(f"`objectives` must be non-empty strings, got {name!r}.")
+  dupes = sorted({n for n in objectives if objectives.count(n) > 1})
+  if dupes:
+    raise ValueError(f"`objectives` has duplicate names: {dupes}.")
+  return objectives
+
+
+def resolve_learning_rates(
+    learning_rate: LearningRate, objectives: tuple[str, ...]
+) -> dict[str, ScalarOrSchedule]:
+  """Maps each objective to its float or schedule, validating a mapping's keys."""
+  if isinstance(learning_rate, collections.abc.Mapping):
+    keys = set(learning_rate.keys())
+    if keys != set(objectives):
+      raise ValueError(
+          "`learning_rate` mapping must have exactly the objectives as keys: "
+          f"missing {sorted(set(objectives) - keys)}, "
+          f"unknown {sorted(map(str, keys - set(objectives)))}.")
+    lrs = {k: learning_rate[k] for k in objectives}
+  else:
+    lrs = {k: learning_rate for k in objectives}
+  for k, lr in lrs.items():
+    if not callable(lr):
+      check_non_negative(f"learning_rate[{k!r}]", lr)
+  return lrs
+
+
+def evaluate(lr: ScalarOrSchedule, count: jax.Array) -> Any:
+  """Value of a float or schedule at ``count`` (step 0 first, as optax does)."""
+  return lr(count) if callable(lr) else lr
+
+
+def _describe(tree: Any) -> str:
+  paths = [jax.tree_util.keystr(p) for p, _ in
+           jax.tree_util.tree_flatten_with_path(tree)[0]]
+  shown = ", ".join(paths[:6]) + (", ..." if len(paths) > 6 else "")
+  return f"{len(paths)} leaves [{shown}]"
+
+
+def present_gradients(
+    grads: Any, objectives: tuple[str, ...], reference: Any
+) -> dict[str, Any]:
+  """Validates the per-objective gradient mapping against ``reference``.
+
+  Args:
+    grads: a Mapping from objective name to a gradient pytree. ``None`` values mean
+      "absent" (convenient when building the mapping programmatically).
+    objectives: the transformation's objective names, in their canonical order.
+    reference: a params-shaped tree (params, or a moment tree of the state).
+
+  Returns:
+    A dict of the present objectives' gradients, in canonical objective order.
+  """
+  if not isinstance(grads, collections.abc.Mapping):
+    raise TypeError(
+        "DualOptim updates take a Mapping from objective name to gradients, e.g. "
+        f"{{{objectives[0]!r}: grads}}; got {type(grads).__name__}. "
+        "Transformations that assume params-shaped input (optax.MultiSteps, "
+        "apply_if_finite, masked) cannot wrap it: see dualoptax.per_objective and "
+        "dualoptax.accumulate_objectives.")
+  unknown = [k for k in grads.keys() if k not in objectives]
+  if unknown:
+    raise ValueError(
+        f"Unknown objective(s) {sorted(map(str, unknown))}; this optimizer was built "
+        f"for objectives {list(objectives)}.")
+  present = {k: grads[k] for k in objectives if k in grads and grads[k] is not None}
+  if not present:
+    raise ValueError(
+        "The gradient mapping is empty: pass gradients for at least one of "
+        f"{list(objectives)}.")
+  ref_def = jax.tree.structure(reference)
+  ref_leaves = jax.tree.leaves(reference)
+  for name, g in present.items():
+    g_def = jax.tree.structure(g)
+    if g_def != ref_def:
+      raise ValueError(
+          f"Gradients for objective {name!r} do not match the params' tree "
+          f"structure: got {_describe(g)}, expected {_describe(reference)}.")
+    for (path, leaf), ref in zip(jax.tree_util.tree_flatten_with_path(g)[0],
+                                 ref_leaves):
+      shape = jnp.shape(leaf)
+      if shape != jnp.shape(ref):
+        raise ValueError(
+            f"Gradient for objective {name!r} at {jax.tree_util.keystr(path)} has "
+            f"shape {shape}, expected {jnp.shape(ref)} (the params' shape).")
+      if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+        raise TypeError(
+            f"Gradient for objective {name!r} at {jax.tree_util.keystr(path)} has "
+            f"dtype {jnp.result_type(leaf)}; gradients must be floating point.")
+  return present
+
+
+def all_finite(trees: Sequence[Any]) -> jax.Array:
+  """One boolean: every element of every tree is finite."""
+  leaves = [x for t in trees for x in jax.tree.leaves(t)]
+  flags = [jnp.all(jnp.isfinite(x)) for x in leaves]
+  return jnp.stack(flags).all() if flags else jnp.asarray(True)
+
+
+def decay_mask(mask: MaskOrFn, params: Any) -> list[bool]:
+  """Per-leaf weight-decay switches (True: decay), as in ``optax.adamw``'s mask."""
+  n = len(jax.tree.leaves(params))
+  if mask is None:
+    return [True] * n
+  tree = mask(params) if callable(mask) else mask
+  flags = jax.tree.leaves(tree)
+  if jax.tree.structure(tree) != jax.tree.structure(params):
+    raise ValueError(
+        "`mask` must have the params' tree structure (a bool per leaf); got "
+        f"{_describe(tree)}, expected {_describe(params)}.")
+  if any(isinstance(f, jax.core.Tracer) for f in flags):
+    raise TypeError("`mask` leaves must be Python bools, not traced arrays.")
+  return [bool(f) for f in flags]
+
