@@ -70,7 +70,6 @@ def multi_objective_step(
     weight_decay: Any,
     decay_flags: Sequence[bool],
     hyper: Hyper,
-    finite: Optional[jax.Array],
 ):
   """One call of the multi-objective rule on every leaf.
 
@@ -84,7 +83,6 @@ def multi_objective_step(
     weight_decay: decoupled decay strength, applied on leaves whose flag is True.
     decay_flags: one bool per leaf.
     hyper: betas, eps and the stability switch.
-    finite: scalar bool; where False the call is a no-op (update 0, moments kept).
 
   Returns:
     ``(updates, new_deltas, new_base_moments_or_None)``.
@@ -102,9 +100,6 @@ def multi_objective_step(
     vB_leaves = treedef.flatten_up_to(base[1])
     base_count = base[2]
   use_decay = _objectives._concrete_float(weight_decay) != 0.0
-
-  def keep(new, old):
-    return new if finite is None else jnp.where(finite, new, old)
 
   upd_out, mB_out, vB_out = [], [], []
   m_out = {k: [] for k in names}
@@ -146,26 +141,22 @@ def multi_objective_step(
         direction = direction + weight_decay * p
       term = coefficients[k] * direction
       update = term if update is None else update + term
-      m_out[k].append(keep(m_new, m))
-      v_out[k].append(keep(v_new, v))
-    update = update.astype(out_dtype)
-    if finite is not None:
-      update = jnp.where(finite, update, jnp.zeros_like(update))
-    upd_out.append(update)
+      m_out[k].append(m_new)
+      v_out[k].append(v_new)
+    upd_out.append(update.astype(out_dtype))
     if base is not None:
       n = len(names)
       g_mean = sum(g_leaves[k][i].astype(mdt) for k in names) / n
       g2_mean = sum(jnp.square(g_leaves[k][i].astype(vdt)) for k in names) / n
       bb1 = jnp.asarray(hyper.base_b1, mdt)
       bb2 = jnp.asarray(hyper.base_b2, vdt)
-      mB_out.append(keep(bb1 * mB + (1 - bb1) * g_mean, mB))
-      vB_out.append(keep(bb2 * vB + (1 - bb2) * g2_mean, vB))
+      mB_out.append(bb1 * mB + (1 - bb1) * g_mean)
+      vB_out.append(bb2 * vB + (1 - bb2) * g2_mean)
 
   new_deltas = dict(deltas)
   for k in names:
-    inc = optax.safe_increment(deltas[k].count)
     new_deltas[k] = DeltaState(
-        count=keep(inc, deltas[k].count),
+        count=optax.safe_increment(deltas[k].count),
         mu=treedef.unflatten(m_out[k]),
         nu=treedef.unflatten(v_out[k]))
   updates = treedef.unflatten(upd_out)
@@ -186,10 +177,19 @@ def prepare_call(grads, objectives, reference, params, weight_decay, mask,
   return present, flags, finite
 
 
-def advance_counts(count, skipped, finite):
-  """Base count +1, or, for a skipped call, count unchanged and skipped +1."""
-  new_count = optax.safe_increment(count)
+def guarded(finite: Optional[jax.Array], step, state):
+  """Runs ``step()`` -> (updates, state); where ``finite`` is False, skips it.
+
+  A skipped call returns a zero update and ``state`` with ``skipped + 1``. One
+  ``lax.cond`` guards the whole call: a per-element ``where`` on every leaf would
+  cost the same at run time but many times the compile time on trees of many leaves.
+  """
   if finite is None:
-    return new_count, skipped
-  return (jnp.where(finite, new_count, count),
-          skipped + jnp.where(finite, 0, 1).astype(skipped.dtype))
+    return step()
+  out_shapes = jax.eval_shape(step)[0]
+
+  def skip():
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shapes)
+    return zeros, state._replace(skipped=optax.safe_increment(state.skipped))
+
+  return jax.lax.cond(finite, step, skip)

@@ -100,10 +100,14 @@ def dual_optim(
     present, flags, finite = _engine.prepare_call(
         grads, objectives, reference, params, weight_decay, mask, skip_nonfinite)
     coefficients = {k: -_objectives.evaluate(lrs[k], state.count) for k in present}
-    updates, deltas, _ = _engine.multi_objective_step(
-        present, state.deltas, None, params, coefficients, weight_decay, flags,
-        hyper, finite)
-    count, skipped = _engine.advance_counts(state.count, state.skipped, finite)
-    return updates, DualOptimState(count, deltas, skipped)
+
+    def step():
+      updates, deltas, _ = _engine.multi_objective_step(
+          present, state.deltas, None, params, coefficients, weight_decay, flags,
+          hyper)
+      return updates, DualOptimState(
+          optax.safe_increment(state.count), deltas, state.skipped)
+
+    return _engine.guarded(finite, step, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -72,11 +72,16 @@ def _dual_optim_plus_transform(
         grads, objectives, state.base_mu, params, weight_decay, mask,
         skip_nonfinite)
     coefficients = coefficients_fn(present, state.count)
-    updates, deltas, (base_mu, base_nu) = _engine.multi_objective_step(
-        present, state.deltas, (state.base_mu, state.base_nu, state.count),
-        params, coefficients, weight_decay, flags, hyper, finite)
-    count, skipped = _engine.advance_counts(state.count, state.skipped, finite)
-    return updates, DualOptimPlusState(count, base_mu, base_nu, deltas, skipped)
+
+    def step():
+      updates, deltas, (base_mu, base_nu) = _engine.multi_objective_step(
+          present, state.deltas, (state.base_mu, state.base_nu, state.count),
+          params, coefficients, weight_decay, flags, hyper)
+      return updates, DualOptimPlusState(
+          optax.safe_increment(state.count), base_mu, base_nu, deltas,
+          state.skipped)
+
+    return _engine.guarded(finite, step, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

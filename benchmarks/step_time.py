@@ -1,0 +1,106 @@
+"""Step time of DualOptim+ against optax.adamw, side by side in one run.
+
+Each optimizer's step (``update`` + ``optax.apply_updates``) is jitted with the params
+and state donated, and the timings are interleaved (A, B, A, B, ...) so machine noise
+hits both alike. Prints medians and ratios; see benchmarks/RESULTS.md.
+
+    python benchmarks/step_time.py [--reps 30] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import dualoptax
+
+
+def make_params(shapes, seed=0):
+  rng = np.random.default_rng(seed)
+  return {f"w{i:03d}": jnp.asarray(rng.standard_normal(s, dtype=np.float32))
+          for i, s in enumerate(shapes)}
+
+
+def make_step(tx, wrap):
+  """A jitted, donating step: (params, state, grads) -> (params, state)."""
+  def step(params, state, grads):
+    updates, state = tx.update(wrap(grads), state, params)
+    return optax.apply_updates(params, updates), state
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def state_bytes(tx, params) -> int:
+  shapes = jax.eval_shape(tx.init, params)
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+
+
+def bench(cases, params, reps):
+  """Interleaved median step time (s) and compile time (s) of each case."""
+  grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
+  runs = {}
+  for name, (tx, wrap) in cases.items():
+    step = make_step(tx, wrap)
+    p = jax.tree.map(jnp.copy, params)
+    s = tx.init(p)
+    t0 = time.perf_counter()
+    compiled = step.lower(p, s, grads).compile()
+    compile_s = time.perf_counter() - t0
+    p, s = compiled(p, s, grads)  # warm-up
+    jax.block_until_ready(p)
+    runs[name] = {"fn": compiled, "p": p, "s": s, "times": [], "compile": compile_s}
+  for _ in range(reps):
+    for r in runs.values():
+      t0 = time.perf_counter()
+      r["p"], r["s"] = r["fn"](r["p"], r["s"], grads)
+      jax.block_until_ready(r["p"])
+      r["times"].append(time.perf_counter() - t0)
+  return {n: (statistics.median(r["times"]), r["compile"]) for n, r in runs.items()}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--reps", type=int, default=30)
+  parser.add_argument("--quick", action="store_true", help="small trees, few reps")
+  args = parser.parse_args()
+  big = [(4096, 1024)] * 4
+  many = [(64, 64 + i % 7) for i in range(200)]
+  if args.quick:
+    big, args.reps = [(512, 256)] * 4, 5
+  forget = lambda g: {"forget": g}
+  same = lambda g: g
+  cases = {
+      "optax.adamw": (optax.adamw(1e-3, weight_decay=0.01), same),
+      "dual_optim_plus": (dualoptax.dual_optim_plus(1e-3, weight_decay=0.01), forget),
+      "dual_optim_plus(skip_nonfinite=False)": (dualoptax.dual_optim_plus(
+          1e-3, weight_decay=0.01, skip_nonfinite=False), forget),
+      "dual_optim": (dualoptax.dual_optim(1e-3, weight_decay=0.01), forget),
+  }
+  if hasattr(dualoptax, "dual_optim_plus_8bit"):
+    cases["dual_optim_plus_8bit"] = (
+        dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.01), forget)
+  print(f"jax {jax.__version__}, optax {optax.__version__}, backend "
+        f"{jax.default_backend()}, device {jax.devices()[0].device_kind}")
+  for label, shapes in (("16.8M params, 4 leaves 4096x1024", big),
+                        (f"{sum(a*b for a, b in many)/1e6:.2f}M params, 200 leaves",
+                         many)):
+    params = make_params(shapes)
+    n = sum(x.size for x in jax.tree.leaves(params))
+    results = bench(cases, params, args.reps)
+    base_t, base_c = results["optax.adamw"]
+    print(f"\n{label}: median of {args.reps} interleaved steps")
+    print(f"{'optimizer':40s} {'step ms':>9s} {'ratio':>6s} {'compile s':>10s} "
+          f"{'ratio':>6s} {'state B/param':>14s}")
+    for name, (t, c) in results.items():
+      tx = cases[name][0]
+      print(f"{name:40s} {t*1e3:9.2f} {t/base_t:6.2f} {c:10.2f} {c/base_c:6.2f} "
+            f"{state_bytes(tx, params)/n:14.2f}")
+
+
+if __name__ == "__main__":
+  main()
