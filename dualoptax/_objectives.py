@@ -126,9 +126,13 @@ def present_gradients(
         "dualoptax.accumulate_objectives.")
   unknown = [k for k in grads.keys() if k not in objectives]
   if unknown:
+    hint = ""
+    if len(unknown) == len(grads):
+      hint = (f" If these are parameter names, wrap params-shaped gradients by "
+              f"objective: {{{objectives[0]!r}: grads}}.")
     raise ValueError(
         f"Unknown objective(s) {sorted(map(str, unknown))}; this optimizer was built "
-        f"for objectives {list(objectives)}.")
+        f"for objectives {list(objectives)}.{hint}")
   present = {k: grads[k] for k in objectives if k in grads and grads[k] is not None}
   if not present:
     raise ValueError(
