@@ -164,3 +164,25 @@ def test_dual_optim_same_calling_convention():
   p, s = run(dualoptax.dual_optim({"forget": 1e-2, "retain": 5e-3}), CALLS)
   assert int(s.deltas["forget"].count) == 2 and int(s.deltas["retain"].count) == 3
   assert int(s.count) == 4
+
+
+def test_orbax_checkpoint_restores_exactly_and_resumes(tmp_path):
+  import orbax.checkpoint as ocp
+  tx = dualoptax.dual_optim_plus({"forget": 1e-2, "retain": 5e-3}, weight_decay=0.01)
+  params, state = run(tx, CALLS)
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(tmp_path / "ckpt", {"params": params, "opt_state": state})
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                        {"params": params, "opt_state": state})
+  with ocp.StandardCheckpointer() as ckpt:
+    restored = ckpt.restore(tmp_path / "ckpt", target)
+  assert isinstance(restored["opt_state"], dualoptax.DualOptimPlusState)
+  saved = {"params": params, "opt_state": state}
+  assert jax.tree.structure(saved) == jax.tree.structure(restored)
+  for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(restored)):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(a, b)
+  update = jax.jit(tx.update)
+  u1, _ = update({"retain": grads(99)}, state, params)
+  u2, _ = update({"retain": grads(99)}, restored["opt_state"], restored["params"])
+  jax.tree.map(np.testing.assert_array_equal, u1, u2)
