@@ -18,7 +18,19 @@ from dualoptax.wrappers import (
 )
 
 # --- 8-bit state (issue 3) ---
+from dualoptax.quantization import (
+    QuantizedArray,
+    dequantize_blockwise,
+    dynamic_code_map,
+    quantize_blockwise,
+)
+from dualoptax.quantized_state import (
+    dual_optim_plus_8bit,
+    quantize_state,
+    state_nbytes,
+)
 
 # --- unlearning (issue 4) ---
+from dualoptax import unlearning
 
 __version__ = "0.1.0"

@@ -1,0 +1,190 @@
+"""The 8-bit block-wise codec (SPEC §3): code map, exact-nearest encoding, layout."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dualoptax
+from dualoptax import quantization as qz
+
+
+def _bnb_dynamic_map(signed):
+  """bitsandbytes' ``create_dynamic_map`` (functional.py), transliterated to NumPy.
+
+  The release builds bin edges with ``torch.linspace(0.1, 1, n + 1)`` in float32,
+  takes their float32 means, scales them by ``10 ** (i - 6)`` in Python floats and
+  stores the sorted result as float32.
+  """
+  data = []
+  for i in range(7):
+    n = 2 ** i if signed else 2 ** (i + 1)
+    edges = np.linspace(0.1, 1, n + 1, dtype=np.float32)
+    means = ((edges[:-1] + edges[1:]) / np.float32(2.0)).astype(np.float32)
+    data += [10 ** (i - 6) * float(m) for m in means]
+    if signed:
+      data += [-(10 ** (i - 6)) * float(m) for m in means]
+  data += [0.0, 1.0]
+  return np.sort(np.asarray(data, np.float32))
+
+
+def _reference_codes(x, signed, block_size=256):
+  """Exact nearest code by ``searchsorted`` on the midpoints between codes.
+
+  Values are normalized like the encoder (times the float32 reciprocal of the block
+  absmax); ties at float32 resolution go to the code of larger magnitude.
+  """
+  xb = np.asarray(x, np.float32).reshape(-1, block_size)
+  absmax = np.abs(xb).max(-1, keepdims=True)
+  inv = np.where(absmax > 0, np.float32(1) / np.where(absmax > 0, absmax, 1), 0)
+  xn = (xb * inv.astype(np.float32)).astype(np.float32)
+  if not signed:
+    xn = np.maximum(xn, 0)
+  mids = qz._midpoints_np(signed)
+  codes = np.where(xn < 0, np.searchsorted(mids, xn, side="left"),
+                   np.searchsorted(mids, xn, side="right"))
+  return codes, absmax[:, 0]
+
+
+_quantize = jax.jit(qz.quantize_blockwise,
+                    static_argnames=("signed", "block_size", "local_last_dim"))
+_dequantize = jax.jit(qz.dequantize_blockwise)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_code_map_equals_bitsandbytes(signed):
+  ours = dualoptax.dynamic_code_map(signed)
+  assert ours.dtype == np.float32 and ours.shape == (256,)
+  np.testing.assert_allclose(ours, _bnb_dynamic_map(signed), rtol=0, atol=1e-7)
+  assert np.all(np.diff(ours) > 0)
+  assert ours[-1] == 1.0
+  if signed:
+    assert ours[127] == 0.0 and np.sum(ours < 0) == 127
+    assert abs(ours[0] + 0.99297) < 1e-5
+  else:
+    assert ours[0] == 0.0 and np.all(ours >= 0)
+  with pytest.raises(ValueError):
+    ours[0] = 3.0  # read-only: nobody can corrupt the shared map
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_codes_equal_searchsorted_reference_on_1m_values(signed):
+  # SPEC §3 figures: 1M standard normals (signed) and squared normals (unsigned).
+  x = np.random.default_rng(0).standard_normal(1 << 20).astype(np.float32)
+  data = x if signed else x * x
+  q = _quantize(data, signed=signed)
+  ref_codes, ref_absmax = _reference_codes(data, signed)
+  np.testing.assert_array_equal(np.asarray(q.codes).reshape(-1, 256), ref_codes)
+  np.testing.assert_array_equal(np.asarray(q.absmax), ref_absmax)
+  err = np.abs(np.asarray(_dequantize(q)) - data)
+  ref_err = np.abs(
+      (dualoptax.dynamic_code_map(signed)[ref_codes] * ref_absmax[:, None]).ravel()
+      - data)
+  assert err.mean() == pytest.approx(ref_err.mean(), rel=1e-6)
+  # bitsandbytes (blocksize 256, GPU): mean 8.53e-3 / 6.82e-3 on its own draw.
+  bnb_mean, bnb_max = (8.53e-3, 3.35e-2) if signed else (6.82e-3, 8.42e-2)
+  assert err.mean() < 1.01 * bnb_mean
+  assert err.max() < 1.1 * bnb_max
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_codes_exact_over_wide_range_and_at_every_boundary(signed):
+  rng = np.random.default_rng(1)
+  # Log-uniform magnitudes over every decade of the map (and below it).
+  mag = np.exp(rng.uniform(np.log(1e-10), 0, size=(64, 256))).astype(np.float32)
+  mag[:, 0] = 1.0  # absmax 1: normalized values are the values themselves
+  sign = np.where(rng.random(mag.shape) < 0.5, -1, 1) if signed else 1
+  wide = (mag * sign).astype(np.float32)
+  # Every code value and both float32 neighbours of every midpoint.
+  table = dualoptax.dynamic_code_map(signed)
+  mids = qz._midpoints_np(signed)
+  edges = np.concatenate([table, mids, np.nextafter(mids, np.float32(-2)),
+                          np.nextafter(mids, np.float32(2))]).astype(np.float32)
+  edges = np.concatenate([edges, np.ones(256 - len(edges) % 256, np.float32)])
+  for data in (wide, edges):
+    q = _quantize(data.reshape(-1, 256), signed=signed)
+    ref_codes, _ = _reference_codes(data, signed)
+    np.testing.assert_array_equal(np.asarray(q.codes).reshape(-1, 256), ref_codes)
+  # Code values themselves (absmax 1) encode to their own index.
+  q = _quantize(edges[:256].reshape(1, 256), signed=signed)
+  np.testing.assert_array_equal(np.asarray(q.codes).ravel(), np.arange(256))
+
+
+def test_zero_blocks_and_zeros_decode_exactly():
+  x = np.zeros((4, 512), np.float32)
+  x[1, 300] = -2.5
+  x[2, :256] = np.linspace(-1, 1, 256)
+  out = np.asarray(_dequantize(_quantize(x, signed=True)))
+  assert np.all(out[0] == 0) and np.all(out[3] == 0)
+  assert np.all(out[1, :256] == 0)
+  assert out[1, 300] == np.float32(2.5) * dualoptax.dynamic_code_map(True)[0]
+  assert np.all(out[x == 0] == 0)
+  q = _quantize(np.zeros((256,), np.float32), signed=False)
+  assert np.all(np.asarray(q.absmax) == 0) and np.all(np.asarray(_dequantize(q)) == 0)
+
+
+def test_nonfinite_values_poison_only_their_block():
+  x = np.ones((3, 256), np.float32)
+  x[0, 5] = np.nan
+  x[1, 7] = np.inf
+  for signed in (True, False):
+    q = _quantize(x, signed=signed)
+    out = np.asarray(_dequantize(q))
+    assert np.all(np.isnan(out[:2])), "a non-finite block must decode to NaN"
+    np.testing.assert_array_equal(out[2], 1.0)
+    assert np.isnan(np.asarray(q.absmax)[:2]).all()
+
+
+def test_shapes_dtypes_and_layouts():
+  rng = np.random.default_rng(2)
+  cases = [
+      ((), 256, None),  # 0-d: one block of one value
+      ((1000,), 256, (250, 0)),  # largest divisor <= 256
+      ((3, 5, 512), 256, (256, 0)),
+      ((7, 100), 256, (100, 0)),  # short last axis: one block per row
+      ((4, 526), 256, (256, 242)),  # no divisor >= 32: padded locally
+  ]
+  q = _quantize(np.ones((4, 526), np.float32), signed=False)
+  assert q.codes.shape == (4, 768) and q.absmax.shape == (4, 3) and q.pad == 242
+  for shape, bs, layout in cases:
+    if layout is not None:
+      assert qz.block_layout(shape, bs) == layout
+    x = rng.standard_normal(shape).astype(np.float32)
+    q = _quantize(x, signed=True, block_size=bs)
+    out = np.asarray(_dequantize(q))
+    assert out.shape == shape and out.dtype == np.float32
+    np.testing.assert_allclose(out, x, atol=0.02 * max(np.abs(x).max(), 1e-9))
+  xb = jnp.asarray(rng.standard_normal((8, 256)), jnp.bfloat16)
+  out = _dequantize(_quantize(xb, signed=True))
+  assert out.dtype == jnp.bfloat16
+  # Sharded last axis: blocks never straddle a shard.
+  assert qz.block_layout((4, 1024), 256, local_last_dim=128) == (128, 0)
+  assert qz.block_layout((4, 768), 256, local_last_dim=96) == (96, 0)
+  assert qz.block_layout((4, 8 * 526), 256, local_last_dim=526) is None
+  assert qz.block_layout((0, 256), 256) is None
+  with pytest.raises(ValueError, match="local_last_dim"):
+    qz.quantize_blockwise(np.ones((4, 8 * 526), np.float32), signed=True,
+                          local_last_dim=526)
+
+
+@pytest.mark.parametrize("bad", [0, 3, -256, 100, 2.0, True, "256"])
+def test_block_size_must_be_positive_power_of_two(bad):
+  with pytest.raises(ValueError, match="block_size"):
+    qz.quantize_blockwise(np.ones((256,), np.float32), signed=True, block_size=bad)
+
+
+def test_bad_inputs_are_type_errors():
+  with pytest.raises(TypeError, match="signed"):
+    qz.quantize_blockwise(np.ones((256,), np.float32), signed=1)
+  with pytest.raises(TypeError, match="floating"):
+    qz.quantize_blockwise(np.ones((256,), np.int32), signed=True)
+  with pytest.raises(TypeError, match="QuantizedArray"):
+    qz.dequantize_blockwise(np.ones((256,), np.float32))
+
+
+def test_codec_is_vmap_friendly():
+  x = jax.random.normal(jax.random.key(0), (3, 2, 256))
+  out = jax.jit(jax.vmap(lambda v: qz.dequantize_blockwise(
+      qz.quantize_blockwise(v, signed=True))))(x)
+  direct = _dequantize(_quantize(x, signed=True))
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(direct))
