@@ -1,0 +1,357 @@
+r"""TOFU-style evaluation of language-model unlearning (SPEC §5).
+
+Text and statistics helpers are NumPy functions of plain numbers; :class:`Evaluator`
+computes what they need (length-normalized answer likelihoods and greedy generations)
+with two jitted functions of fixed shape, so evaluating every set compiles once.
+
+Per evaluation set (TOFU, Maini et al. 2024, and the aggregation of "A Closer Look at
+Machine Unlearning for LLMs", Yuan et al. 2025, which the DualOptim(+) authors use):
+
+* **Probability** — forget/retain sets: :math:`\frac1N\sum_i P(a_i|q_i)^{1/|a_i|}`;
+  held-out sets (real authors, world facts, general knowledge): the relative probability
+  :math:`\frac1N\sum_i \frac{P(a_i)^{1/|a_i|}}{P(a_i)^{1/|a_i|} + \sum_j P(\tilde a_{ij})^{1/|\tilde a_{ij}|}}`.
+* **ROUGE-L recall** of the greedy generation against the answer.
+* **Truth ratio** :math:`R_i = \exp(\overline{\mathrm{nll}}(\tilde a_{i\cdot}) - \mathrm{nll}(\hat a_i))`
+  with per-token NLLs of the paraphrased answer :math:`\hat a_i` and the mean over the
+  perturbed answers :math:`\tilde a_{ij}` (i.e. paraphrase probability over perturbed
+  probability). Reported as :math:`1 - \frac1N\sum_i \min(R_i, 1/R_i)` on the forget
+  set and :math:`\frac1N\sum_i \max(0, 1 - 1/R_i)` elsewhere; both are high when the
+  model tells the true answer from the false ones.
+* **Forget Quality**: the two-sample Kolmogorov–Smirnov p-value between the forget-set
+  :math:`R_i` of the model and of a model trained on the retain data only.
+* **Model Utility**: harmonic mean of the nine (or 3 x #non-forget sets) values above on
+  the retain and held-out sets.
+* **Forget Efficacy**: :math:`1 - \mathrm{mean}` of the forget set's probability,
+  ROUGE-L recall and truth-ratio value (the authors also average an NLI entailment
+  score and an embedding cosine similarity, which need external models and are left out).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dualoptax.lm.data import UnlearningData, encode_prompts, encode_qa, visible_answer
+from dualoptax.lm.model import LanguageModel
+from dualoptax.lm.tokenizer import ByteTokenizer
+from dualoptax.unlearning.losses import sequence_nll
+
+__all__ = [
+    "rouge_tokens",
+    "rouge_l_recall",
+    "truth_ratio",
+    "truth_ratio_score",
+    "answer_probability",
+    "relative_answer_probability",
+    "ks_2samp",
+    "harmonic_mean",
+    "model_utility",
+    "forget_efficacy",
+    "Evaluator",
+]
+
+
+# ---------------------------------------------------------------------------------------
+# Text and statistics
+# ---------------------------------------------------------------------------------------
+
+_NON_ALNUM = re.compile(r"[^a-z0-9]+")
+
+
+def rouge_tokens(text: str) -> list[str]:
+  """Lower-cased alphanumeric words (rouge_score's default tokenizer, without stemming)."""
+  return [t for t in _NON_ALNUM.split(text.lower()) if t]
+
+
+def rouge_l_recall(prediction: str, reference: str) -> float:
+  r"""ROUGE-L recall: :math:`\mathrm{LCS}(\text{pred}, \text{ref}) / |\text{ref}|` on words.
+
+  Args:
+    prediction: generated text.
+    reference: ground-truth text.
+
+  Returns:
+    A float in ``[0, 1]``; 0 when the reference has no words.
+
+  Examples:
+    >>> rouge_l_recall("the cat sat", "the cat sat on the mat")
+    0.5
+  """
+  pred, ref = rouge_tokens(prediction), rouge_tokens(reference)
+  if not ref or not pred:
+    return 0.0
+  # One-row dynamic programme for the longest common subsequence.
+  prev = [0] * (len(pred) + 1)
+  for r in ref:
+    cur = [0]
+    for j, p in enumerate(pred):
+      cur.append(prev[j] + 1 if r == p else max(prev[j + 1], cur[j]))
+    prev = cur
+  return prev[-1] / len(ref)
+
+
+def truth_ratio(paraphrased_nll: np.ndarray, perturbed_nll: np.ndarray) -> np.ndarray:
+  r"""Per-question truth ratio :math:`R_i = \exp(\mathrm{mean}_j\,\tilde\ell_{ij} - \hat\ell_i)`.
+
+  Args:
+    paraphrased_nll: ``[N]`` per-token NLL of the paraphrased answers.
+    perturbed_nll: ``[N, K]`` per-token NLL of the perturbed answers.
+
+  Returns:
+    ``[N]``: > 1 where the model prefers the (paraphrased) truth.
+  """
+  paraphrased_nll = np.asarray(paraphrased_nll, np.float64)
+  perturbed_nll = np.asarray(perturbed_nll, np.float64)
+  if perturbed_nll.ndim != 2 or perturbed_nll.shape[0] != paraphrased_nll.shape[0]:
+    raise ValueError(f"perturbed_nll must have shape [N, K] with N={paraphrased_nll.shape[0]}, "
+                     f"got {perturbed_nll.shape}.")
+  return np.exp(perturbed_nll.mean(axis=-1) - paraphrased_nll)
+
+
+def truth_ratio_score(ratios: np.ndarray, forget: bool) -> float:
+  r"""Aggregates truth ratios: forget set :math:`1-\overline{\min(R, 1/R)}`, else :math:`\overline{\max(0, 1-1/R)}`."""
+  r = np.asarray(ratios, np.float64)
+  if forget:
+    return float(1.0 - np.mean(np.minimum(r, 1.0 / r)))
+  return float(np.mean(np.maximum(0.0, 1.0 - 1.0 / r)))
+
+
+def answer_probability(avg_nll: np.ndarray) -> float:
+  r""":math:`\frac1N \sum_i \exp(-\bar\ell_i)`: mean length-normalized answer probability."""
+  return float(np.mean(np.exp(-np.asarray(avg_nll, np.float64))))
+
+
+def relative_answer_probability(avg_nll: np.ndarray, perturbed_nll: np.ndarray) -> float:
+  r"""Mean of :math:`p_i / (p_i + \sum_j \tilde p_{ij})` with length-normalized probabilities."""
+  p = np.exp(-np.asarray(avg_nll, np.float64))
+  q = np.exp(-np.asarray(perturbed_nll, np.float64)).sum(axis=-1)
+  return float(np.mean(p / (p + q)))
+
+
+def _kolmogorov_sf(x: float) -> float:
+  """Survival function of the Kolmogorov distribution (asymptotic KS p-value)."""
+  if x <= 0:
+    return 1.0
+  total = 0.0
+  for k in range(1, 101):
+    term = 2.0 * (-1) ** (k - 1) * math.exp(-2.0 * k * k * x * x)
+    total += term
+    if abs(term) < 1e-16:
+      break
+  return min(max(total, 0.0), 1.0)
+
+
+def ks_2samp(x: Sequence[float], y: Sequence[float], exact_limit: int = 1_000_000
+             ) -> tuple[float, float]:
+  r"""Two-sample two-sided Kolmogorov–Smirnov test (as TOFU's ``scipy.stats.ks_2samp``).
+
+  The statistic is :math:`D = \sup_t |F_x(t) - F_y(t)|`. The p-value
+  :math:`P(D' \ge D)` under the null is exact: every monotone lattice path from
+  :math:`(0,0)` to :math:`(n,m)` (an interleaving of the two samples) is equally likely,
+  and a dynamic programme over the path probabilities adds up the mass of the paths
+  that reach :math:`|i/n - j/m| \ge D`, in exact integer comparisons. Above
+  ``exact_limit`` cells (``n*m``) the asymptotic Kolmogorov distribution is used.
+
+  Args:
+    x, y: the samples (non-empty).
+    exact_limit: largest ``n*m`` computed exactly.
+
+  Returns:
+    ``(statistic, pvalue)``.
+
+  Examples:
+    >>> round(ks_2samp([1, 2, 3], [4, 5, 6])[1], 4)
+    0.1
+  """
+  x = np.sort(np.asarray(x, np.float64).ravel())
+  y = np.sort(np.asarray(y, np.float64).ravel())
+  n, m = len(x), len(y)
+  if n == 0 or m == 0:
+    raise ValueError(f"ks_2samp needs two non-empty samples, got sizes {n} and {m}.")
+  if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+    raise ValueError("ks_2samp samples must be finite.")
+  grid = np.concatenate([x, y])
+  cx = np.searchsorted(x, grid, side="right").astype(np.int64)
+  cy = np.searchsorted(y, grid, side="right").astype(np.int64)
+  d_int = int(np.max(np.abs(cx * m - cy * n)))  # D * n * m, an integer
+  stat = d_int / (n * m)
+  if d_int == 0:
+    return 0.0, 1.0
+  if n * m > exact_limit:
+    en = math.sqrt(n * m / (n + m))
+    return stat, _kolmogorov_sf(en * stat)
+  # prob[j]: probability that a uniformly random path is at (i, j) and has not yet
+  # reached the band |i/n - j/m| >= D; `outside` collects the mass that has.
+  prob = np.zeros(m + 1)
+  outside = 0.0
+  for i in range(n + 1):
+    row = np.zeros(m + 1)
+    for j in range(m + 1):
+      if i == 0 and j == 0:
+        p = 1.0
+      else:
+        p = 0.0
+        if i > 0:  # an x-step from (i-1, j)
+          p += prob[j] * (n - i + 1) / ((n - i + 1) + (m - j))
+        if j > 0:  # a y-step from (i, j-1)
+          p += row[j - 1] * (m - j + 1) / ((n - i) + (m - j + 1))
+      if abs(i * m - j * n) >= d_int:
+        outside += p
+        p = 0.0
+      row[j] = p
+    prob = row
+  return stat, float(min(max(outside, 0.0), 1.0))
+
+
+def harmonic_mean(values: Sequence[float]) -> float:
+  """Harmonic mean; 0 if any value is <= 0 (as ``scipy.stats.hmean`` with a zero)."""
+  v = np.asarray(list(values), np.float64)
+  if v.size == 0:
+    raise ValueError("harmonic_mean needs at least one value.")
+  if np.any(v <= 0):
+    return 0.0
+  return float(v.size / np.sum(1.0 / v))
+
+
+def model_utility(set_metrics: Mapping[str, Mapping[str, float]],
+                  kinds: Mapping[str, str]) -> float:
+  """Harmonic mean of probability, ROUGE-L recall and truth ratio over non-forget sets."""
+  values = [set_metrics[name][k] for name, kind in kinds.items() if kind != "forget"
+            for k in ("prob", "rouge_l", "truth_ratio")]
+  return harmonic_mean(values)
+
+
+def forget_efficacy(forget_metrics: Mapping[str, float]) -> float:
+  """``1 - mean(prob, rouge_l, truth_ratio)`` of the forget set (higher: more forgotten)."""
+  return float(1.0 - np.mean([forget_metrics[k] for k in ("prob", "rouge_l", "truth_ratio")]))
+
+
+# ---------------------------------------------------------------------------------------
+# Model evaluation
+# ---------------------------------------------------------------------------------------
+
+
+def _pad_rows(a: np.ndarray, multiple: int) -> np.ndarray:
+  extra = (-a.shape[0]) % multiple
+  if not extra:
+    return a
+  return np.concatenate([a, np.zeros((extra,) + a.shape[1:], a.dtype)])
+
+
+class Evaluator:
+  r"""Evaluates a :class:`~dualoptax.lm.model.LanguageModel` on :class:`UnlearningData`.
+
+  Each evaluation set is encoded once: answers, paraphrased answers and the ``K``
+  perturbed answers (every question of a set must have the same ``K``), plus
+  left-padded prompts for greedy generation. Scoring and generation run in fixed
+  ``[batch_size, max_len]`` blocks, so each of the two jitted functions compiles once.
+
+  Args:
+    lm: the model.
+    tokenizer: its tokenizer.
+    data: the data (its ``eval_sets`` and ``eval_kinds`` are used).
+    max_len: sequence length (``lm.config.max_len``).
+    batch_size: block size of the jitted calls.
+  """
+
+  def __init__(self, lm: LanguageModel, tokenizer: ByteTokenizer, data: UnlearningData,
+               max_len: int, batch_size: int = 64):
+    self.lm, self.tok, self.max_len, self.batch_size = lm, tokenizer, max_len, batch_size
+    self.kinds = dict(data.eval_kinds)
+    self.sets = {}
+    for name, examples in data.eval_sets.items():
+      ks = {len(qa.perturbed_answers) for qa in examples}
+      if len(ks) != 1 or 0 in ks:
+        raise ValueError(f"Evaluation set {name!r}: every question needs the same, non-zero "
+                         f"number of perturbed answers, got counts {sorted(ks)}.")
+      k = ks.pop()
+      qs = [qa.question for qa in examples]
+      prompts, num_pad = encode_prompts(tokenizer, qs, max_len)
+      self.sets[name] = dict(
+          k=k,
+          answer=encode_qa(tokenizer, qs, [qa.answer for qa in examples], max_len),
+          paraphrase=encode_qa(tokenizer, qs, [qa.paraphrase for qa in examples], max_len),
+          perturbed=encode_qa(tokenizer, [q for q in qs for _ in range(k)],
+                              [p for qa in examples for p in qa.perturbed_answers], max_len),
+          prompts=prompts, num_pad=num_pad,
+          references=[visible_answer(tokenizer, qa.question, qa.answer, max_len)
+                      for qa in examples])
+
+    def avg_nll(params, inputs, targets, mask):
+      logits = lm.apply(params, inputs)
+      return sequence_nll(logits, targets, mask) / jnp.maximum(mask.sum(-1), 1.0)
+
+    self._avg_nll = jax.jit(avg_nll)
+    self.max_new_tokens = max_len - max_len // 2
+    self._generate = jax.jit(lambda params, prompts, num_pad: lm.generate(
+        params, prompts, num_pad, self.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id))
+
+  def _scores(self, params, enc) -> np.ndarray:
+    n = enc.inputs.shape[0]
+    arrays = [_pad_rows(a, self.batch_size) for a in enc]
+    out = [np.asarray(self._avg_nll(params, *(a[s:s + self.batch_size] for a in arrays)))
+           for s in range(0, arrays[0].shape[0], self.batch_size)]
+    return np.concatenate(out)[:n]
+
+  def generate(self, params, name: str) -> list[str]:
+    """Greedy answers to the questions of evaluation set ``name``."""
+    s = self.sets[name]
+    n = s["prompts"].shape[0]
+    prompts = _pad_rows(s["prompts"], self.batch_size)
+    num_pad = _pad_rows(s["num_pad"], self.batch_size)
+    out = [np.asarray(self._generate(params, prompts[i:i + self.batch_size],
+                                     num_pad[i:i + self.batch_size]))
+           for i in range(0, prompts.shape[0], self.batch_size)]
+    return self.tok.decode_batch(np.concatenate(out)[:n])
+
+  def evaluate_set(self, params, name: str, generate: bool = True) -> dict[str, Any]:
+    """Metrics of one set: ``prob``, ``rouge_l`` (if ``generate``), ``truth_ratio`` and
+    the per-question ``ratios`` (for Forget Quality)."""
+    s = self.sets[name]
+    forget = self.kinds[name] == "forget"
+    answer = self._scores(params, s["answer"])
+    para = self._scores(params, s["paraphrase"])
+    pert = self._scores(params, s["perturbed"]).reshape(-1, s["k"])
+    ratios = truth_ratio(para, pert)
+    out = {
+        "prob": (relative_answer_probability(answer, pert) if self.kinds[name] == "heldout"
+                 else answer_probability(answer)),
+        "truth_ratio": truth_ratio_score(ratios, forget),
+        "ratios": ratios,
+    }
+    if generate:
+      gens = self.generate(params, name)
+      out["rouge_l"] = float(np.mean([rouge_l_recall(g, r)
+                                      for g, r in zip(gens, s["references"])]))
+      out["samples"] = list(zip(s["references"][:3], gens[:3]))
+    return out
+
+  def evaluate(self, params, reference_ratios: Optional[np.ndarray] = None) -> dict[str, Any]:
+    """All sets plus the aggregates.
+
+    Args:
+      params: model parameters.
+      reference_ratios: forget-set truth ratios of the retain-only model; when given,
+        ``forget_quality`` (KS p-value) is reported.
+
+    Returns:
+      ``{"sets": {name: metrics}, "model_utility", "forget_efficacy",
+      "forget_quality" (or None), "forget_ratios"}``.
+    """
+    sets = {name: self.evaluate_set(params, name) for name in self.sets}
+    forget_name = next(n for n, k in self.kinds.items() if k == "forget")
+    result = {
+        "sets": sets,
+        "model_utility": model_utility(sets, self.kinds),
+        "forget_efficacy": forget_efficacy(sets[forget_name]),
+        "forget_quality": None,
+        "forget_ratios": sets[forget_name]["ratios"],
+    }
+    if reference_ratios is not None:
+      result["forget_quality"] = ks_2samp(sets[forget_name]["ratios"], reference_ratios)[1]
+    return result
