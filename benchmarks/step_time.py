@@ -1,4 +1,4 @@
-"""Step time of DualOptim+ against optax.adamw, side by side in one run.
+"""Step time of DualOptim+ (float32 and 8-bit) against optax.adamw, side by side.
 
 Each optimizer's step (``update`` + ``optax.apply_updates``) is jitted with the params
 and state donated, and the timings are interleaved (A, B, A, B, ...) so machine noise
@@ -36,8 +36,7 @@ def make_step(tx, wrap):
 
 
 def state_bytes(tx, params) -> int:
-  shapes = jax.eval_shape(tx.init, params)
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+  return dualoptax.state_nbytes(jax.eval_shape(tx.init, params))
 
 
 def bench(cases, params, reps):
@@ -81,9 +80,10 @@ def main():
           1e-3, weight_decay=0.01, skip_nonfinite=False), forget),
       "dual_optim": (dualoptax.dual_optim(1e-3, weight_decay=0.01), forget),
   }
-  if hasattr(dualoptax, "dual_optim_plus_8bit"):
-    cases["dual_optim_plus_8bit"] = (
-        dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.01), forget)
+  cases["quantize_state(optax.adamw)"] = (
+      dualoptax.quantize_state(optax.adamw(1e-3, weight_decay=0.01)), same)
+  cases["dual_optim_plus_8bit"] = (
+      dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.01), forget)
   print(f"jax {jax.__version__}, optax {optax.__version__}, backend "
         f"{jax.default_backend()}, device {jax.devices()[0].device_kind}")
   for label, shapes in (("16.8M params, 4 leaves 4096x1024", big),

@@ -85,7 +85,8 @@ def multi_objective_step(
     hyper: betas, eps and the stability switch.
 
   Returns:
-    ``(updates, new_deltas, new_base_moments_or_None)``.
+    ``(updates, new_deltas, new_base_moments_or_None)``; ``new_deltas`` holds the
+    present objectives only (absent ones are unchanged by definition).
   """
   names = list(grads)
   ref_tree = deltas[names[0]].mu
@@ -153,7 +154,7 @@ def multi_objective_step(
       mB_out.append(bb1 * mB + (1 - bb1) * g_mean)
       vB_out.append(bb2 * vB + (1 - bb2) * g2_mean)
 
-  new_deltas = dict(deltas)
+  new_deltas = {}
   for k in names:
     new_deltas[k] = DeltaState(
         count=optax.safe_increment(deltas[k].count),
@@ -177,19 +178,26 @@ def prepare_call(grads, objectives, reference, params, weight_decay, mask,
   return present, flags, finite
 
 
-def guarded(finite: Optional[jax.Array], step, state):
-  """Runs ``step()`` -> (updates, state); where ``finite`` is False, skips it.
+def guarded(finite: Optional[jax.Array], step, unchanged):
+  """Runs ``step()`` -> ``(updates, changed)``; where ``finite`` is False, skips it.
 
-  A skipped call returns a zero update and ``state`` with ``skipped + 1``. One
-  ``lax.cond`` guards the whole call: a per-element ``where`` on every leaf would
-  cost the same at run time but many times the compile time on trees of many leaves.
+  A skipped call returns a zero update and ``unchanged`` (the pre-call values of what
+  ``step`` changes). One ``lax.cond`` guards the call: a per-element ``where`` on every
+  leaf costs many times the compile time on trees of many leaves. Only the state that
+  the step changes goes through the conditional, so absent objectives' moments are
+  not copied.
   """
   if finite is None:
     return step()
   out_shapes = jax.eval_shape(step)[0]
 
   def skip():
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shapes)
-    return zeros, state._replace(skipped=optax.safe_increment(state.skipped))
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shapes), unchanged
 
   return jax.lax.cond(finite, step, skip)
+
+
+def count_skipped(skipped: jax.Array, finite: Optional[jax.Array]) -> jax.Array:
+  if finite is None:
+    return skipped
+  return jnp.where(finite, skipped, optax.safe_increment(skipped))

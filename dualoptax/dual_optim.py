@@ -105,9 +105,11 @@ def dual_optim(
       updates, deltas, _ = _engine.multi_objective_step(
           present, state.deltas, None, params, coefficients, weight_decay, flags,
           hyper)
-      return updates, DualOptimState(
-          optax.safe_increment(state.count), deltas, state.skipped)
+      return updates, (optax.safe_increment(state.count), deltas)
 
-    return _engine.guarded(finite, step, state)
+    unchanged = (state.count, {k: state.deltas[k] for k in present})
+    updates, (count, deltas) = _engine.guarded(finite, step, unchanged)
+    return updates, DualOptimState(count, {**state.deltas, **deltas},
+                                   _engine.count_skipped(state.skipped, finite))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -74,14 +74,18 @@ def _dual_optim_plus_transform(
     coefficients = coefficients_fn(present, state.count)
 
     def step():
-      updates, deltas, (base_mu, base_nu) = _engine.multi_objective_step(
+      updates, deltas, base = _engine.multi_objective_step(
           present, state.deltas, (state.base_mu, state.base_nu, state.count),
           params, coefficients, weight_decay, flags, hyper)
-      return updates, DualOptimPlusState(
-          optax.safe_increment(state.count), base_mu, base_nu, deltas,
-          state.skipped)
+      return updates, (optax.safe_increment(state.count), base, deltas)
 
-    return _engine.guarded(finite, step, state)
+    unchanged = (state.count, (state.base_mu, state.base_nu),
+                 {k: state.deltas[k] for k in present})
+    updates, (count, (base_mu, base_nu), deltas) = _engine.guarded(
+        finite, step, unchanged)
+    return updates, DualOptimPlusState(
+        count, base_mu, base_nu, {**state.deltas, **deltas},
+        _engine.count_skipped(state.skipped, finite))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
