@@ -250,7 +250,7 @@ def test_bridging_stats_against_numpy():
 
 # ---------------------------------------------------------------------- property tests
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=12, deadline=None, derandomize=True)  # reproducible in CI
 @given(shape=st.lists(st.integers(1, 4), min_size=0, max_size=3),
        b1=st.floats(0.0, 0.99), b2=st.floats(0.5, 0.999),
        base_b1=st.floats(0.0, 0.99), base_b2=st.floats(0.5, 0.999),
