@@ -1,9 +1,9 @@
-"""The fused per-leaf step shared by DualOptim+ and DualOptim.
+"""The per-leaf step shared by DualOptim+ and DualOptim.
 
-Each leaf is updated in a single element-wise expression: the new delta moments of the
-present objectives, the merged parameter change and (for DualOptim+) the new base
-moments are computed from one read of the gradients and moments, so XLA emits one loop
-per leaf instead of a chain of tree maps that re-read the same buffers.
+Each leaf's new delta moments, merged parameter change and (for DualOptim+) new base
+moments are written as one element-wise expression over that leaf, leaving fusion to
+XLA. On GPU/TPU XLA can fuse the outputs; XLA:CPU emits one loop per output array
+(see benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def multi_objective_step(
     mB_leaves = treedef.flatten_up_to(base[0])
     vB_leaves = treedef.flatten_up_to(base[1])
     base_count = base[2]
-  use_decay = _objectives._concrete_float(weight_decay) != 0.0
+  use_decay = _objectives.decay_enabled(weight_decay)
 
   upd_out, mB_out, vB_out = [], [], []
   m_out = {k: [] for k in names}
@@ -171,7 +171,7 @@ def prepare_call(grads, objectives, reference, params, weight_decay, mask,
                  skip_nonfinite):
   """Trace-time checks of one call; returns ``(present, decay_flags, finite)``."""
   present = _objectives.present_gradients(grads, objectives, reference)
-  if _objectives._concrete_float(weight_decay) != 0.0 and params is None:
+  if _objectives.decay_enabled(weight_decay) and params is None:
     raise ValueError("`params` must be passed to update when weight_decay > 0.")
   flags = _objectives.decay_mask(mask, reference if params is None else params)
   finite = _objectives.all_finite(list(present.values())) if skip_nonfinite else None

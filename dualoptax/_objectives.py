@@ -48,6 +48,22 @@ def check_non_negative(name: str, value: Any) -> None:
     raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
 
 
+def decay_enabled(weight_decay: Any) -> bool:
+  """Whether weight decay may be non-zero (a traced value counts as enabled)."""
+  return _concrete_float(weight_decay) != 0.0
+
+
+def check_hyperparameters(objectives: Sequence[str], betas: Mapping[str, Any],
+                          eps: Any, weight_decay: Any) -> tuple[str, ...]:
+  """Validates the constructor arguments shared by the dual transformations."""
+  objectives = check_objectives(objectives)
+  for name, value in betas.items():
+    check_beta(name, value)
+  check_non_negative("eps", eps)
+  check_non_negative("weight_decay", weight_decay)
+  return objectives
+
+
 def check_objectives(objectives: Sequence[str]) -> tuple[str, ...]:
   if isinstance(objectives, str):
     raise ValueError(
@@ -169,9 +185,7 @@ def all_finite(trees: Sequence[Any]) -> jax.Array:
   leaves = [x for t in trees for x in jax.tree.leaves(t)]
   total = sum(jnp.sum(x * jnp.zeros((), x.dtype), dtype=jnp.float32)
               for x in leaves)
-  # The barrier keeps XLA from fusing (and so duplicating) the reductions into every
-  # leaf's update loop, which multiplies compile time on trees with many leaves.
-  return jax.lax.optimization_barrier(jnp.isfinite(total))
+  return jnp.isfinite(total)
 
 
 def decay_mask(mask: MaskOrFn, params: Any) -> list[bool]:

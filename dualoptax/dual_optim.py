@@ -79,11 +79,8 @@ def dual_optim(
     Zhong et al., "DualOptim: Enhancing Efficacy and Stability in Machine Unlearning
     with Dual Optimizers" (arXiv 2504.15827).
   """
-  objectives = _objectives.check_objectives(objectives)
-  _objectives.check_beta("b1", b1)
-  _objectives.check_beta("b2", b2)
-  _objectives.check_non_negative("eps", eps)
-  _objectives.check_non_negative("weight_decay", weight_decay)
+  objectives = _objectives.check_hyperparameters(
+      objectives, dict(b1=b1, b2=b2), eps, weight_decay)
   lrs = _objectives.resolve_learning_rates(learning_rate, objectives)
   hyper = _engine.Hyper(b1, b2, None, None, eps, stable=False)
 

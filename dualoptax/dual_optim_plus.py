@@ -37,22 +37,14 @@ class DualOptimPlusState(NamedTuple):
   skipped: jax.Array
 
 
-def _validate(objectives, b1, b2, base_b1, base_b2, eps) -> tuple[str, ...]:
-  objectives = _objectives.check_objectives(objectives)
-  for name, value in (("b1", b1), ("b2", b2), ("base_b1", base_b1),
-                      ("base_b2", base_b2)):
-    _objectives.check_beta(name, value)
-  _objectives.check_non_negative("eps", eps)
-  return objectives
-
-
 def _dual_optim_plus_transform(
     coefficients_fn, weight_decay, mask, objectives, b1, b2, base_b1, base_b2, eps,
     stable, mu_dtype, nu_dtype, skip_nonfinite,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds the transformation ``Δθ = Σ_k c_k(T) (u_k + wd·θ)``."""
-  objectives = _validate(objectives, b1, b2, base_b1, base_b2, eps)
-  _objectives.check_non_negative("weight_decay", weight_decay)
+  objectives = _objectives.check_hyperparameters(
+      objectives, dict(b1=b1, b2=b2, base_b1=base_b1, base_b2=base_b2), eps,
+      weight_decay)
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
   nu_dtype = None if nu_dtype is None else jnp.dtype(nu_dtype)
   hyper = _engine.Hyper(b1, b2, base_b1, base_b2, eps, stable)
