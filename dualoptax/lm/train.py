@@ -30,8 +30,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dualoptax.lm.data import EncodedQA
 from dualoptax.lm.model import LanguageModel
-from dualoptax.schedules import alternating_index, switch_objective
+from dualoptax.schedules import alternating_index
 from dualoptax.unlearning import losses
+from dualoptax.unlearning.loop import alternating_step
 
 __all__ = [
     "TrainState",
@@ -260,16 +261,11 @@ def make_unlearn_chunk(lm: LanguageModel, tx: optax.GradientTransformation, *,
   def chunk(state, data):
     def step(state, _):
       key = jax.random.fold_in(base, state.step)
-
-      def run(name):
-        loss, grads = jax.value_and_grad(
-            lambda p: objective_loss(name, p, data, key))(state.params)
-        g = {name: grads} if multi_objective else grads
-        updates, opt_state = tx.update(g, state.opt_state, state.params)
-        return optax.apply_updates(state.params, updates), opt_state, loss
-
-      index = alternating_index(state.step, forget_freq, retain_freq)
-      params, opt_state, loss = switch_objective(index, objectives, run)
+      params, opt_state, loss, index = alternating_step(
+          state.params, state.opt_state, state.step, tx,
+          lambda name, p: objective_loss(name, p, data, key), objectives,
+          forget_freq=forget_freq, retain_freq=retain_freq,
+          multi_objective=multi_objective)
       return TrainState(state.step + 1, params, opt_state), (loss, index)
 
     return jax.lax.scan(step, state, None, length=chunk_steps)

@@ -10,6 +10,8 @@ The pieces:
 * :func:`summed_scan` — one optimizer step per iteration on :math:`\sum_k w_k L_k`
   (ordinary training with one objective; the usual "Adam on the summed loss" unlearning
   baseline with two).
+* :func:`alternating_step` — one step of that schedule, for loops that carry their own
+  state (resumable or sharded chunks, e.g. ``dualoptax.lm``).
 * :func:`alternating_scan` — SPEC §1's schedule: ``forget_freq`` steps of the first
   objective, then ``retain_freq`` steps of the second, repeat; each step computes only the
   active objective's loss on its own batch. Works with a multi-objective transform
@@ -28,7 +30,7 @@ import optax
 
 from dualoptax.schedules import alternating_index, switch_objective
 
-__all__ = ["sample_batch", "summed_scan", "alternating_scan"]
+__all__ = ["sample_batch", "summed_scan", "alternating_step", "alternating_scan"]
 
 Params = Any
 Batch = Any
@@ -138,6 +140,46 @@ def summed_scan(
     return params, state, losses
 
 
+def alternating_step(
+    params: Params,
+    opt_state: Any,
+    step: Any,
+    tx: optax.GradientTransformation,
+    loss_fn: Callable[[str, Params], jax.Array],
+    objectives: tuple[str, str],
+    *,
+    forget_freq: int = 1,
+    retain_freq: int = 5,
+    multi_objective: bool = True,
+    step_scales: Optional[Mapping[str, Any]] = None,
+) -> tuple[Params, Any, jax.Array, jax.Array]:
+    r"""One step of SPEC §1's alternating schedule at global step ``step``.
+
+    Picks the objective with :func:`dualoptax.alternating_index` (Python or traced
+    ``step``), computes only ``loss_fn(name, params)`` and its gradient, and applies
+    ``tx``: ``tx.update({name: grads}, ...)`` when ``multi_objective``, else
+    ``tx.update(grads, ...)`` on a shared state with the update multiplied by
+    ``step_scales[name]`` (when given).
+
+    Returns:
+      ``(params, opt_state, loss, index)``: ``loss`` before the step, ``index`` 0 for
+      the first objective and 1 for the second.
+    """
+    def run(name):
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(name, p))(params)
+        if multi_objective:
+            updates, new_state = tx.update({name: grads}, opt_state, params)
+        else:
+            updates, new_state = tx.update(grads, opt_state, params)
+            if step_scales is not None:
+                updates = jax.tree.map(lambda u: step_scales[name] * u, updates)
+        return optax.apply_updates(params, updates), new_state, loss
+
+    index = alternating_index(step, forget_freq, retain_freq)
+    params, opt_state, loss = switch_objective(index, objectives, run)
+    return params, opt_state, loss, index
+
+
 def alternating_scan(
     params: Params,
     tx: optax.GradientTransformation,
@@ -211,18 +253,11 @@ def alternating_scan(
     def step(carry, xs):
         p, state = carry
         s, step_key = xs
-
-        def run(name):
-            loss, grads = jax.value_and_grad(loss_fns[name])(p, batch_fns[name](step_key))
-            if multi_objective:
-                updates, new_state = tx.update({name: grads}, state, p)
-            else:
-                updates, new_state = tx.update(grads, state, p)
-                updates = jax.tree.map(lambda u: scales[name] * u, updates)
-            return optax.apply_updates(p, updates), new_state, loss
-
-        index = alternating_index(s, forget_freq, retain_freq)
-        p, state, loss = switch_objective(index, names, run)
+        p, state, loss, _ = alternating_step(
+            p, state, s, tx, lambda name, q: loss_fns[name](q, batch_fns[name](step_key)),
+            names, forget_freq=forget_freq, retain_freq=retain_freq,
+            multi_objective=multi_objective,
+            step_scales=None if multi_objective else scales)
         return (p, state), loss
 
     xs = (jnp.arange(num_steps, dtype=jnp.int32), jax.random.split(key, num_steps))
