@@ -4,6 +4,12 @@ Each optimizer's step (``update`` + ``optax.apply_updates``) is jitted with the 
 and state donated, and the timings are interleaved (A, B, A, B, ...) so machine noise
 hits both alike. Prints medians and ratios; see benchmarks/RESULTS.md.
 
+Two kinds of step: "update" takes the gradients as a (non-donated) jit argument, as
+the issue specifies; "train step" computes them inside the jit from a cheap loss
+``0.5 * sum((θ - x)**2)``, so they are temporaries that the update may overwrite.
+The DualOptim rows run the default implementation (on a single-device CPU process:
+the fused numba kernel) and ``implementation="xla"``.
+
     python benchmarks/step_time.py [--reps 30] [--quick]
 """
 
@@ -27,9 +33,13 @@ def make_params(shapes, seed=0):
           for i, s in enumerate(shapes)}
 
 
-def make_step(tx, wrap):
-  """A jitted, donating step: (params, state, grads) -> (params, state)."""
+def make_step(tx, wrap, train_step=False):
+  """A jitted, donating step: (params, state, grads_or_targets) -> (params, state)."""
   def step(params, state, grads):
+    if train_step:  # ``grads`` are the targets x of 0.5 * sum((θ - x)**2)
+      loss = lambda p: sum(0.5 * jnp.sum(jnp.square(a - b)) for a, b in
+                           zip(jax.tree.leaves(p), jax.tree.leaves(grads)))
+      grads = jax.grad(loss)(params)
     updates, state = tx.update(wrap(grads), state, params)
     return optax.apply_updates(params, updates), state
   return jax.jit(step, donate_argnums=(0, 1))
@@ -39,17 +49,24 @@ def state_bytes(tx, params) -> int:
   return dualoptax.state_nbytes(jax.eval_shape(tx.init, params))
 
 
-def bench(cases, params, reps):
+def bench(cases, params, reps, train_step=False):
   """Interleaved median step time (s) and compile time (s) of each case."""
   grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
   runs = {}
   for name, (tx, wrap) in cases.items():
-    step = make_step(tx, wrap)
+    step = make_step(tx, wrap, train_step)
     p = jax.tree.map(jnp.copy, params)
     s = tx.init(p)
+    # Tracing builds any numba kernel variant (once per process; reported apart),
+    # so the compile time below is XLA's alone.
+    t0 = time.perf_counter()
+    jax.make_jaxpr(step)(p, s, grads)
+    build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     compiled = step.lower(p, s, grads).compile()
     compile_s = time.perf_counter() - t0
+    if build_s > 0.5:
+      print(f"  ({name}: first trace {build_s:.1f} s, building its CPU kernels)")
     p, s = compiled(p, s, grads)  # warm-up
     jax.block_until_ready(p)
     runs[name] = {"fn": compiled, "p": p, "s": s, "times": [], "compile": compile_s}
@@ -78,20 +95,32 @@ def main():
       "dual_optim_plus": (dualoptax.dual_optim_plus(1e-3, weight_decay=0.01), forget),
       "dual_optim_plus(skip_nonfinite=False)": (dualoptax.dual_optim_plus(
           1e-3, weight_decay=0.01, skip_nonfinite=False), forget),
+      "dual_optim_plus(implementation='xla')": (dualoptax.dual_optim_plus(
+          1e-3, weight_decay=0.01, implementation="xla"), forget),
       "dual_optim": (dualoptax.dual_optim(1e-3, weight_decay=0.01), forget),
+      "dual_optim(implementation='xla')": (dualoptax.dual_optim(
+          1e-3, weight_decay=0.01, implementation="xla"), forget),
   }
   cases["quantize_state(optax.adamw)"] = (
       dualoptax.quantize_state(optax.adamw(1e-3, weight_decay=0.01)), same)
   cases["dual_optim_plus_8bit"] = (
       dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.01), forget)
   print(f"jax {jax.__version__}, optax {optax.__version__}, backend "
-        f"{jax.default_backend()}, device {jax.devices()[0].device_kind}")
-  for label, shapes in (("16.8M params, 4 leaves 4096x1024", big),
-                        (f"{sum(a*b for a, b in many)/1e6:.2f}M params, 200 leaves",
-                         many)):
+        f"{jax.default_backend()}, device {jax.devices()[0].device_kind}, "
+        f"{jax.device_count()} device(s)")
+  train_cases = {k: v for k, v in cases.items()
+                 if k in ("optax.adamw", "dual_optim_plus",
+                          "dual_optim_plus(implementation='xla')")}
+  many_label = f"{sum(a*b for a, b in many)/1e6:.2f}M params, 200 leaves"
+  big_label = (f"{sum(a*b for a, b in big)/1e6:.1f}M params, {len(big)} leaves "
+               f"{big[0][0]}x{big[0][1]}")
+  for label, shapes, kind, subset in (
+      (big_label + ", update", big, False, cases),
+      (big_label + ", train step", big, True, train_cases),
+      (many_label + ", update", many, False, cases)):
     params = make_params(shapes)
     n = sum(x.size for x in jax.tree.leaves(params))
-    results = bench(cases, params, args.reps)
+    results = bench(subset, params, args.reps, train_step=kind)
     base_t, base_c = results["optax.adamw"]
     print(f"\n{label}: median of {args.reps} interleaved steps")
     print(f"{'optimizer':40s} {'step ms':>9s} {'ratio':>6s} {'compile s':>10s} "

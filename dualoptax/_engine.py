@@ -1,9 +1,10 @@
-"""The per-leaf step shared by DualOptim+ and DualOptim.
+"""The per-leaf step shared by DualOptim+ and DualOptim, in two implementations.
 
-Each leaf's new delta moments, merged parameter change and (for DualOptim+) new base
-moments are written as one element-wise expression over that leaf, leaving fusion to
-XLA. On GPU/TPU XLA can fuse the outputs; XLA:CPU emits one loop per output array
-(see benchmarks/RESULTS.md).
+``multi_objective_step`` writes each leaf's new delta moments, merged parameter
+change and (for DualOptim+) new base moments as element-wise expressions and leaves
+fusion to XLA: on GPU/TPU XLA fuses them into one pass; XLA:CPU emits one loop per
+output. ``fused_step`` runs the same math through the single-pass CPU kernel of
+``_cpu_kernel``. ``run_step`` picks between them (see ``IMPLEMENTATIONS``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dualoptax import _cpu_kernel
 from dualoptax import _objectives
 
 
@@ -29,6 +31,20 @@ class DeltaState(NamedTuple):
   count: jax.Array
   mu: Any
   nu: Any
+
+
+IMPLEMENTATIONS = (None, "xla", "cpu_kernel")
+
+
+def check_implementation(implementation: Optional[str]) -> Optional[str]:
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"`implementation` must be one of {list(IMPLEMENTATIONS)}; got "
+        f"{implementation!r}.")
+  if implementation == "cpu_kernel" and not _cpu_kernel.numba_available():
+    raise ValueError(
+        "implementation='cpu_kernel' needs numba: pip install 'dualoptax[cpu]'.")
+  return implementation
 
 
 class Hyper(NamedTuple):
@@ -201,3 +217,158 @@ def count_skipped(skipped: jax.Array, finite: Optional[jax.Array]) -> jax.Array:
   if finite is None:
     return skipped
   return jnp.where(finite, skipped, optax.safe_increment(skipped))
+
+
+def _kernel_leaves(grads, deltas, base, params, use_decay, decay_flags):
+  """Per leaf, the arrays the kernel reads; None when some leaf cannot use it."""
+  names = list(grads)
+  treedef = jax.tree.structure(deltas[names[0]].mu)
+  cols = [treedef.flatten_up_to(grads[k]) for k in names]
+  cols += [treedef.flatten_up_to(getattr(deltas[k], f)) for k in names
+           for f in ("mu", "nu")]
+  if base is not None:
+    cols += [treedef.flatten_up_to(base[0]), treedef.flatten_up_to(base[1])]
+  p_leaves = (treedef.flatten_up_to(params) if params is not None
+              else [None] * treedef.num_leaves)
+  for i in range(treedef.num_leaves):
+    arrays = [c[i] for c in cols]
+    if use_decay and decay_flags[i]:
+      arrays.append(p_leaves[i])
+    dtypes = {jnp.result_type(a) for a in arrays}
+    if len(dtypes) != 1 or not _cpu_kernel.supported_dtype(dtypes.pop()):
+      return None
+  return treedef, cols, p_leaves
+
+
+def kernel_supported(grads, deltas, base, params, weight_decay, decay_flags) -> bool:
+  """Whether every leaf's arrays share one float32/float64 dtype (the kernel's)."""
+  use_decay = _objectives.decay_enabled(weight_decay)
+  return _kernel_leaves(grads, deltas, base, params, use_decay,
+                        decay_flags) is not None
+
+
+def fused_step(grads, deltas, base, params, coefficients, weight_decay,
+               decay_flags, hyper: Hyper, finite: Optional[jax.Array], count):
+  """``multi_objective_step`` through the single-pass CPU kernel, guard included.
+
+  Where ``finite`` is False the kernel writes a zero update and leaves every moment
+  as it was; the counts here advance only where it is True.
+
+  Returns:
+    ``(updates, new_deltas, new_base_moments_or_None, new_count, finite)``.
+  """
+  names = list(grads)
+  n = len(names)
+  use_decay = _objectives.decay_enabled(weight_decay)
+  leaves = _kernel_leaves(grads, deltas, base, params, use_decay, decay_flags)
+  if leaves is None:
+    raise TypeError(
+        "implementation='cpu_kernel' needs every leaf's gradients, moments (and "
+        "params, with weight decay) in one dtype, float32 or float64; use "
+        "implementation=None to fall back to XLA where they differ.")
+  treedef, cols, p_leaves = leaves
+  if finite is None:
+    ok = jnp.ones((), bool)
+  else:
+    # One multi-threaded pass over the gradients; XLA:CPU's reduction is slower.
+    ok = _cpu_kernel.all_finite([leaf for c in cols[:n] for leaf in c])
+
+  def scalars(dtype):
+    def cast(x):
+      return jnp.asarray(x, dtype)
+    zero = cast(0)
+    values = [ok.astype(dtype), cast(hyper.b1), cast(hyper.b2),
+              cast(hyper.base_b1) if base is not None else zero,
+              cast(hyper.base_b2) if base is not None else zero,
+              cast(hyper.eps), cast(weight_decay if use_decay else 0.0)]
+    if base is not None:
+      values += [_bias_correction(hyper.base_b1, base[2], dtype),
+                 _bias_correction(hyper.base_b2, base[2], dtype)]
+    else:
+      values += [cast(1), cast(1)]
+    for k in names:
+      t_k = deltas[k].count + 1
+      values += [_bias_correction(hyper.b1, t_k, dtype),
+                 _bias_correction(hyper.b2, t_k, dtype), cast(coefficients[k])]
+    return jnp.stack(values)
+
+  per_dtype = {}
+  upd_out, mom_out, base_out = [], [], []
+  for i in range(treedef.num_leaves):
+    dtype = jnp.result_type(cols[0][i])
+    if dtype not in per_dtype:
+      per_dtype[dtype] = scalars(dtype)
+    decay = bool(use_decay and decay_flags[i])
+    variant = _cpu_kernel.Variant(base is not None, n, bool(hyper.stable), decay,
+                                  jnp.dtype(dtype).name)
+    update, moments, new_base = _cpu_kernel.leaf_step(
+        variant, per_dtype[dtype], [c[i] for c in cols[:n]],
+        p_leaves[i] if decay else None, [c[i] for c in cols[n:3 * n]],
+        [c[i] for c in cols[3 * n:]])
+    upd_out.append(update)
+    mom_out.append(moments)
+    base_out.append(new_base)
+
+  def advance(count):
+    return jnp.where(ok, optax.safe_increment(count), count)
+
+  new_deltas = {
+      k: DeltaState(count=advance(deltas[k].count),
+                    mu=treedef.unflatten([m[2 * j] for m in mom_out]),
+                    nu=treedef.unflatten([m[2 * j + 1] for m in mom_out]))
+      for j, k in enumerate(names)}
+  new_base = None
+  if base is not None:
+    new_base = (treedef.unflatten([b[0] for b in base_out]),
+                treedef.unflatten([b[1] for b in base_out]))
+  return (treedef.unflatten(upd_out), new_deltas, new_base, advance(count),
+          None if finite is None else ok)
+
+
+def run_step(implementation, grads, deltas, base, count, params, coefficients,
+             weight_decay, decay_flags, hyper: Hyper, finite):
+  """One guarded call in the chosen implementation.
+
+  ``implementation=None`` (auto) uses the CPU kernel when numba is installed, the
+  process sees a single device (sharded arrays would make XLA gather them around a
+  custom call) and every leaf is float32 or float64 throughout; it is chosen per
+  platform at lowering (``lax.platform_dependent``), so GPU/TPU compile the XLA path.
+
+  Args:
+    base: ``(m_B, v_B, T)`` for DualOptim+, or None.
+    count: the call/base count that advances by one on a taken step.
+
+  Args:
+    finite: the XLA-side finiteness flag, or None when the guard is off (the
+      kernel computes its own).
+
+  Returns:
+    ``(updates, new_deltas (present objectives), new_base_moments_or_None,
+    new_count, finite_or_None)``; on a skipped call the update is zero and the
+    rest unchanged.
+  """
+  def xla():
+    def step():
+      updates, new_deltas, new_base = multi_objective_step(
+          grads, deltas, base, params, coefficients, weight_decay, decay_flags,
+          hyper)
+      return updates, (new_deltas, new_base, optax.safe_increment(count))
+
+    unchanged = ({k: deltas[k] for k in grads},
+                 None if base is None else (base[0], base[1]), count)
+    updates, (new_deltas, new_base, new_count) = guarded(finite, step, unchanged)
+    return updates, new_deltas, new_base, new_count, finite
+
+  def kernel():
+    return fused_step(grads, deltas, base, params, coefficients, weight_decay,
+                      decay_flags, hyper, finite, count)
+
+  if implementation == "xla":
+    return xla()
+  if implementation == "cpu_kernel":
+    return kernel()
+  if not (_cpu_kernel.numba_available() and jax.device_count() == 1
+          and kernel_supported(grads, deltas, base, params, weight_decay,
+                               decay_flags)):
+    return xla()
+  return jax.lax.platform_dependent(cpu=kernel, default=xla)

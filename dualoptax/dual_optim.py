@@ -6,7 +6,7 @@ same calling convention as :func:`dualoptax.dual_optim_plus`, so the two can be 
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,7 @@ def dual_optim(
     weight_decay: float = 0.0,
     mask: _objectives.MaskOrFn = None,
     skip_nonfinite: bool = True,
+    implementation: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""DualOptim: decoupled Adam states, one per objective.
 
@@ -64,6 +65,8 @@ def dual_optim(
     weight_decay: decoupled weight decay (>= 0), scaled by each objective's lr.
     mask: weight-decay mask as in ``optax.adamw``.
     skip_nonfinite: skip (and count) calls whose gradients hold NaN or Inf.
+    implementation: ``None`` (auto), ``"xla"`` or ``"cpu_kernel"``; see
+      :func:`dualoptax.scale_by_dual_optim_plus`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with :class:`DualOptimState`.
@@ -82,6 +85,7 @@ def dual_optim(
   objectives = _objectives.check_hyperparameters(
       objectives, dict(b1=b1, b2=b2), eps, weight_decay)
   lrs = _objectives.resolve_learning_rates(learning_rate, objectives)
+  implementation = _engine.check_implementation(implementation)
   hyper = _engine.Hyper(b1, b2, None, None, eps, stable=False)
 
   def init_fn(params):
@@ -97,15 +101,9 @@ def dual_optim(
     present, flags, finite = _engine.prepare_call(
         grads, objectives, reference, params, weight_decay, mask, skip_nonfinite)
     coefficients = {k: -_objectives.evaluate(lrs[k], state.count) for k in present}
-
-    def step():
-      updates, deltas, _ = _engine.multi_objective_step(
-          present, state.deltas, None, params, coefficients, weight_decay, flags,
-          hyper)
-      return updates, (optax.safe_increment(state.count), deltas)
-
-    unchanged = (state.count, {k: state.deltas[k] for k in present})
-    updates, (count, deltas) = _engine.guarded(finite, step, unchanged)
+    updates, deltas, _, count, finite = _engine.run_step(
+        implementation, present, state.deltas, None, state.count, params,
+        coefficients, weight_decay, flags, hyper, finite)
     return updates, DualOptimState(count, {**state.deltas, **deltas},
                                    _engine.count_skipped(state.skipped, finite))
 

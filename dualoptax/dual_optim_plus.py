@@ -39,12 +39,13 @@ class DualOptimPlusState(NamedTuple):
 
 def _dual_optim_plus_transform(
     coefficients_fn, weight_decay, mask, objectives, b1, b2, base_b1, base_b2, eps,
-    stable, mu_dtype, nu_dtype, skip_nonfinite,
+    stable, mu_dtype, nu_dtype, skip_nonfinite, implementation,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds the transformation ``Δθ = Σ_k c_k(T) (u_k + wd·θ)``."""
   objectives = _objectives.check_hyperparameters(
       objectives, dict(b1=b1, b2=b2, base_b1=base_b1, base_b2=base_b2), eps,
       weight_decay)
+  implementation = _engine.check_implementation(implementation)
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
   nu_dtype = None if nu_dtype is None else jnp.dtype(nu_dtype)
   hyper = _engine.Hyper(b1, b2, base_b1, base_b2, eps, stable)
@@ -64,17 +65,10 @@ def _dual_optim_plus_transform(
         grads, objectives, state.base_mu, params, weight_decay, mask,
         skip_nonfinite)
     coefficients = coefficients_fn(present, state.count)
-
-    def step():
-      updates, deltas, base = _engine.multi_objective_step(
-          present, state.deltas, (state.base_mu, state.base_nu, state.count),
-          params, coefficients, weight_decay, flags, hyper)
-      return updates, (optax.safe_increment(state.count), base, deltas)
-
-    unchanged = (state.count, (state.base_mu, state.base_nu),
-                 {k: state.deltas[k] for k in present})
-    updates, (count, (base_mu, base_nu), deltas) = _engine.guarded(
-        finite, step, unchanged)
+    updates, deltas, (base_mu, base_nu), count, finite = _engine.run_step(
+        implementation, present, state.deltas,
+        (state.base_mu, state.base_nu, state.count), state.count, params,
+        coefficients, weight_decay, flags, hyper, finite)
     return updates, DualOptimPlusState(
         count, base_mu, base_nu, {**state.deltas, **deltas},
         _engine.count_skipped(state.skipped, finite))
@@ -94,6 +88,7 @@ def scale_by_dual_optim_plus(
     mu_dtype: Optional[chex.ArrayDType] = None,
     nu_dtype: Optional[chex.ArrayDType] = None,
     skip_nonfinite: bool = True,
+    implementation: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales per-objective gradients with DualOptim+'s base and delta moments.
 
@@ -136,6 +131,12 @@ def scale_by_dual_optim_plus(
     skip_nonfinite: when any present gradient holds NaN or Inf, skip the call
       (zero update, every moment and count unchanged) and count it in
       ``state.skipped``. On sharded params the check costs one scalar all-reduce.
+    implementation: ``"xla"`` (element-wise JAX, fused by XLA), ``"cpu_kernel"``
+      (a single-pass numba kernel called through XLA's FFI; needs
+      ``dualoptax[cpu]``, CPU only, not differentiable), or ``None`` (default):
+      the kernel where it applies — CPU backend, one device, numba installed,
+      float32/float64 throughout — and XLA elsewhere. Both compute the same math;
+      results agree to rounding.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is
@@ -154,7 +155,8 @@ def scale_by_dual_optim_plus(
   """
   return _dual_optim_plus_transform(
       lambda present, count: {k: 1.0 for k in present}, 0.0, None, objectives,
-      b1, b2, base_b1, base_b2, eps, stable, mu_dtype, nu_dtype, skip_nonfinite)
+      b1, b2, base_b1, base_b2, eps, stable, mu_dtype, nu_dtype, skip_nonfinite,
+      implementation)
 
 
 def dual_optim_plus(
@@ -172,6 +174,7 @@ def dual_optim_plus(
     mu_dtype: Optional[chex.ArrayDType] = None,
     nu_dtype: Optional[chex.ArrayDType] = None,
     skip_nonfinite: bool = True,
+    implementation: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""DualOptim+ with per-objective learning rates and decoupled weight decay.
 
@@ -201,6 +204,8 @@ def dual_optim_plus(
       reproduces the published rule exactly.
     mu_dtype, nu_dtype: storage dtypes of first/second moments (default: params').
     skip_nonfinite: skip (and count) calls whose gradients hold NaN or Inf.
+    implementation: ``None`` (auto), ``"xla"`` or ``"cpu_kernel"``; see
+      :func:`scale_by_dual_optim_plus`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with :class:`DualOptimPlusState`.
@@ -226,4 +231,4 @@ def dual_optim_plus(
 
   return _dual_optim_plus_transform(
       coefficients, weight_decay, mask, objectives, b1, b2, base_b1, base_b2, eps,
-      stable, mu_dtype, nu_dtype, skip_nonfinite)
+      stable, mu_dtype, nu_dtype, skip_nonfinite, implementation)
