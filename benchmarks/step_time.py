@@ -66,7 +66,8 @@ def bench(cases, params, reps, train_step=False):
     compiled = step.lower(p, s, grads).compile()
     compile_s = time.perf_counter() - t0
     if build_s > 0.5:
-      print(f"  ({name}: first trace {build_s:.1f} s, building its CPU kernels)")
+      print(f"  ({name}: first trace {build_s:.1f} s: tracing, and building any CPU "
+            "kernel variant not yet built in this process)")
     p, s = compiled(p, s, grads)  # warm-up
     jax.block_until_ready(p)
     runs[name] = {"fn": compiled, "p": p, "s": s, "times": [], "compile": compile_s}

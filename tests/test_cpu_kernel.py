@@ -118,3 +118,16 @@ def test_auto_uses_kernel_on_a_single_device_cpu():
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "ok" in result.stdout
+
+
+def test_kernel_is_not_differentiable_but_xla_path_is():
+  params = {"w": jnp.linspace(0.5, 1.5, 6)}
+
+  def first_update(p, implementation):
+    tx = dualoptax.dual_optim_plus(1e-2, implementation=implementation)
+    u, _ = tx.update({"forget": jax.tree.map(jnp.square, p)}, tx.init(p), p)
+    return jnp.sum(u["w"])
+
+  assert np.all(np.isfinite(jax.grad(first_update)(params, "xla")["w"]))
+  with pytest.raises(Exception, match="ffi_call|[Dd]ifferentiat"):
+    jax.grad(first_update)(params, "cpu_kernel")
