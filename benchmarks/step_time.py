@@ -4,9 +4,12 @@ Each optimizer's step (``update`` + ``optax.apply_updates``) is jitted with the 
 and state donated, and the timings are interleaved (A, B, A, B, ...) so machine noise
 hits both alike. Prints medians and ratios; see benchmarks/RESULTS.md.
 
-Two kinds of step: "update" takes the gradients as a (non-donated) jit argument, as
-the issue specifies; "train step" computes them inside the jit from a cheap loss
-``0.5 * sum((θ - x)**2)``, so they are temporaries that the update may overwrite.
+Three kinds of step: "update" takes the gradients as a (non-donated) jit argument, as
+the issue specifies; "update, grads donated" donates them too (as when they come from
+a separate jitted gradient function) and returns what occupies their buffers after the
+step — the gradients for optax.adamw, the update for dualoptax, whose CPU kernel
+writes the update over the first gradient — so that JAX can use the donation; "train
+step" computes them inside the jit from a cheap loss ``0.5 * sum((θ - x)**2)``.
 The DualOptim rows run the default implementation (on a single-device CPU process:
 the fused numba kernel) and ``implementation="xla"``.
 
@@ -33,28 +36,46 @@ def make_params(shapes, seed=0):
           for i, s in enumerate(shapes)}
 
 
-def make_step(tx, wrap, train_step=False):
-  """A jitted, donating step: (params, state, grads_or_targets) -> (params, state)."""
+def make_step(tx, wrap, kind="update"):
+  """A jitted, donating step: (params, state, grads_or_targets) -> (params, state, ...).
+
+  ``kind``: "update", "donated" (grads donated; returns the tree that lives in their
+  buffers: the update for dualoptax, the gradients otherwise) or "train".
+  """
+  returns_update = wrap is not _same
+
   def step(params, state, grads):
-    if train_step:  # ``grads`` are the targets x of 0.5 * sum((θ - x)**2)
+    if kind == "train":  # ``grads`` are the targets x of 0.5 * sum((θ - x)**2)
       loss = lambda p: sum(0.5 * jnp.sum(jnp.square(a - b)) for a, b in
                            zip(jax.tree.leaves(p), jax.tree.leaves(grads)))
       grads = jax.grad(loss)(params)
     updates, state = tx.update(wrap(grads), state, params)
-    return optax.apply_updates(params, updates), state
-  return jax.jit(step, donate_argnums=(0, 1))
+    new_params = optax.apply_updates(params, updates)
+    if kind == "donated":
+      return new_params, state, (updates if returns_update else grads)
+    return new_params, state
+  return jax.jit(step, donate_argnums=(0, 1, 2) if kind == "donated" else (0, 1))
+
+
+def _same(g):
+  return g
+
+
+def _forget(g):
+  return {"forget": g}
 
 
 def state_bytes(tx, params) -> int:
   return dualoptax.state_nbytes(jax.eval_shape(tx.init, params))
 
 
-def bench(cases, params, reps, train_step=False):
+def bench(cases, params, reps, kind="update"):
   """Interleaved median step time (s) and compile time (s) of each case."""
-  grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
+  fresh = lambda: jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
+  grads = fresh()
   runs = {}
   for name, (tx, wrap) in cases.items():
-    step = make_step(tx, wrap, train_step)
+    step = make_step(tx, wrap, kind)
     p = jax.tree.map(jnp.copy, params)
     s = tx.init(p)
     # Tracing builds any numba kernel variant (once per process; reported apart),
@@ -68,13 +89,17 @@ def bench(cases, params, reps, train_step=False):
     if build_s > 0.5:
       print(f"  ({name}: first trace {build_s:.1f} s: tracing, and building any CPU "
             "kernel variant not yet built in this process)")
-    p, s = compiled(p, s, grads)  # warm-up
+    g = fresh() if kind == "donated" else grads
+    p, s = compiled(p, s, g)[:2]  # warm-up
     jax.block_until_ready(p)
     runs[name] = {"fn": compiled, "p": p, "s": s, "times": [], "compile": compile_s}
   for _ in range(reps):
     for r in runs.values():
+      g = grads
+      if kind == "donated":  # donated buffers are consumed: new ones, made untimed
+        g = jax.block_until_ready(fresh())
       t0 = time.perf_counter()
-      r["p"], r["s"] = r["fn"](r["p"], r["s"], grads)
+      r["p"], r["s"] = r["fn"](r["p"], r["s"], g)[:2]
       jax.block_until_ready(r["p"])
       r["times"].append(time.perf_counter() - t0)
   return {n: (statistics.median(r["times"]), r["compile"]) for n, r in runs.items()}
@@ -89,8 +114,7 @@ def main():
   many = [(64, 64 + i % 7) for i in range(200)]
   if args.quick:
     big, args.reps = [(512, 256)] * 4, 5
-  forget = lambda g: {"forget": g}
-  same = lambda g: g
+  forget, same = _forget, _same
   cases = {
       "optax.adamw": (optax.adamw(1e-3, weight_decay=0.01), same),
       "dual_optim_plus": (dualoptax.dual_optim_plus(1e-3, weight_decay=0.01), forget),
@@ -112,16 +136,20 @@ def main():
   train_cases = {k: v for k, v in cases.items()
                  if k in ("optax.adamw", "dual_optim_plus",
                           "dual_optim_plus(implementation='xla')")}
+  donated_cases = {k: v for k, v in cases.items()
+                   if k in ("optax.adamw", "dual_optim_plus",
+                            "dual_optim_plus(skip_nonfinite=False)", "dual_optim")}
   many_label = f"{sum(a*b for a, b in many)/1e6:.2f}M params, 200 leaves"
   big_label = (f"{sum(a*b for a, b in big)/1e6:.1f}M params, {len(big)} leaves "
                f"{big[0][0]}x{big[0][1]}")
   for label, shapes, kind, subset in (
-      (big_label + ", update", big, False, cases),
-      (big_label + ", train step", big, True, train_cases),
-      (many_label + ", update", many, False, cases)):
+      (big_label + ", update", big, "update", cases),
+      (big_label + ", update, grads donated", big, "donated", donated_cases),
+      (big_label + ", train step", big, "train", train_cases),
+      (many_label + ", update", many, "update", cases)):
     params = make_params(shapes)
     n = sum(x.size for x in jax.tree.leaves(params))
-    results = bench(subset, params, args.reps, train_step=kind)
+    results = bench(subset, params, args.reps, kind)
     base_t, base_c = results["optax.adamw"]
     print(f"\n{label}: median of {args.reps} interleaved steps")
     print(f"{'optimizer':40s} {'step ms':>9s} {'ratio':>6s} {'compile s':>10s} "
