@@ -86,13 +86,15 @@ def bench(cases, params, reps, kind="update"):
     t0 = time.perf_counter()
     compiled = step.lower(p, s, grads).compile()
     compile_s = time.perf_counter() - t0
+    temp_mb = compiled.memory_analysis().temp_size_in_bytes / 2**20
     if build_s > 0.5:
       print(f"  ({name}: first trace {build_s:.1f} s: tracing, and building any CPU "
             "kernel variant not yet built in this process)")
     g = fresh() if kind == "donated" else grads
     p, s = compiled(p, s, g)[:2]  # warm-up
     jax.block_until_ready(p)
-    runs[name] = {"fn": compiled, "p": p, "s": s, "times": [], "compile": compile_s}
+    runs[name] = {"fn": compiled, "p": p, "s": s, "times": [], "compile": compile_s,
+                  "temp": temp_mb}
   for _ in range(reps):
     for r in runs.values():
       g = grads
@@ -102,7 +104,8 @@ def bench(cases, params, reps, kind="update"):
       r["p"], r["s"] = r["fn"](r["p"], r["s"], g)[:2]
       jax.block_until_ready(r["p"])
       r["times"].append(time.perf_counter() - t0)
-  return {n: (statistics.median(r["times"]), r["compile"]) for n, r in runs.items()}
+  return {n: (statistics.median(r["times"]), r["compile"], r["temp"])
+          for n, r in runs.items()}
 
 
 def main():
@@ -130,6 +133,9 @@ def main():
       dualoptax.quantize_state(optax.adamw(1e-3, weight_decay=0.01)), same)
   cases["dual_optim_plus_8bit"] = (
       dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.01), forget)
+  cases["dual_optim_plus_8bit(implementation='xla')"] = (
+      dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.01,
+                                     implementation="xla"), forget)
   print(f"jax {jax.__version__}, optax {optax.__version__}, backend "
         f"{jax.default_backend()}, device {jax.devices()[0].device_kind}, "
         f"{jax.device_count()} device(s)")
@@ -138,7 +144,8 @@ def main():
                           "dual_optim_plus(implementation='xla')")}
   donated_cases = {k: v for k, v in cases.items()
                    if k in ("optax.adamw", "dual_optim_plus",
-                            "dual_optim_plus(skip_nonfinite=False)", "dual_optim")}
+                            "dual_optim_plus(skip_nonfinite=False)", "dual_optim",
+                            "dual_optim_plus_8bit")}
   many_label = f"{sum(a*b for a, b in many)/1e6:.2f}M params, 200 leaves"
   big_label = (f"{sum(a*b for a, b in big)/1e6:.1f}M params, {len(big)} leaves "
                f"{big[0][0]}x{big[0][1]}")
@@ -150,14 +157,14 @@ def main():
     params = make_params(shapes)
     n = sum(x.size for x in jax.tree.leaves(params))
     results = bench(subset, params, args.reps, kind)
-    base_t, base_c = results["optax.adamw"]
+    base_t, base_c, _ = results["optax.adamw"]
     print(f"\n{label}: median of {args.reps} interleaved steps")
     print(f"{'optimizer':40s} {'step ms':>9s} {'ratio':>6s} {'compile s':>10s} "
-          f"{'ratio':>6s} {'state B/param':>14s}")
-    for name, (t, c) in results.items():
+          f"{'ratio':>6s} {'state B/param':>14s} {'XLA temp MB':>12s}")
+    for name, (t, c, temp) in results.items():
       tx = cases[name][0]
       print(f"{name:40s} {t*1e3:9.2f} {t/base_t:6.2f} {c:10.2f} {c/base_c:6.2f} "
-            f"{state_bytes(tx, params)/n:14.2f}")
+            f"{state_bytes(tx, params)/n:14.2f} {temp:12.1f}")
 
 
 if __name__ == "__main__":

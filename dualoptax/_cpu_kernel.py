@@ -86,6 +86,76 @@ def _thread_safe_layer() -> bool:
   return False
 
 
+def _scalar_lines(v: Variant, dtype: str) -> list[str]:
+  """Unpacks the scalar vector ``s`` (see the layout constants)."""
+  lines = [
+      f"  one = np.{dtype}(1)",
+      "  b1 = s[%d]; b2 = s[%d]; eps = s[%d]; wd = s[%d]" % (_B1, _B2, _EPS, _WD),
+      "  bb1 = s[%d]; bb2 = s[%d]; cB1 = s[%d]; cB2 = s[%d]" % (_BB1, _BB2, _CB1,
+                                                               _CB2),
+  ]
+  for i in range(v.objectives):
+    o = _PER_OBJECTIVE + 3 * i
+    lines.append(f"  c1_{i} = s[{o}]; c2_{i} = s[{o + 1}]; coef{i} = s[{o + 2}]")
+  return lines
+
+
+def element_math(v: Variant, old: dict[str, str], grad: list[str],
+                 param: str) -> list[str]:
+  """Statements computing one element's step (the math of ``_engine``).
+
+  Args:
+    v: the variant.
+    old: expression of each old moment, keyed ``m0, v0, ..., mB, vB``.
+    grad: expression of each present objective's gradient.
+    param: expression of the parameter (read only with weight decay).
+
+  Returns:
+    Statements that leave the new moments in ``mn0, vn0, ..., mBn, vBn`` and the
+    update in ``uval``.
+  """
+  k = range(v.objectives)
+  body = []
+  if v.base:
+    body += [f"mhB = {old['mB']} / cB1", f"vhB = {old['vB']} / cB2"]
+  if v.decay:
+    body.append(f"pj = {param}")
+  for i in k:
+    body.append(f"gj{i} = {grad[i]}")
+    if v.base:
+      body += [
+          f"mn{i} = b1 * {old[f'm{i}']} + (one - b1) * (gj{i} - mhB)",
+          f"vn{i} = b2 * {old[f'v{i}']} + (one - b2) * (gj{i} * gj{i} - vhB)",
+          f"num = mn{i} / c1_{i} + mhB",
+          f"sec = abs(vn{i} / c2_{i} + vhB)",
+      ]
+    else:
+      body += [
+          f"mn{i} = b1 * {old[f'm{i}']} + (one - b1) * gj{i}",
+          f"vn{i} = b2 * {old[f'v{i}']} + (one - b2) * gj{i} * gj{i}",
+          f"num = mn{i} / c1_{i}",
+          f"sec = vn{i} / c2_{i}",
+      ]
+    if v.stable:
+      body.append("sec = max(sec, num * num)")
+    body.append("d = num / (np.sqrt(sec) + eps)")
+    if v.decay:
+      body.append("d = d + wd * pj")
+    body.append(f"t{i} = coef{i} * d")
+  body.append("uval = " + " + ".join(f"t{i}" for i in k))
+  if v.base:
+    n = v.objectives
+    gsum = " + ".join(f"gj{i}" for i in k)
+    g2sum = " + ".join(f"gj{i} * gj{i}" for i in k)
+    body += [
+        f"gm = ({gsum}) / np.{v.dtype}({n})" if n > 1 else "gm = gj0",
+        f"g2m = ({g2sum}) / np.{v.dtype}({n})" if n > 1 else "g2m = gj0 * gj0",
+        f"mBn = bb1 * {old['mB']} + (one - bb1) * gm",
+        f"vBn = bb2 * {old['vB']} + (one - bb2) * g2m",
+    ]
+  return body
+
+
 def _loop_source(v: Variant, parallel: bool) -> str:
   """numba source of the element loop for one variant (generated: K is static)."""
   k = range(v.objectives)
@@ -94,58 +164,18 @@ def _loop_source(v: Variant, parallel: bool) -> str:
   grads = [f"g{i}" for i in k][1:]
   moments = [f"m{i}, v{i}" for i in k]
   args = ["s", *grads, "p", "u", *moments, "mB", "vB"]
-  lines = [
-      f"@numba.njit(parallel={parallel}, error_model='numpy')",
-      f"def loop({', '.join(args)}):",
-      f"  one = np.{v.dtype}(1)",
-      "  b1 = s[%d]; b2 = s[%d]; eps = s[%d]; wd = s[%d]" % (_B1, _B2, _EPS, _WD),
-      "  bb1 = s[%d]; bb2 = s[%d]; cB1 = s[%d]; cB2 = s[%d]" % (_BB1, _BB2, _CB1,
-                                                               _CB2),
-  ]
-  for i in k:
-    o = _PER_OBJECTIVE + 3 * i
-    lines.append(f"  c1_{i} = s[{o}]; c2_{i} = s[{o + 1}]; coef{i} = s[{o + 2}]")
+  lines = [f"@numba.njit(parallel={parallel}, error_model='numpy')",
+           f"def loop({', '.join(args)}):", *_scalar_lines(v, v.dtype)]
   rng = "numba.prange" if parallel else "range"
   lines.append(f"  for j in {rng}(u.size):")
-  body = []
-  if v.base:
-    body += ["mhB = mB[j] / cB1", "vhB = vB[j] / cB2"]
-  if v.decay:
-    body.append("pj = p[j]")
+  old = {f"{m}{i}": f"{m}{i}[j]" for i in k for m in ("m", "v")}
+  old.update(mB="mB[j]", vB="vB[j]")
+  body = element_math(v, old, ["u[j]"] + [f"g{i}[j]" for i in k][1:], "p[j]")
   for i in k:
-    body.append(f"gj{i} = {'u' if i == 0 else f'g{i}'}[j]")
-    if v.base:
-      body += [
-          f"mn = b1 * m{i}[j] + (one - b1) * (gj{i} - mhB)",
-          f"vn = b2 * v{i}[j] + (one - b2) * (gj{i} * gj{i} - vhB)",
-          f"num = mn / c1_{i} + mhB",
-          f"sec = abs(vn / c2_{i} + vhB)",
-      ]
-    else:
-      body += [
-          f"mn = b1 * m{i}[j] + (one - b1) * gj{i}",
-          f"vn = b2 * v{i}[j] + (one - b2) * gj{i} * gj{i}",
-          f"num = mn / c1_{i}",
-          f"sec = vn / c2_{i}",
-      ]
-    if v.stable:
-      body.append("sec = max(sec, num * num)")
-    body.append("d = num / (np.sqrt(sec) + eps)")
-    if v.decay:
-      body.append("d = d + wd * pj")
-    body.append(f"t{i} = coef{i} * d")
-    body += [f"m{i}[j] = mn", f"v{i}[j] = vn"]
-  body.append("u[j] = " + " + ".join(f"t{i}" for i in k))
+    body += [f"m{i}[j] = mn{i}", f"v{i}[j] = vn{i}"]
+  body.append("u[j] = uval")
   if v.base:
-    n = v.objectives
-    gsum = " + ".join(f"gj{i}" for i in k)
-    g2sum = " + ".join(f"gj{i} * gj{i}" for i in k)
-    body += [
-        f"gm = ({gsum}) / np.{v.dtype}({n})" if n > 1 else "gm = gj0",
-        f"g2m = ({g2sum}) / np.{v.dtype}({n})" if n > 1 else "g2m = gj0 * gj0",
-        "mB[j] = bb1 * mB[j] + (one - bb1) * gm",
-        "vB[j] = bb2 * vB[j] + (one - bb2) * g2m",
-    ]
+    body += ["mB[j] = mBn", "vB[j] = vBn"]
   lines += ["    " + b for b in body]
   return "\n".join(lines) + "\n"
 

@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import optax
 
 from dualoptax import _cpu_kernel
+from dualoptax import _cpu_kernel_8bit
 from dualoptax import _objectives
+from dualoptax.quantization import QuantizedArray
 
 
 class DeltaState(NamedTuple):
@@ -219,10 +221,21 @@ def count_skipped(skipped: jax.Array, finite: Optional[jax.Array]) -> jax.Array:
   return jnp.where(finite, skipped, optax.safe_increment(skipped))
 
 
+def _leaf_dtype(x):
+  return jnp.dtype(x.dtype) if isinstance(x, QuantizedArray) else jnp.result_type(x)
+
+
 def _kernel_leaves(grads, deltas, base, params, use_decay, decay_flags):
-  """Per leaf, the arrays the kernel reads; None when some leaf cannot use it."""
+  """Per leaf, the arrays the kernel reads; None when some leaf cannot use it.
+
+  A leaf's moments may all be :class:`QuantizedArray` (``dual_optim_plus_8bit``'s
+  fused route): then everything of that leaf must be float32, and the leaf goes
+  through the 8-bit kernel.
+  """
   names = list(grads)
-  treedef = jax.tree.structure(deltas[names[0]].mu)
+  # The gradients are params-shaped arrays: their structure stops at the moments'
+  # leaves even where those are QuantizedArrays (pytrees of codes and absmax).
+  treedef = jax.tree.structure(grads[names[0]])
   cols = [treedef.flatten_up_to(grads[k]) for k in names]
   cols += [treedef.flatten_up_to(getattr(deltas[k], f)) for k in names
            for f in ("mu", "nu")]
@@ -234,10 +247,29 @@ def _kernel_leaves(grads, deltas, base, params, use_decay, decay_flags):
     arrays = [c[i] for c in cols]
     if use_decay and decay_flags[i]:
       arrays.append(p_leaves[i])
-    dtypes = {jnp.result_type(a) for a in arrays}
+    dtypes = {_leaf_dtype(a) for a in arrays}
     if len(dtypes) != 1 or not _cpu_kernel.supported_dtype(dtypes.pop()):
       return None
+    quantized = {isinstance(c[i], QuantizedArray) for c in cols[len(names):]}
+    if quantized == {True} and (base is None or _leaf_dtype(arrays[0]) != jnp.float32):
+      return None
+    if len(quantized) != 1:
+      return None
   return treedef, cols, p_leaves
+
+
+def has_quantized(tree) -> bool:
+  return any(isinstance(x, QuantizedArray)
+             for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, QuantizedArray)))
+
+
+def shape_reference(tree):
+  """A params-shaped tree of ShapeDtypeStructs for a moment tree (QuantizedArrays
+  stand for arrays of their original shape and dtype)."""
+  return jax.tree.map(
+      lambda x: (jax.ShapeDtypeStruct(x.shape, jnp.dtype(x.dtype))
+                 if isinstance(x, QuantizedArray) else x),
+      tree, is_leaf=lambda x: isinstance(x, QuantizedArray))
 
 
 def kernel_supported(grads, deltas, base, params, weight_decay, decay_flags) -> bool:
@@ -301,10 +333,17 @@ def fused_step(grads, deltas, base, params, coefficients, weight_decay,
     decay = bool(use_decay and decay_flags[i])
     variant = _cpu_kernel.Variant(base is not None, n, bool(hyper.stable), decay,
                                   jnp.dtype(dtype).name)
-    update, moments, new_base = _cpu_kernel.leaf_step(
-        variant, per_dtype[dtype], [c[i] for c in cols[:n]],
-        p_leaves[i] if decay else None, [c[i] for c in cols[n:3 * n]],
-        [c[i] for c in cols[3 * n:]])
+    grads_i = [c[i] for c in cols[:n]]
+    moments_i = [c[i] for c in cols[n:]]
+    if isinstance(moments_i[0], QuantizedArray):
+      update, new = _cpu_kernel_8bit.leaf_step(
+          variant, per_dtype[dtype], grads_i, p_leaves[i] if decay else None,
+          moments_i)
+      moments, new_base = new[:2 * n], new[2 * n:]
+    else:
+      update, moments, new_base = _cpu_kernel.leaf_step(
+          variant, per_dtype[dtype], grads_i, p_leaves[i] if decay else None,
+          moments_i[:2 * n], moments_i[2 * n:])
     upd_out.append(update)
     mom_out.append(moments)
     base_out.append(new_base)
@@ -363,10 +402,12 @@ def run_step(implementation, grads, deltas, base, count, params, coefficients,
     return fused_step(grads, deltas, base, params, coefficients, weight_decay,
                       decay_flags, hyper, finite, count)
 
+  if implementation == "cpu_kernel" or has_quantized((deltas, base)):
+    # QuantizedArray moments reach here only through dual_optim_plus_8bit's fused
+    # route, which has already chosen the kernel.
+    return kernel()
   if implementation == "xla":
     return xla()
-  if implementation == "cpu_kernel":
-    return kernel()
   if not (_cpu_kernel.numba_available() and jax.device_count() == 1
           and kernel_supported(grads, deltas, base, params, weight_decay,
                                decay_flags)):

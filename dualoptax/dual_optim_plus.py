@@ -61,9 +61,11 @@ def _dual_optim_plus_transform(
 
   def update_fn(grads, state, params=None, **extra_args):
     del extra_args
+    # The reference is params-shaped even when dual_optim_plus_8bit's fused route
+    # passes 8-bit moments straight through (QuantizedArray leaves).
     present, flags, finite = _engine.prepare_call(
-        grads, objectives, state.base_mu, params, weight_decay, mask,
-        skip_nonfinite)
+        grads, objectives, _engine.shape_reference(state.base_mu), params,
+        weight_decay, mask, skip_nonfinite)
     coefficients = coefficients_fn(present, state.count)
     updates, deltas, (base_mu, base_nu), count, finite = _engine.run_step(
         implementation, present, state.deltas,

@@ -18,6 +18,7 @@ state does not drift.
 
 from __future__ import annotations
 
+import collections.abc
 import math
 import warnings
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
@@ -301,14 +302,24 @@ def _quantize_state(
       raise ValueError(
           "quantize_state: the inner transformation changed its state structure "
           f"from {jax.tree.structure(inner_state)} to {new_treedef}")
-    out = []
-    for old, dec, new in zip(leaves, decoded, new_leaves):
-      if not _is_q(old):
-        out.append(new)
-      elif new is dec:
-        out.append(old)  # untouched by this call: keep the codes (no drift)
-      else:
-        out.append(_requantize(new, old))
+    def requantized():
+      out = []
+      for old, dec, new in zip(leaves, decoded, new_leaves):
+        if not _is_q(old):
+          out.append(new)
+        elif new is dec:
+          out.append(old)  # untouched by this call: keep the codes (no drift)
+        else:
+          out.append(_requantize(new, old))
+      return out
+
+    skipped = _skipped_now(state, new_inner)
+    if skipped is None:
+      return updates, treedef.unflatten(requantized())
+    # A dualoptax state that skipped a non-finite call is unchanged: keep every code
+    # as it was (re-encoding the decoded moments would shift some by one code).
+    kept = [new if not _is_q(old) else old for old, new in zip(leaves, new_leaves)]
+    out = jax.lax.cond(skipped, lambda: kept, requantized)
     return updates, treedef.unflatten(out)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -392,6 +403,13 @@ def quantize_state(
                          exclude=exclude, signed=signed)
 
 
+def _skipped_now(state, new_inner) -> Optional[jax.Array]:
+  """True where a dualoptax state counted this call as skipped (None: not one)."""
+  if not (hasattr(state, "skipped") and hasattr(new_inner, "skipped")):
+    return None
+  return new_inner.skipped != state.skipped
+
+
 def dual_optim_plus_8bit(
     learning_rate: Any,
     *,
@@ -423,7 +441,11 @@ def dual_optim_plus_8bit(
     exclude: parameters whose moments stay float32 (see :func:`quantize_state`).
     **kwargs: every other keyword argument of :func:`dualoptax.dual_optim_plus`
       (``objectives, b1, b2, base_b1, base_b2, eps, weight_decay, mask, stable,
-      mu_dtype, nu_dtype, skip_nonfinite``).
+      mu_dtype, nu_dtype, skip_nonfinite, implementation``). With both groups
+      quantized, ``implementation=None`` runs a fused 8-bit CPU kernel (decode,
+      step and re-encode per block, no float32 moment in memory) where the float
+      kernel would apply and every leaf is float32; ``"xla"`` always wraps the
+      float transformation in :func:`quantize_state`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -442,9 +464,46 @@ def dual_optim_plus_8bit(
     raise ValueError(f"quantize_delta must be a bool, got {quantize_delta!r}")
   inner = dual_optim_plus(learning_rate, **kwargs)
   groups = {g for g, on in (("base", quantize_base), ("delta", quantize_delta)) if on}
-  return _quantize_state(inner, block_size=block_size, min_size=min_size,
-                         exclude=exclude, signed=None,
-                         select=lambda tag: tag.group in groups)
+  generic = _quantize_state(inner, block_size=block_size, min_size=min_size,
+                            exclude=exclude, signed=None,
+                            select=lambda tag: tag.group in groups)
+  implementation = kwargs.get("implementation")
+  if implementation == "xla" or not (quantize_base and quantize_delta):
+    return generic
+
+  def update_fn(updates, state, params=None, **extra_args):
+    fused = lambda: inner.update(updates, state, params, **extra_args)
+    xla = lambda: generic.update(updates, state, params, **extra_args)
+    if implementation == "cpu_kernel":
+      return fused()
+    if not _fused_8bit_applies(updates, state, params):
+      return xla()
+    return jax.lax.platform_dependent(cpu=fused, default=xla)
+
+  return optax.GradientTransformationExtraArgs(generic.init, update_fn)
+
+
+def _fused_8bit_applies(grads, state, params) -> bool:
+  """Whether the fused 8-bit CPU kernel can take this call (see ``_engine.run_step``).
+
+  Every leaf float32 with all its moments quantized, or all float32 arrays; numba
+  installed; one device in the process.
+  """
+  from dualoptax import _cpu_kernel, _engine  # pylint: disable=g-import-not-at-top
+  if not (_cpu_kernel.numba_available() and jax.device_count() == 1):
+    return False
+  if not isinstance(grads, collections.abc.Mapping) or not grads:
+    return False  # let the generic path raise its clear error
+  present = {k: g for k, g in grads.items() if g is not None}
+  if not present or any(k not in state.deltas for k in present):
+    return False
+  try:
+    return _engine.kernel_supported(
+        present, state.deltas, (state.base_mu, state.base_nu, state.count), params,
+        1.0 if params is not None else 0.0, [True] * len(jax.tree.leaves(
+            next(iter(present.values())))))
+  except ValueError:  # structure mismatch: the generic path reports it
+    return False
 
 
 def state_nbytes(state: Any) -> int:

@@ -111,6 +111,12 @@ def test_auto_uses_kernel_on_a_single_device_cpu():
       assert jax.device_count() == 1
       assert out[None][1] and not out["xla"][1], "auto did not pick the kernel"
       np.testing.assert_allclose(out[None][0], out["xla"][0], rtol=1e-5, atol=1e-7)
+      big = {"w": jnp.ones((8, 1024), jnp.float32)}
+      for impl, fused in ((None, True), ("xla", False)):
+        tx = dualoptax.dual_optim_plus_8bit(1e-2, implementation=impl)
+        text = jax.jit(tx.update).lower({"forget": big}, tx.init(big),
+                                        big).compile().as_text()
+        assert ("dualoptax_8bit" in text) == fused, impl
       print("ok")
   """)
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
