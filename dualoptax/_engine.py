@@ -2,7 +2,8 @@
 
 ``multi_objective_step`` writes each leaf's new delta moments, merged parameter
 change and (for DualOptim+) new base moments as element-wise expressions and leaves
-fusion to XLA: on GPU/TPU XLA fuses them into one pass; XLA:CPU emits one loop per
+fusion to XLA: its GPU/TPU backends can fuse them into one pass (multi-output
+fusion; not measured in this project), XLA:CPU emits one loop per
 output. ``fused_step`` runs the same math through the single-pass CPU kernel of
 ``_cpu_kernel``. ``run_step`` picks between them (see ``IMPLEMENTATIONS``).
 """
