@@ -71,6 +71,13 @@ def numba_available() -> bool:
   return importlib.util.find_spec("numba") is not None
 
 
+def auto_applies() -> bool:
+  """Whether ``implementation=None`` may pick a kernel at all: numba is installed
+  and the process has one device (sharded operands would be gathered around a
+  custom call). The per-call dtype checks come on top."""
+  return numba_available() and jax.device_count() == 1
+
+
 def supported_dtype(dtype: Any) -> bool:
   return jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
 
@@ -235,17 +242,15 @@ def _ffi_helpers():
   return numba, types, as_ptr, words, answer_metadata, buffer_size, buffer
 
 
-def _handler_source(v: Variant) -> str:
-  """numba source of the FFI handler that unpacks buffers and calls the loop."""
-  k = v.objectives
-  # Inputs: s, g_1..g_{K-1}, p (if decay), then the aliased g_0 and moments.
-  # Outputs: u (in g_0's buffer), m_0, v_0, ..., (mB, vB).
-  grads = [f"buffer(args[{1 + i}], n, dt)" for i in range(k - 1)]
-  p = f"buffer(args[{k}], n, dt)" if v.decay else "u"
-  moments = [f"buffer(rets[{1 + i}], n, dt)" for i in range(2 * k)]
-  base = ([f"buffer(rets[{1 + 2 * k}], n, dt)", f"buffer(rets[{2 + 2 * k}], n, dt)"]
-          if v.base else ["u", "u"])
-  call = ", ".join(["s", *grads, p, "u", *moments, *base])
+def handler_source(v: Variant, call: str, setup: str = "") -> str:
+  """numba source of an FFI handler that runs ``loop(<call>)`` on EXECUTE.
+
+  Shared by the generated handlers: answers XLA's metadata query, ignores other
+  stages, binds ``args``, ``rets``, ``dt`` (the leaf dtype), ``n`` (the update's
+  size), the scalar vector ``s`` and the update ``u`` (the first result); on a
+  skipped call (``s[_FINITE] == 0``) writes a zero update and returns, leaving every
+  aliased moment untouched. ``setup`` (indented lines) runs before the loop call.
+  """
   return f"""
 @numba.cfunc(types.voidptr(types.voidptr), error_model='numpy')
 def handler(frame_ptr):
@@ -258,13 +263,13 @@ def handler(frame_ptr):
   rets = words(frame[{_FRAME_RETS}], frame[{_FRAME_RETS_SIZE}])
   dt = np.{v.dtype}
   n = buffer_size(rets[0])
-  s = buffer(args[0], {_PER_OBJECTIVE + 3 * k}, dt)
+  s = buffer(args[0], {_PER_OBJECTIVE + 3 * v.objectives}, dt)
   u = buffer(rets[0], n, dt)
   if s[{_FINITE}] == 0:
     for j in range(n):   # the skipped step: zero update, moments untouched
       u[j] = 0
     return as_ptr(0)
-  if n >= {_PARALLEL_MIN}:
+{setup}  if n >= {_PARALLEL_MIN}:
     parallel_loop({call})
   else:
     serial_loop({call})
@@ -272,27 +277,56 @@ def handler(frame_ptr):
 """
 
 
-@functools.lru_cache(maxsize=None)
-def target(v: Variant) -> str:
-  """Compiles (once) and registers the kernel of ``v``; returns its FFI name."""
+def _handler_source(v: Variant) -> str:
+  """The handler of the float kernel: unpacks the buffers and calls the loop."""
+  k = v.objectives
+  # Inputs: s, g_1..g_{K-1}, p (if decay), then the aliased g_0 and moments.
+  # Outputs: u (in g_0's buffer), m_0, v_0, ..., (mB, vB).
+  grads = [f"buffer(args[{1 + i}], n, dt)" for i in range(k - 1)]
+  p = f"buffer(args[{k}], n, dt)" if v.decay else "u"
+  moments = [f"buffer(rets[{1 + i}], n, dt)" for i in range(2 * k)]
+  base = ([f"buffer(rets[{1 + 2 * k}], n, dt)", f"buffer(rets[{2 + 2 * k}], n, dt)"]
+          if v.base else ["u", "u"])
+  return handler_source(v, ", ".join(["s", *grads, p, "u", *moments, *base]))
+
+
+def build(name: str, v: Variant, loop_source, handler_code: str,
+          **namespace) -> str:
+  """Compiles a generated loop (parallel and serial) and its handler, registers the
+  handler as the CPU FFI target ``name`` and returns ``name``.
+
+  Args:
+    name: the FFI target name.
+    v: the variant (labels the generated code in tracebacks).
+    loop_source: ``parallel -> source`` of a function named ``loop``.
+    handler_code: source of a cfunc named ``handler`` that calls
+      ``parallel_loop`` or ``serial_loop``.
+    **namespace: extra globals of the generated code.
+  """
   numba, types, as_ptr, words, answer_metadata, buffer_size, buffer = _ffi_helpers()
-  namespace = dict(numba=numba, np=np, types=types, as_ptr=as_ptr, words=words,
+  namespace.update(numba=numba, np=np, types=types, as_ptr=as_ptr, words=words,
                    answer_metadata=answer_metadata, buffer_size=buffer_size,
                    buffer=buffer)
   loops = {}
   for parallel in (True, False):
     scope = dict(namespace)
-    exec(compile(_loop_source(v, parallel and _thread_safe_layer()),  # pylint: disable=exec-used
-                 f"<dualoptax kernel {v}>", "exec"), scope)
+    exec(compile(loop_source(parallel and _thread_safe_layer()),  # pylint: disable=exec-used
+                 f"<{name} loop {v}>", "exec"), scope)
     loops[parallel] = scope["loop"]
   scope = dict(namespace, parallel_loop=loops[True], serial_loop=loops[False])
-  exec(compile(_handler_source(v), f"<dualoptax handler {v}>", "exec"), scope)  # pylint: disable=exec-used
+  exec(compile(handler_code, f"<{name} handler {v}>", "exec"), scope)  # pylint: disable=exec-used
   handler = scope["handler"]
-  name = "dualoptax_" + "_".join(str(x) for x in v)
   jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler.address),
                               platform="cpu")
   _KEEP_ALIVE.append(handler)
   return name
+
+
+@functools.lru_cache(maxsize=None)
+def target(v: Variant) -> str:
+  """Compiles (once) and registers the kernel of ``v``; returns its FFI name."""
+  return build("dualoptax_" + "_".join(str(x) for x in v), v,
+               lambda parallel: _loop_source(v, parallel), _handler_source(v))
 
 
 @functools.lru_cache(maxsize=None)

@@ -124,38 +124,15 @@ def _loop_source(v: _cpu_kernel.Variant, parallel: bool) -> str:
 
 def _handler_source(v: _cpu_kernel.Variant) -> str:
   k = v.objectives
-  moments = _moment_names(v)
-  grads = [f"buffer(args[{2 + i}], n, np.float32)" for i in range(k - 1)]
-  p = f"buffer(args[{1 + k}], n, np.float32)" if v.decay else "u"
+  grads = [f"buffer(args[{2 + i}], n, dt)" for i in range(k - 1)]
+  p = f"buffer(args[{1 + k}], n, dt)" if v.decay else "u"
   pairs = []
-  for i, _ in enumerate(moments):
+  for i, _ in enumerate(_moment_names(v)):
     pairs += [f"buffer(rets[{1 + 2 * i}], buffer_size(rets[{1 + 2 * i}]), np.uint8)",
-              f"buffer(rets[{2 + 2 * i}], buffer_size(rets[{2 + 2 * i}]), np.float32)"]
-  call = ", ".join(["s", "dims", *grads, p, "u", *pairs])
-  return f"""
-@numba.cfunc(types.voidptr(types.voidptr), error_model='numpy')
-def handler(frame_ptr):
-  frame = numba.carray(frame_ptr, ({_cpu_kernel._FRAME_WORDS},), dtype=np.int64)
-  if answer_metadata(frame):
-    return as_ptr(0)
-  if (frame[{_cpu_kernel._FRAME_STAGE}] & 0xFFFFFFFF) != {_cpu_kernel._STAGE_EXECUTE}:
-    return as_ptr(0)
-  args = words(frame[{_cpu_kernel._FRAME_ARGS}], frame[{_cpu_kernel._FRAME_ARGS_SIZE}])
-  rets = words(frame[{_cpu_kernel._FRAME_RETS}], frame[{_cpu_kernel._FRAME_RETS_SIZE}])
-  n = buffer_size(rets[0])
-  s = buffer(args[0], {_cpu_kernel._PER_OBJECTIVE + 3 * k}, np.float32)
-  dims = buffer(args[1], 4, np.int32)
-  u = buffer(rets[0], n, np.float32)
-  if s[{_cpu_kernel._FINITE}] == 0:
-    for j in range(n):   # the skipped step: zero update, codes untouched
-      u[j] = 0
-    return as_ptr(0)
-  if n >= {_cpu_kernel._PARALLEL_MIN}:
-    parallel_loop({call})
-  else:
-    serial_loop({call})
-  return as_ptr(0)
-"""
+              f"buffer(rets[{2 + 2 * i}], buffer_size(rets[{2 + 2 * i}]), dt)"]
+  return _cpu_kernel.handler_source(
+      v, ", ".join(["s", "dims", *grads, p, "u", *pairs]),
+      setup="  dims = buffer(args[1], 4, np.int32)\n")
 
 
 @functools.lru_cache(maxsize=None)
@@ -163,28 +140,12 @@ def target(v: _cpu_kernel.Variant) -> str:
   """Compiles (once) and registers the 8-bit kernel of ``v``; returns its name."""
   if not v.base or v.dtype != "float32":
     raise ValueError(f"no 8-bit kernel for {v}")
-  numba, types, as_ptr, words, answer_metadata, buffer_size, buffer = (
-      _cpu_kernel._ffi_helpers())  # pylint: disable=protected-access
   enc_signed, enc_unsigned = _codec()
-  namespace = dict(numba=numba, np=np, types=types, as_ptr=as_ptr, words=words,
-                   answer_metadata=answer_metadata, buffer_size=buffer_size,
-                   buffer=buffer, enc_signed=enc_signed, enc_unsigned=enc_unsigned,
-                   STABLE=_tables(True)[2], UTABLE=_tables(False)[2])
-  loops = {}
-  for parallel in (True, False):
-    scope = dict(namespace)
-    src = _loop_source(v, parallel and _cpu_kernel._thread_safe_layer())  # pylint: disable=protected-access
-    exec(compile(src, f"<dualoptax 8-bit kernel {v}>", "exec"), scope)  # pylint: disable=exec-used
-    loops[parallel] = scope["loop"]
-  scope = dict(namespace, parallel_loop=loops[True], serial_loop=loops[False])
-  exec(compile(_handler_source(v), f"<dualoptax 8-bit handler {v}>", "exec"),  # pylint: disable=exec-used
-       scope)
-  handler = scope["handler"]
-  name = "dualoptax_8bit_" + "_".join(str(x) for x in v)
-  jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler.address),
-                              platform="cpu")
-  _cpu_kernel._KEEP_ALIVE.append(handler)  # pylint: disable=protected-access
-  return name
+  return _cpu_kernel.build(
+      "dualoptax_8bit_" + "_".join(str(x) for x in v), v,
+      lambda parallel: _loop_source(v, parallel), _handler_source(v),
+      enc_signed=enc_signed, enc_unsigned=enc_unsigned,
+      STABLE=_tables(True)[2], UTABLE=_tables(False)[2])
 
 
 def leaf_step(v: _cpu_kernel.Variant, scalars: jax.Array,

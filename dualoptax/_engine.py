@@ -377,8 +377,6 @@ def run_step(implementation, grads, deltas, base, count, params, coefficients,
   Args:
     base: ``(m_B, v_B, T)`` for DualOptim+, or None.
     count: the call/base count that advances by one on a taken step.
-
-  Args:
     finite: the XLA-side finiteness flag, or None when the guard is off (the
       kernel computes its own).
 
@@ -409,7 +407,7 @@ def run_step(implementation, grads, deltas, base, count, params, coefficients,
     return kernel()
   if implementation == "xla":
     return xla()
-  if not (_cpu_kernel.numba_available() and jax.device_count() == 1
+  if not (_cpu_kernel.auto_applies()
           and kernel_supported(grads, deltas, base, params, weight_decay,
                                decay_flags)):
     return xla()

@@ -490,7 +490,7 @@ def _fused_8bit_applies(grads, state, params) -> bool:
   installed; one device in the process.
   """
   from dualoptax import _cpu_kernel, _engine  # pylint: disable=g-import-not-at-top
-  if not (_cpu_kernel.numba_available() and jax.device_count() == 1):
+  if not _cpu_kernel.auto_applies():
     return False
   if not isinstance(grads, collections.abc.Mapping) or not grads:
     return False  # let the generic path raise its clear error
