@@ -1,13 +1,28 @@
 """The fused CPU kernel for DualOptim+ with 8-bit moments (decode, step, re-encode).
 
 Per block of ``b`` values of a leaf (``dualoptax.quantization``'s layout: blocks along
-the last axis, padded), one pass reads every moment's codes and the block's absmax,
-computes the step exactly as the float kernel does (``_cpu_kernel.element_math``),
-finds each new moment's absmax, then a second pass over the same block (in L1 cache)
-recomputes the step, writes the update and re-encodes every moment with the exact
-nearest code. No float32 moment ever reaches memory. The encoder is the closed form of
-``quantization._encode_normalized`` (decade by comparison, linear bin, one threshold
-look-up), so both produce the exact nearest code; the tests compare them code for code.
+the last axis, padded), the kernel makes three short passes over data in L1 cache:
+
+1. decode every moment (``code_map[c] * absmax``), compute the step exactly as the
+   float kernel does (``_cpu_kernel.element_math``), write the update and keep the new
+   moments in per-thread scratch rows;
+2. take each new moment's absmax as an integer maximum over the float bit patterns
+   with the sign bit cleared (the same order as on floats, and a non-finite value
+   shows as a pattern ``>= 0x7F800000``), so the loop has no branch;
+3. re-encode each moment with the exact nearest code (a block that held a
+   non-finite value gets absmax NaN and the zero code, as ``quantize_blockwise``).
+
+Each pass is a plain loop over a block, which LLVM vectorizes (the decode is a
+gather from the 256-entry code map). No float32 moment ever reaches memory.
+
+The encoder is a table look-up on the float's bits: the top 16 bits of ``|x|`` (its
+exponent and 7 mantissa bits) name a cell; there are fewer than two decision
+thresholds (midpoints between codes) in any cell, which is checked when the table is
+built, so one int32 entry per cell holds the code at the cell's start and the low 16
+bits of the threshold inside it. The code of ``|x|`` is that code plus one if its
+low 16 bits reach the threshold's. This equals the exact-nearest encoder of
+``quantization._encode_normalized`` (ties to the larger magnitude); the tests
+compare them code for code.
 
 Moment order and maps: ``m_k`` and ``v_k`` of every present objective (signed map),
 then ``m_B`` (signed) and ``v_B`` (unsigned), as ``dual_optim_plus_8bit`` stores them.
@@ -25,45 +40,71 @@ import numpy as np
 from dualoptax import _cpu_kernel
 from dualoptax import quantization as _q
 
-_DECADE_EDGES = np.asarray([10.0 ** (i - 7) for i in range(1, _q._NUM_DECADES)],  # pylint: disable=protected-access
-                           np.float32)
+# Cells of the encoder: |x| >> _CELL_SHIFT, from 2**-30 (far below the smallest
+# threshold, ~1.6e-7) up to [1, 2); smaller values fall in the first cell, larger
+# ones (x * (1 / absmax) can exceed 1 by rounding) in the last.
+_CELL_SHIFT = 16
+_CELL_FIRST = int(np.float32(2.0 ** -30).view(np.int32)) >> _CELL_SHIFT
+_CELL_END = int(np.float32(2.0).view(np.int32)) >> _CELL_SHIFT
+_LOW_BITS = 17  # the threshold's low 16 bits, or 1 << 16 for "no threshold here"
+# Values per prange iteration: enough to amortize the scratch allocation.
+_GROUP_VALUES = 16384
 
 
-def _tables(signed: bool):
-  return (np.asarray(_q._encoder_constants(signed), np.float32),  # pylint: disable=protected-access
-          _q._magnitude_thresholds_np(signed),  # pylint: disable=protected-access
-          np.asarray(_q.dynamic_code_map(signed), np.float32))
+def _zero_code(signed: bool) -> int:
+  return 127 if signed else 0
+
+
+def encoder_cells(signed: bool) -> np.ndarray:
+  """int32 cell table of the encoder: ``code_at_cell_start << 17 | threshold_low``.
+
+  For the signed map the code is that of ``+|x|``; a negative value takes the
+  mirrored code ``254 - code`` (at least 0: the map has no -1.0).
+  """
+  bits = _q._magnitude_thresholds_np(signed).view(np.int32).astype(np.int64)  # pylint: disable=protected-access
+  table = np.empty(_CELL_END - _CELL_FIRST, np.int32)
+  for i in range(table.size):
+    lo = (_CELL_FIRST + i) << _CELL_SHIFT
+    inside = bits[(bits >= lo) & (bits < lo + (1 << _CELL_SHIFT))]
+    if inside.size > 1:
+      raise AssertionError(f"encoder cell {i} holds {inside.size} thresholds")
+    low = int(inside[0] - lo) if inside.size else 1 << _CELL_SHIFT
+    code = _zero_code(signed) + int(np.sum(bits < lo))
+    table[i] = (code << _LOW_BITS) | low
+  return table
 
 
 @functools.lru_cache(maxsize=None)
 def _codec():
-  """numba encoders (signed, unsigned) mirroring ``_encode_normalized``."""
+  """numba encoders ``x -> uint8`` (signed, unsigned) of normalized values."""
   import numba  # pylint: disable=import-outside-toplevel
-  s_consts, s_thr, _ = _tables(True)
-  u_consts, u_thr, _ = _tables(False)
-  edges = _DECADE_EDGES
 
-  def make(consts, thr, signed):
+  def make(signed):
+    cells = encoder_cells(signed)
+    last = np.int32(cells.size - 1)
+    first, shift = np.int32(_CELL_FIRST), np.int32(_CELL_SHIFT)
+    low_mask = np.int32((1 << _CELL_SHIFT) - 1)
+    entry_mask = np.int32((1 << _LOW_BITS) - 1)
+    top = np.int32(_LOW_BITS)
+
+    # Every intermediate is cast back to int32: numba widens int32 arithmetic to
+    # int64, which would halve the vector width.
     @numba.njit(inline="always", error_model="numpy")
-    def encode(xn):
-      a = abs(xn)
-      d = 0
-      for i in range(edges.size):
-        if a >= edges[i]:
-          d = i + 1
-      s, o, lo, hi = consts[d, 0], consts[d, 1], consts[d, 2], consts[d, 3]
-      r = a * s - o
-      u = min(max(np.floor(r) + lo, lo), hi)
-      t = np.int32(u) + (1 if (r - (u - lo)) >= np.float32(0.5) else 0)
-      m = t - 1 + (1 if a >= thr[t] else 0)
+    def encode(x):
+      bits = np.float32(x).view(np.int32)
+      mag = np.int32(bits & np.int32(0x7FFFFFFF))
+      cell = np.int32(min(max(np.int32(np.int32(mag >> shift) - first), np.int32(0)),
+                          last))
+      entry = cells[cell]
+      code = np.int32(np.int32(entry >> top) + np.int32(
+          np.int32(mag & low_mask) >= np.int32(entry & entry_mask)))
       if signed:
-        if xn < 0:
-          return np.uint8(126 - min(m, 126))
-        return np.uint8(128 + min(m, 127))
-      return np.uint8(1 + m)
+        return np.uint8(np.int32(max(np.int32(np.int32(254) - code), np.int32(0)))
+                        if bits < 0 else code)
+      return np.uint8(code)
     return encode
 
-  return make(s_consts, s_thr, True), make(u_consts, u_thr, False)
+  return make(True), make(False)
 
 
 def _moment_names(v: _cpu_kernel.Variant) -> list[tuple[str, bool]]:
@@ -83,41 +124,58 @@ def _loop_source(v: _cpu_kernel.Variant, parallel: bool) -> str:
            "  rows = np.int64(dims[0]); L = np.int64(dims[1])",
            "  Lp = np.int64(dims[2]); b = np.int64(dims[3])",
            "  nb = Lp // b",
+           "  total = rows * nb",
            "  zero = np.float32(0)",
-           f"  for idx in {'numba.prange' if parallel else 'range'}(rows * nb):",
-           "    r = idx // nb",
-           "    kb = idx - r * nb",
-           "    cbase = r * Lp + kb * b",
-           "    ubase = r * L + kb * b",
-           "    cnt = min(b, L - kb * b)"]
+           "  finite_end = np.int32(0x7F800000)",
+           f"  per_group = max(1, {_GROUP_VALUES} // b)",
+           f"  for grp in {'numba.prange' if parallel else 'range'}("
+           "(total + per_group - 1) // per_group):"]
   body = []
-  for n, signed in moments:
-    body += [f"o_{n} = a_{n}[idx]", f"x_{n} = zero", f"bad_{n} = False"]
-  old = {n: f"({'S' if signed else 'U'}TABLE[c_{n}[c]] * o_{n})"
-         for n, signed in moments}
-  math = _cpu_kernel.element_math(
-      v, old, ["u[j]"] + [f"g{i}[j]" for i in k][1:], "p[j]")
+  for n, _ in moments:  # scratch rows of this thread, and their bit patterns
+    body += [f"x_{n} = np.empty(b, np.float32)", f"xi_{n} = x_{n}.view(np.int32)"]
+  body += ["for idx in range(grp * per_group, min(total, (grp + 1) * per_group)):",
+           "  r = idx // nb",
+           "  kb = idx - r * nb",
+           "  cbase = r * Lp + kb * b",
+           "  ubase = r * L + kb * b",
+           "  cnt = min(b, L - kb * b)",
+           "  uu = u[ubase:ubase + cnt]"]
+  if v.decay:
+    body.append("  pp = p[ubase:ubase + cnt]")
+  body += [f"  gg{i} = g{i}[ubase:ubase + cnt]" for i in k if i]
+  for n, _ in moments:
+    body += [f"  o_{n} = a_{n}[idx]", f"  cs_{n} = c_{n}[cbase:cbase + cnt]"]
+  # Pass 1: decode, step, update; new moments to scratch.
+  step = [f"old_{n} = {'S' if signed else 'U'}TABLE[cs_{n}[e]] * o_{n}"
+          for n, signed in moments]
+  step += _cpu_kernel.element_math(
+      v, {n: f"old_{n}" for n, _ in moments},
+      ["uu[e]"] + [f"gg{i}[e]" for i in k if i], "pp[e]")
+  step.append("uu[e] = uval")
   new = {f"{m}{i}": f"{m}n{i}" for i in k for m in ("m", "v")}
   new.update(mB="mBn", vB="vBn")
-  # Pass 1: the new absmax of every moment (NaN if the block holds a non-finite).
-  body += ["for e in range(cnt):", "  j = ubase + e", "  c = cbase + e"]
-  body += ["  " + line for line in math]
-  for n, _ in moments:
-    body += [f"  if not np.isfinite({new[n]}):", f"    bad_{n} = True",
-             f"  elif abs({new[n]}) > x_{n}:", f"    x_{n} = abs({new[n]})"]
-  for n, _ in moments:
-    body += [f"inv_{n} = one / x_{n} if (not bad_{n} and x_{n} > zero) else zero",
-             f"a_{n}[idx] = np.float32(np.nan) if bad_{n} else x_{n}"]
-  # Pass 2: the same step again (bit-identical), then update and codes.
-  body += ["for e in range(cnt):", "  j = ubase + e", "  c = cbase + e"]
-  body += ["  " + line for line in math]
-  body.append("  u[j] = uval")
+  step += [f"x_{n}[e] = {new[n]}" for n, _ in moments]
+  body += ["  for e in range(cnt):"] + ["    " + s for s in step]
+  # Pass 2: absmax of every moment, on the bit patterns.
+  body += [f"  hi_{n} = np.int32(0)" for n, _ in moments]
+  body += ["  for e in range(cnt):"]
+  body += [f"    hi_{n} = max(hi_{n}, np.int32(xi_{n}[e] & np.int32(0x7FFFFFFF)))"
+           for n, _ in moments]
+  # Pass 3: absmax and codes.
   for n, signed in moments:
-    value = f"(zero if bad_{n} else {new[n]}) * inv_{n}"
-    if signed:
-      body.append(f"  c_{n}[c] = enc_signed({value})")
-    else:
-      body.append(f"  c_{n}[c] = enc_unsigned(max({value}, zero))")
+    enc = "enc_signed" if signed else "enc_unsigned"
+    value = f"x_{n}[e] * inv" if signed else f"max(x_{n}[e] * inv, zero)"
+    body += [
+        f"  if hi_{n} >= finite_end:",
+        f"    a_{n}[idx] = np.float32(np.nan)",
+        "    for e in range(cnt):",
+        f"      cs_{n}[e] = np.uint8({_zero_code(signed)})",
+        "  else:",
+        f"    amax = np.int32(hi_{n}).view(np.float32)",
+        f"    a_{n}[idx] = amax",
+        "    inv = one / amax if amax > zero else zero",
+        "    for e in range(cnt):",
+        f"      cs_{n}[e] = {enc}({value})"]
   lines += ["    " + line for line in body]
   return "\n".join(lines) + "\n"
 
@@ -145,7 +203,8 @@ def target(v: _cpu_kernel.Variant) -> str:
       "dualoptax_8bit_" + "_".join(str(x) for x in v), v,
       lambda parallel: _loop_source(v, parallel), _handler_source(v),
       enc_signed=enc_signed, enc_unsigned=enc_unsigned,
-      STABLE=_tables(True)[2], UTABLE=_tables(False)[2])
+      STABLE=np.asarray(_q.dynamic_code_map(True), np.float32),
+      UTABLE=np.asarray(_q.dynamic_code_map(False), np.float32))
 
 
 def leaf_step(v: _cpu_kernel.Variant, scalars: jax.Array,

@@ -42,7 +42,7 @@ def test_kernel_encoder_equals_xla_encoder(signed):
   np.testing.assert_array_equal(encode_all(x), want)
 
 
-def _run(implementation, schedule, nan_at=None):
+def _run(implementation, schedule, nan_at=None, **kwargs):
   rng = np.random.default_rng(0)
   params = {  # layouts: blocks of 250 (1000 = 4 x 250), of 256, and a float leaf
       "a": jnp.asarray(rng.standard_normal((16, 1000)), jnp.float32),
@@ -50,7 +50,7 @@ def _run(implementation, schedule, nan_at=None):
       "small": jnp.asarray(rng.standard_normal((300,)), jnp.float32)}
   tx = dualoptax.dual_optim_plus_8bit({"forget": 3e-3, "retain": 1e-3},
                                       weight_decay=0.01,
-                                      implementation=implementation)
+                                      implementation=implementation, **kwargs)
   state, p = tx.init(params), params
   update = jax.jit(tx.update)
   grad_rng = np.random.default_rng(1)
@@ -98,3 +98,22 @@ def test_skipped_call_keeps_every_code(implementation):
   for x, y in zip(jax.tree.leaves(before._replace(skipped=0)),
                   jax.tree.leaves(after._replace(skipped=0))):
     np.testing.assert_array_equal(x, y)
+
+
+def test_nonfinite_moments_without_skip_match_generic_wrapper():
+  # skip_nonfinite=False lets a NaN gradient into the moments: each block that holds
+  # it must come back as absmax NaN with every code the zero code, on both routes.
+  schedule = [("forget",), ("retain",), ("forget",)]
+  _, s_x = _run("xla", schedule, nan_at=2, skip_nonfinite=False)
+  _, s_k = _run("cpu_kernel", schedule, nan_at=2, skip_nonfinite=False)
+  hit = (3, 5 // 250)  # row 3 of "a", the block holding column 5
+  for qx, qk in ((s_x.base_mu["a"], s_k.base_mu["a"]),
+                 (s_x.base_nu["a"], s_k.base_nu["a"]),
+                 (s_x.deltas["forget"].mu["a"], s_k.deltas["forget"].mu["a"]),
+                 (s_x.deltas["forget"].nu["a"], s_k.deltas["forget"].nu["a"])):
+    np.testing.assert_array_equal(np.isnan(qx.absmax), np.isnan(qk.absmax))
+    assert np.isnan(qk.absmax).sum() == 1 and np.isnan(qk.absmax[hit])
+    zero = 127 if qk.signed else 0
+    block = np.asarray(qk.codes)[3, :250]
+    np.testing.assert_array_equal(block, zero)
+    np.testing.assert_array_equal(np.asarray(qx.codes)[3, :250], zero)

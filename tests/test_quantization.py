@@ -123,16 +123,19 @@ def test_zero_blocks_and_zeros_decode_exactly():
   assert np.all(np.asarray(q.absmax) == 0) and np.all(np.asarray(_dequantize(q)) == 0)
 
 
-def test_nonfinite_values_poison_only_their_block():
-  x = np.ones((3, 256), np.float32)
+@pytest.mark.parametrize("width", [256, 1000])  # blocks of 256, and of 250
+def test_nonfinite_values_poison_only_their_block(width):
+  x = np.ones((16, width), np.float32)
   x[0, 5] = np.nan
   x[1, 7] = np.inf
+  b = width if width == 256 else 250
   for signed in (True, False):
     q = _quantize(x, signed=signed)
     out = np.asarray(_dequantize(q))
-    assert np.all(np.isnan(out[:2])), "a non-finite block must decode to NaN"
-    np.testing.assert_array_equal(out[2], 1.0)
-    assert np.isnan(np.asarray(q.absmax)[:2]).all()
+    assert np.all(np.isnan(out[:2, :b])), "a non-finite block must decode to NaN"
+    np.testing.assert_array_equal(out[:2, b:], 1.0)
+    np.testing.assert_array_equal(out[2:], 1.0)
+    assert np.isnan(np.asarray(q.absmax)).sum() == 2
 
 
 def test_shapes_dtypes_and_layouts():
