@@ -40,13 +40,6 @@ import numpy as np
 from dualoptax import _cpu_kernel
 from dualoptax import quantization as _q
 
-# Cells of the encoder: |x| >> _CELL_SHIFT, from 2**-30 (far below the smallest
-# threshold, ~1.6e-7) up to [1, 2); smaller values fall in the first cell, larger
-# ones (x * (1 / absmax) can exceed 1 by rounding) in the last.
-_CELL_SHIFT = 16
-_CELL_FIRST = int(np.float32(2.0 ** -30).view(np.int32)) >> _CELL_SHIFT
-_CELL_END = int(np.float32(2.0).view(np.int32)) >> _CELL_SHIFT
-_LOW_BITS = 17  # the threshold's low 16 bits, or 1 << 16 for "no threshold here"
 # Values per prange iteration: enough to amortize the scratch allocation.
 _GROUP_VALUES = 16384
 
@@ -56,22 +49,44 @@ def _zero_code(signed: bool) -> int:
 
 
 def encoder_cells(signed: bool) -> np.ndarray:
-  """int32 cell table of the encoder: ``code_at_cell_start << 17 | threshold_low``.
+  r"""The encoder's table: one int32 per value of the top 16 bits of a float32.
 
-  For the signed map the code is that of ``+|x|``; a negative value takes the
-  mirrored code ``254 - code`` (at least 0: the map has no -1.0).
+  A cell holds the floats that share their top 16 bits (sign, exponent and 7
+  mantissa bits). Every cell holds at most one decision threshold (midpoint between
+  neighbouring codes) of the map; this is checked here. With ``c`` the code at the
+  start of the cell and ``t`` the low 16 bits of the threshold in it (``2^{16}`` if
+  none), the entry is chosen so that the code of a float with bits ``x`` is
+
+  .. math::
+
+    \left(T[x_{31..16}] + m\right) \gg 16, \qquad
+    m = \begin{cases} x_{15..0} & x \ge 0 \\ \mathtt{0xFFFF} - x_{15..0} & x < 0
+    \end{cases}
+
+  — for a positive cell ``T = (c << 16) + 2^{16} - t``, so the sum carries into the
+  next code exactly when the low bits reach ``t`` (a tie goes to the larger
+  magnitude, as in ``quantization._encode_normalized``); a negative cell of the
+  signed map mirrors it onto the negative codes ``254 - c`` (there is no -1.0, so
+  the most negative code is 0); negative values of the unsigned map get the zero
+  code, as the XLA encoder's clamp to 0. Only finite values of magnitude below 2 are
+  meaningful (the kernel's normalized values; a non-finite block never reaches the
+  encoder).
   """
-  bits = _q._magnitude_thresholds_np(signed).view(np.int32).astype(np.int64)  # pylint: disable=protected-access
-  table = np.empty(_CELL_END - _CELL_FIRST, np.int32)
-  for i in range(table.size):
-    lo = (_CELL_FIRST + i) << _CELL_SHIFT
-    inside = bits[(bits >= lo) & (bits < lo + (1 << _CELL_SHIFT))]
-    if inside.size > 1:
-      raise AssertionError(f"encoder cell {i} holds {inside.size} thresholds")
-    low = int(inside[0] - lo) if inside.size else 1 << _CELL_SHIFT
-    code = _zero_code(signed) + int(np.sum(bits < lo))
-    table[i] = (code << _LOW_BITS) | low
-  return table
+  thresholds = _q._magnitude_thresholds_np(signed)  # pylint: disable=protected-access
+  bits = thresholds[np.isfinite(thresholds)].view(np.int32).astype(np.int64)
+  lo = np.arange(1 << 15, dtype=np.int64) << 16  # each positive cell's first bits
+  below = np.searchsorted(bits, lo, side="left")  # thresholds under the cell
+  count = np.searchsorted(bits, lo + (1 << 16), side="left") - below
+  if count.max() > 1:
+    raise AssertionError("an encoder cell holds two thresholds")
+  c = np.minimum(_zero_code(signed) + below, 255)
+  t = np.where(count == 1, bits[np.minimum(below, bits.size - 1)] - lo, 1 << 16)
+  table = np.zeros(1 << 16, np.int64)
+  table[: 1 << 15] = (c << 16) + (1 << 16) - t
+  if signed:  # the negative cells (sign bit set): codes 254 - c, never below 0
+    crosses = (count == 1) & (c <= 253)
+    table[1 << 15:] = (np.maximum(254 - c, 0) << 16) + np.where(crosses, t - (1 << 16), 0)
+  return table.astype(np.int32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,27 +96,17 @@ def _codec():
 
   def make(signed):
     cells = encoder_cells(signed)
-    last = np.int32(cells.size - 1)
-    first, shift = np.int32(_CELL_FIRST), np.int32(_CELL_SHIFT)
-    low_mask = np.int32((1 << _CELL_SHIFT) - 1)
-    entry_mask = np.int32((1 << _LOW_BITS) - 1)
-    top = np.int32(_LOW_BITS)
+    low = np.int32(0xFFFF)
+    sixteen, sign = np.int32(16), np.int32(31)
 
     # Every intermediate is cast back to int32: numba widens int32 arithmetic to
     # int64, which would halve the vector width.
     @numba.njit(inline="always", error_model="numpy")
     def encode(x):
       bits = np.float32(x).view(np.int32)
-      mag = np.int32(bits & np.int32(0x7FFFFFFF))
-      cell = np.int32(min(max(np.int32(np.int32(mag >> shift) - first), np.int32(0)),
-                          last))
-      entry = cells[cell]
-      code = np.int32(np.int32(entry >> top) + np.int32(
-          np.int32(mag & low_mask) >= np.int32(entry & entry_mask)))
-      if signed:
-        return np.uint8(np.int32(max(np.int32(np.int32(254) - code), np.int32(0)))
-                        if bits < 0 else code)
-      return np.uint8(code)
+      cell = np.int32(np.int32(bits >> sixteen) & low)
+      m = np.int32(np.int32(bits ^ np.int32(bits >> sign)) & low)
+      return np.uint8(np.int32(np.int32(cells[cell] + m) >> sixteen))
     return encode
 
   return make(True), make(False)
@@ -164,7 +169,6 @@ def _loop_source(v: _cpu_kernel.Variant, parallel: bool) -> str:
   # Pass 3: absmax and codes.
   for n, signed in moments:
     enc = "enc_signed" if signed else "enc_unsigned"
-    value = f"x_{n}[e] * inv" if signed else f"max(x_{n}[e] * inv, zero)"
     body += [
         f"  if hi_{n} >= finite_end:",
         f"    a_{n}[idx] = np.float32(np.nan)",
@@ -175,7 +179,7 @@ def _loop_source(v: _cpu_kernel.Variant, parallel: bool) -> str:
         f"    a_{n}[idx] = amax",
         "    inv = one / amax if amax > zero else zero",
         "    for e in range(cnt):",
-        f"      cs_{n}[e] = {enc}({value})"]
+        f"      cs_{n}[e] = {enc}(x_{n}[e] * inv)"]
   lines += ["    " + line for line in body]
   return "\n".join(lines) + "\n"
 

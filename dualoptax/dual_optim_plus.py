@@ -5,7 +5,7 @@ See ``../shared/SPEC.md`` §1 (the authority) and :func:`scale_by_dual_optim_plu
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import chex
 import jax

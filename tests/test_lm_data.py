@@ -1,7 +1,6 @@
 """Tokenizer, fictitious-people generator, encoding and the TOFU-format reader."""
 
 import json
-import os
 
 import numpy as np
 import pytest
