@@ -11,7 +11,12 @@ step — the gradients for optax.adamw, the update for dualoptax, whose CPU kern
 writes the update over the first gradient — so that JAX can use the donation; "train
 step" computes them inside the jit from a cheap loss ``0.5 * sum((θ - x)**2)``.
 The DualOptim rows run the default implementation (on a single-device CPU process:
-the fused numba kernel) and ``implementation="xla"``.
+the fused numba kernels) and ``implementation="xla"``. "faults/step" counts the
+process's minor page faults per timed step: XLA:CPU maps a large temporary afresh on
+every execution, and touching it page by page costs more than the copy itself on a
+virtual machine. Setting ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc >= 2.35,
+transparent huge pages in "madvise" mode) makes those mappings use huge pages; the
+header prints the setting in effect.
 
     python benchmarks/step_time.py [--reps 30] [--quick]
 """
@@ -19,6 +24,8 @@ the fused numba kernel) and ``implementation="xla"``.
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import statistics
 import time
 
@@ -70,7 +77,8 @@ def state_bytes(tx, params) -> int:
 
 
 def bench(cases, params, reps, kind="update"):
-  """Interleaved median step time (s) and compile time (s) of each case."""
+  """Interleaved median step time (s), compile time (s), XLA temporaries (MB) and
+  minor page faults per step of each case."""
   fresh = lambda: jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
   grads = fresh()
   runs = {}
@@ -94,18 +102,20 @@ def bench(cases, params, reps, kind="update"):
     p, s = compiled(p, s, g)[:2]  # warm-up
     jax.block_until_ready(p)
     runs[name] = {"fn": compiled, "p": p, "s": s, "times": [], "compile": compile_s,
-                  "temp": temp_mb}
+                  "temp": temp_mb, "faults": 0}
   for _ in range(reps):
     for r in runs.values():
       g = grads
       if kind == "donated":  # donated buffers are consumed: new ones, made untimed
         g = jax.block_until_ready(fresh())
+      f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       t0 = time.perf_counter()
       r["p"], r["s"] = r["fn"](r["p"], r["s"], g)[:2]
       jax.block_until_ready(r["p"])
       r["times"].append(time.perf_counter() - t0)
-  return {n: (statistics.median(r["times"]), r["compile"], r["temp"])
-          for n, r in runs.items()}
+      r["faults"] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+  return {n: (statistics.median(r["times"]), r["compile"], r["temp"],
+              r["faults"] / reps) for n, r in runs.items()}
 
 
 def main():
@@ -138,10 +148,12 @@ def main():
                                      implementation="xla"), forget)
   print(f"jax {jax.__version__}, optax {optax.__version__}, backend "
         f"{jax.default_backend()}, device {jax.devices()[0].device_kind}, "
-        f"{jax.device_count()} device(s)")
+        f"{jax.device_count()} device(s), GLIBC_TUNABLES="
+        f"{os.environ.get('GLIBC_TUNABLES', '(unset)')}")
   train_cases = {k: v for k, v in cases.items()
                  if k in ("optax.adamw", "dual_optim_plus",
-                          "dual_optim_plus(implementation='xla')")}
+                          "dual_optim_plus(implementation='xla')",
+                          "dual_optim_plus_8bit")}
   donated_cases = {k: v for k, v in cases.items()
                    if k in ("optax.adamw", "dual_optim_plus",
                             "dual_optim_plus(skip_nonfinite=False)", "dual_optim",
@@ -157,14 +169,15 @@ def main():
     params = make_params(shapes)
     n = sum(x.size for x in jax.tree.leaves(params))
     results = bench(subset, params, args.reps, kind)
-    base_t, base_c, _ = results["optax.adamw"]
+    base_t, base_c = results["optax.adamw"][:2]
     print(f"\n{label}: median of {args.reps} interleaved steps")
     print(f"{'optimizer':40s} {'step ms':>9s} {'ratio':>6s} {'compile s':>10s} "
-          f"{'ratio':>6s} {'state B/param':>14s} {'XLA temp MB':>12s}")
-    for name, (t, c, temp) in results.items():
+          f"{'ratio':>6s} {'state B/param':>14s} {'XLA temp MB':>12s} "
+          f"{'faults/step':>12s}")
+    for name, (t, c, temp, faults) in results.items():
       tx = cases[name][0]
       print(f"{name:40s} {t*1e3:9.2f} {t/base_t:6.2f} {c:10.2f} {c/base_c:6.2f} "
-            f"{state_bytes(tx, params)/n:14.2f} {temp:12.1f}")
+            f"{state_bytes(tx, params)/n:14.2f} {temp:12.1f} {faults:12.0f}")
 
 
 if __name__ == "__main__":

@@ -52,9 +52,11 @@ def test_kernel_encoder_equals_xla_encoder(signed):
 
 def _run(implementation, schedule, nan_at=None, **kwargs):
   rng = np.random.default_rng(0)
-  params = {  # layouts: blocks of 250 (1000 = 4 x 250), of 256, and a float leaf
+  params = {  # layouts: blocks of 250 (1000 = 4 x 250), of 256, of 256 with the
+      # last axis padded by 3 (1021 is prime), and a float leaf
       "a": jnp.asarray(rng.standard_normal((16, 1000)), jnp.float32),
       "c": jnp.asarray(rng.standard_normal((4, 2048)), jnp.float32),
+      "p": jnp.asarray(rng.standard_normal((8, 1021)), jnp.float32),
       "small": jnp.asarray(rng.standard_normal((300,)), jnp.float32)}
   tx = dualoptax.dual_optim_plus_8bit({"forget": 3e-3, "retain": 1e-3},
                                       weight_decay=0.01,
@@ -81,7 +83,8 @@ def test_fused_matches_generic_wrapper():
   assert int(s_x.count) == int(s_k.count) == len(schedule) - 1
   assert isinstance(s_k.base_nu["a"], dualoptax.QuantizedArray)
   assert not isinstance(s_k.base_nu["small"], dualoptax.QuantizedArray)
-  for name in ("a", "c"):
+  assert s_k.base_mu["p"].pad == 3
+  for name in ("a", "c", "p"):
     moments = [(s_x.base_mu[name], s_k.base_mu[name]),
                (s_x.base_nu[name], s_k.base_nu[name])]
     moments += [(s_x.deltas[k].mu[name], s_k.deltas[k].mu[name])
