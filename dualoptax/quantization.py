@@ -372,10 +372,12 @@ def _quantize_with_layout(x: jax.Array, signed: bool, b: int, pad: int) -> Quant
   # A strided window max (not reshape + reduce): XLA fuses it with the producer of
   # ``x`` into one pass on CPU, where a reduce needs ``x`` materialized first.
   window = (1,) * (xp.ndim - 1) + (b,)
-  # NaN counts as +inf: XLA:CPU's vectorized max reduction can drop a NaN (seen with
-  # blocks of 250), which would encode it silently as 0.
-  mag = jnp.where(jnp.isnan(xp), jnp.float32(jnp.inf), jnp.abs(xp))
-  absmax = jax.lax.reduce_window(mag, -jnp.inf, jax.lax.max, window, window, "VALID")
+  absmax = jax.lax.reduce_window(jnp.abs(xp), -jnp.inf, jax.lax.max, window, window,
+                                 "VALID")
+  # XLA:CPU's vectorized max reduction can drop a NaN, which would then encode as 0;
+  # a sum of x * 0 is NaN exactly when the block holds a NaN or an Inf.
+  absmax = absmax + jax.lax.reduce_window(xp * 0.0, 0.0, jax.lax.add, window, window,
+                                          "VALID")
   finite = jnp.isfinite(absmax)
   absmax = jnp.where(finite, absmax, jnp.float32(jnp.nan))
   # One reciprocal per block, then a multiply per value (as the bitsandbytes kernel);
