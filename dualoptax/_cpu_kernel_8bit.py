@@ -5,15 +5,18 @@ the last axis, padded), the kernel makes three short passes over data in L1 cach
 
 1. decode every moment (``code_map[c] * absmax``), compute the step exactly as the
    float kernel does (``_cpu_kernel.element_math``), write the update and keep the new
-   moments in per-thread scratch rows;
+   moments in per-thread scratch rows. On CPUs with AVX-512 VBMI the codes are first
+   decoded into those rows 64 at a time with byte permutes (``_vbmi_decode64``, about
+   4x faster than a gather and bit-identical to it); elsewhere the step's loop gathers
+   from the 256-entry map;
 2. take each new moment's absmax as an integer maximum over the float bit patterns
    with the sign bit cleared (the same order as on floats, and a non-finite value
    shows as a pattern ``>= 0x7F800000``), so the loop has no branch;
 3. re-encode each moment with the exact nearest code (a block that held a
    non-finite value gets absmax NaN and the zero code, as ``quantize_blockwise``).
 
-Each pass is a plain loop over a block, which LLVM vectorizes (the decode is a
-gather from the 256-entry code map). No float32 moment ever reaches memory.
+Each pass is a plain loop over a block, which LLVM vectorizes. No float32 moment
+ever reaches memory.
 
 The encoder is a table look-up on the float's bits: the top 16 bits of ``|x|`` (its
 exponent and 7 mantissa bits) name a cell; there are fewer than two decision
@@ -112,13 +115,91 @@ def _codec():
   return make(True), make(False)
 
 
+def vbmi_available() -> bool:
+  """Whether numba compiles for this host's CPU and it has AVX-512 VBMI (``vpermi2b``).
+
+  A user who sets ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES`` (e.g. for portable
+  caching) gets the portable gather decode.
+  """
+  import numba  # pylint: disable=import-outside-toplevel
+  from llvmlite import binding  # pylint: disable=import-outside-toplevel
+  if numba.config.CPU_NAME not in (None, "host") or numba.config.CPU_FEATURES:
+    return False
+  features = binding.get_host_cpu_features()
+  return bool(features.get("avx512vbmi")) and bool(features.get("avx512bw"))
+
+
+def code_map_planes(signed: bool) -> np.ndarray:
+  """The code map's float32 values as 4 planes of 256 bytes (byte ``p`` of every value,
+  little-endian), the table layout of the VBMI decode."""
+  table = np.asarray(_q.dynamic_code_map(signed), "<f4").view(np.uint8).reshape(256, 4)
+  return np.ascontiguousarray(table.T).reshape(-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _vbmi_decode64():
+  r"""numba intrinsic ``decode64(planes, codes, out, absmax)`` (addresses as ints):
+  ``out[i] = code_map[codes[i]] * absmax`` for 64 consecutive codes.
+
+  Each byte plane of the 256-entry map is four 64-byte registers; ``vpermi2b`` looks up
+  64 codes in two of them (the low 7 bits) and a select on the top bit picks the
+  half, so a plane costs two permutes and a blend, and the four planes are interleaved
+  back into 64 floats. The result is the map's float32 value times ``absmax``, the same
+  product as the gather ``code_map[c] * absmax``.
+  """
+  from llvmlite import ir  # pylint: disable=import-outside-toplevel
+  from numba import types  # pylint: disable=import-outside-toplevel
+  from numba.core import cgutils  # pylint: disable=import-outside-toplevel
+  from numba.extending import intrinsic  # pylint: disable=import-outside-toplevel
+
+  bytes64 = ir.VectorType(ir.IntType(8), 64)
+  i32 = ir.IntType(32)
+  interleave = ir.Constant(ir.VectorType(i32, 128),
+                           [x for i in range(64) for x in (i, 64 + i)])
+
+  @intrinsic
+  def decode64(typingctx, planes, codes, out, absmax):  # pylint: disable=unused-argument
+    def codegen(context, builder, signature, args):
+      planes, codes, out, absmax = args
+      permute = cgutils.get_or_insert_function(
+          builder.module, ir.FunctionType(bytes64, [bytes64] * 3),
+          "llvm.x86.avx512.vpermi2var.qi.512")
+
+      def load(address, offset):
+        at = builder.add(address, ir.Constant(address.type, offset))
+        return builder.load(builder.inttoptr(at, bytes64.as_pointer()), align=1)
+
+      index = load(codes, 0)
+      upper = builder.icmp_signed("<", index, ir.Constant(bytes64, None))  # code >= 128
+      plane = []
+      for p in range(4):
+        t = [load(planes, 256 * p + 64 * q) for q in range(4)]
+        plane.append(builder.select(upper, builder.call(permute, [t[2], index, t[3]]),
+                                    builder.call(permute, [t[0], index, t[1]])))
+      low = builder.bitcast(builder.shuffle_vector(plane[0], plane[1], interleave),
+                            ir.VectorType(ir.IntType(16), 64))
+      high = builder.bitcast(builder.shuffle_vector(plane[2], plane[3], interleave),
+                             ir.VectorType(ir.IntType(16), 64))
+      floats = ir.VectorType(ir.FloatType(), 64)
+      values = builder.bitcast(builder.shuffle_vector(low, high, interleave), floats)
+      scale = builder.insert_element(ir.Constant(floats, None), absmax, ir.Constant(i32, 0))
+      scale = builder.shuffle_vector(scale, scale, ir.Constant(ir.VectorType(i32, 64),
+                                                               [0] * 64))
+      builder.store(builder.fmul(values, scale),
+                    builder.inttoptr(out, floats.as_pointer()), align=1)
+      return context.get_dummy_value()
+    return types.void(types.intp, types.intp, types.intp, types.float32), codegen
+
+  return decode64
+
+
 def _moment_names(v: _cpu_kernel.Variant) -> list[tuple[str, bool]]:
   """(name, signed) of the quantized moments, in argument order."""
   names = [(f"{m}{i}", True) for i in range(v.objectives) for m in ("m", "v")]
   return names + [("mB", True), ("vB", False)]
 
 
-def _loop_source(v: _cpu_kernel.Variant, parallel: bool) -> str:
+def _loop_source(v: _cpu_kernel.Variant, parallel: bool, vbmi: bool) -> str:
   k = range(v.objectives)
   moments = _moment_names(v)
   grads = [f"g{i}" for i in k][1:]
@@ -150,9 +231,20 @@ def _loop_source(v: _cpu_kernel.Variant, parallel: bool) -> str:
   body += [f"  gg{i} = g{i}[ubase:ubase + cnt]" for i in k if i]
   for n, _ in moments:
     body += [f"  o_{n} = a_{n}[idx]", f"  cs_{n} = c_{n}[cbase:cbase + cnt]"]
-  # Pass 1: decode, step, update; new moments to scratch.
-  step = [f"old_{n} = {'S' if signed else 'U'}TABLE[cs_{n}[e]] * o_{n}"
-          for n, signed in moments]
+  # Pass 1: decode, step, update; new moments to scratch. With VBMI the codes are
+  # first decoded into the scratch rows 64 at a time (the rest by the gather).
+  if vbmi:
+    body.append("  full = cnt - cnt % 64")
+    for n, signed in moments:
+      body += ["  for e in range(0, full, 64):",
+               f"    decode64({'S' if signed else 'U'}PLANES.ctypes.data, "
+               f"cs_{n}.ctypes.data + e, x_{n}.ctypes.data + 4 * e, o_{n})",
+               "  for e in range(full, cnt):",
+               f"    x_{n}[e] = {'S' if signed else 'U'}TABLE[cs_{n}[e]] * o_{n}"]
+    step = [f"old_{n} = x_{n}[e]" for n, _ in moments]
+  else:
+    step = [f"old_{n} = {'S' if signed else 'U'}TABLE[cs_{n}[e]] * o_{n}"
+            for n, signed in moments]
   step += _cpu_kernel.element_math(
       v, {n: f"old_{n}" for n, _ in moments},
       ["uu[e]"] + [f"gg{i}[e]" for i in k if i], "pp[e]")
@@ -202,13 +294,22 @@ def target(v: _cpu_kernel.Variant) -> str:
   """Compiles (once) and registers the 8-bit kernel of ``v``; returns its name."""
   if not v.base or v.dtype != "float32":
     raise ValueError(f"no 8-bit kernel for {v}")
-  enc_signed, enc_unsigned = _codec()
   return _cpu_kernel.build(
       "dualoptax_8bit_" + "_".join(str(x) for x in v), v,
-      lambda parallel: _loop_source(v, parallel), _handler_source(v),
-      enc_signed=enc_signed, enc_unsigned=enc_unsigned,
-      STABLE=np.asarray(_q.dynamic_code_map(True), np.float32),
-      UTABLE=np.asarray(_q.dynamic_code_map(False), np.float32))
+      lambda parallel: _loop_source(v, parallel, vbmi_available()), _handler_source(v),
+      **loop_namespace())
+
+
+def loop_namespace() -> dict:
+  """Globals of the generated 8-bit loop: encoders, code maps, the VBMI decode."""
+  enc_signed, enc_unsigned = _codec()
+  namespace = dict(enc_signed=enc_signed, enc_unsigned=enc_unsigned,
+                   STABLE=np.asarray(_q.dynamic_code_map(True), np.float32),
+                   UTABLE=np.asarray(_q.dynamic_code_map(False), np.float32),
+                   SPLANES=code_map_planes(True), UPLANES=code_map_planes(False))
+  if vbmi_available():
+    namespace["decode64"] = _vbmi_decode64()
+  return namespace
 
 
 def leaf_step(v: _cpu_kernel.Variant, scalars: jax.Array,

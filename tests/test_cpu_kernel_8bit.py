@@ -128,3 +128,63 @@ def test_nonfinite_moments_without_skip_match_generic_wrapper():
     block = np.asarray(qk.codes)[3, :250]
     np.testing.assert_array_equal(block, zero)
     np.testing.assert_array_equal(np.asarray(qx.codes)[3, :250], zero)
+
+
+def _loop(vbmi, parallel=False):
+  from dualoptax import _cpu_kernel
+  v = _cpu_kernel.Variant(base=True, objectives=2, stable=True, decay=True,
+                          dtype="float32")
+  scope = dict(numba=numba, np=np, **_cpu_kernel_8bit.loop_namespace())
+  exec(_cpu_kernel_8bit._loop_source(v, parallel, vbmi), scope)  # pylint: disable=exec-used
+  return scope["loop"]
+
+
+@pytest.mark.skipif(not _cpu_kernel_8bit.vbmi_available(),
+                    reason="this CPU has no AVX-512 VBMI (the gather decode runs)")
+@pytest.mark.parametrize("rows,cols,cols_padded,block", [
+    (6, 1000, 1000, 250),   # blocks of 250: three 64-code chunks and a 58-code tail
+    (3, 1021, 1024, 256),   # padded last axis: the last block holds 253 values
+    (5, 512, 512, 256)])
+def test_vbmi_decode_loop_is_bit_identical_to_gather_loop(rows, cols, cols_padded,
+                                                          block):
+  rng = np.random.default_rng(0)
+  n, nb = rows * cols, rows * (cols_padded // block)
+  scalars = np.asarray([1, .9, .999, .9, .999, 1e-8, .01, .5, .3, .4, .2, -1e-3,
+                        .35, .25, -2e-3], np.float32)
+  dims = np.asarray([rows, cols, cols_padded, block], np.int32)
+  g1, param = (rng.standard_normal(n).astype(np.float32) for _ in range(2))
+  g0 = (1e-2 * rng.standard_normal(n)).astype(np.float32)
+  g0[7] = np.inf  # a non-finite moment block, handled on both paths
+  moments = []
+  for _ in range(6):
+    moments += [rng.integers(0, 256, rows * cols_padded, dtype=np.uint8),
+                np.abs(rng.standard_normal(nb)).astype(np.float32)]
+  results = []
+  for vbmi in (False, True):
+    u, state = g0.copy(), [m.copy() for m in moments]
+    _loop(vbmi)(scalars, dims, g1, param, u, *state)
+    results.append([u] + state)
+  for a, b in zip(*results):
+    np.testing.assert_array_equal(a, b)
+  assert np.isnan(results[1][2][0])  # the block of the Inf gradient: absmax NaN
+
+
+@pytest.mark.skipif(not _cpu_kernel_8bit.vbmi_available(),
+                    reason="this CPU has no AVX-512 VBMI (the gather decode runs)")
+@pytest.mark.parametrize("signed", [True, False])
+def test_vbmi_decode64_equals_code_map(signed):
+  decode64 = _cpu_kernel_8bit._vbmi_decode64()
+  planes = _cpu_kernel_8bit.code_map_planes(signed)
+  table = np.asarray(quantization.dynamic_code_map(signed), np.float32)
+
+  @numba.njit
+  def decode(codes, scale):
+    out = np.empty(codes.size, np.float32)
+    for k in range(0, codes.size, 64):
+      decode64(planes.ctypes.data, codes.ctypes.data + k, out.ctypes.data + 4 * k,
+               scale)
+    return out
+
+  codes = np.concatenate([np.arange(256), np.arange(256)[::-1]]).astype(np.uint8)
+  for scale in (np.float32(1), np.float32(3.7e-3), np.float32(1e30)):
+    np.testing.assert_array_equal(decode(codes, scale), table[codes] * scale)
