@@ -141,12 +141,13 @@ def _loop(vbmi, parallel=False):
 
 @pytest.mark.skipif(not _cpu_kernel_8bit.vbmi_available(),
                     reason="this CPU has no AVX-512 VBMI (the gather decode runs)")
-@pytest.mark.parametrize("rows,cols,cols_padded,block", [
-    (6, 1000, 1000, 250),   # blocks of 250: three 64-code chunks and a 58-code tail
-    (3, 1021, 1024, 256),   # padded last axis: the last block holds 253 values
-    (5, 512, 512, 256)])
+@pytest.mark.parametrize("rows,cols,cols_padded,block,parallel", [
+    (6, 1000, 1000, 250, False),  # blocks of 250: three 64-code chunks, a 58-code tail
+    (3, 1021, 1024, 256, False),  # padded last axis: the last block holds 253 values
+    (5, 512, 512, 256, False),
+    (40, 1000, 1000, 250, True)])  # the prange loop: three groups of blocks
 def test_vbmi_decode_loop_is_bit_identical_to_gather_loop(rows, cols, cols_padded,
-                                                          block):
+                                                          block, parallel):
   rng = np.random.default_rng(0)
   n, nb = rows * cols, rows * (cols_padded // block)
   scalars = np.asarray([1, .9, .999, .9, .999, 1e-8, .01, .5, .3, .4, .2, -1e-3,
@@ -160,9 +161,9 @@ def test_vbmi_decode_loop_is_bit_identical_to_gather_loop(rows, cols, cols_padde
     moments += [rng.integers(0, 256, rows * cols_padded, dtype=np.uint8),
                 np.abs(rng.standard_normal(nb)).astype(np.float32)]
   results = []
-  for vbmi in (False, True):
+  for vbmi in (False, True):  # the gather decode runs serially, the VBMI one as given
     u, state = g0.copy(), [m.copy() for m in moments]
-    _loop(vbmi)(scalars, dims, g1, param, u, *state)
+    _loop(vbmi, parallel and vbmi)(scalars, dims, g1, param, u, *state)
     results.append([u] + state)
   for a, b in zip(*results):
     np.testing.assert_array_equal(a, b)
