@@ -18,14 +18,14 @@ the last axis, padded), the kernel makes three short passes over data in L1 cach
 Each pass is a plain loop over a block, which LLVM vectorizes. No float32 moment
 ever reaches memory.
 
-The encoder is a table look-up on the float's bits: the top 16 bits of ``|x|`` (its
-exponent and 7 mantissa bits) name a cell; there are fewer than two decision
-thresholds (midpoints between codes) in any cell, which is checked when the table is
-built, so one int32 entry per cell holds the code at the cell's start and the low 16
-bits of the threshold inside it. The code of ``|x|`` is that code plus one if its
-low 16 bits reach the threshold's. This equals the exact-nearest encoder of
+The encoder is a table look-up on the float's bits (``encoder_cells``): the top 16
+bits of ``x`` (sign, exponent and 7 mantissa bits) name a cell; no cell holds two
+decision thresholds (midpoints between codes), which is checked when the table is
+built, so one int32 entry per cell, added to the low 16 bits, carries into the next
+code exactly at the threshold. This equals the exact-nearest encoder of
 ``quantization._encode_normalized`` (ties to the larger magnitude); the tests
-compare them code for code.
+compare them code for code, on every cell's first and last value and on every
+threshold and its neighbours.
 
 Moment order and maps: ``m_k`` and ``v_k`` of every present objective (signed map),
 then ``m_B`` (signed) and ``v_B`` (unsigned), as ``dual_optim_plus_8bit`` stores them.
