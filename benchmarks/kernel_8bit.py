@@ -38,7 +38,7 @@ def main():
   n = rows * cols
   v = _cpu_kernel.Variant(base=True, objectives=1, stable=True, decay=True,
                           dtype="float32")
-  namespace = dict(numba=numba, np=np, **_cpu_kernel_8bit.loop_namespace())
+  namespace = _cpu_kernel_8bit.loop_namespace()
   signed_map, enc_signed = namespace["STABLE"], namespace["enc_signed"]
   vbmi = _cpu_kernel_8bit.vbmi_available()
   rng = np.random.default_rng(0)
@@ -55,10 +55,8 @@ def main():
         f"{_cpu_kernel._thread_safe_layer()}, {numba.config.NUMBA_NUM_THREADS} threads")  # pylint: disable=protected-access
   for decode_path in ((False, True) if vbmi else (False,)):
     for parallel in (False, True):
-      scope = dict(namespace)
-      exec(_cpu_kernel_8bit._loop_source(  # pylint: disable=protected-access,exec-used
-          v, parallel and _cpu_kernel._thread_safe_layer(), decode_path), scope)  # pylint: disable=protected-access
-      loop = scope["loop"]
+      loop = _cpu_kernel_8bit.compile_loop(
+          v, parallel and _cpu_kernel._thread_safe_layer(), decode_path)  # pylint: disable=protected-access
       # Each call steps the same buffers again (the update lands in ``grad``, the
       # moments move), as successive optimizer steps do.
       t = median_time(loop, scalars, dims, param, grad, *moments)

@@ -226,6 +226,14 @@ def _ffi_helpers():
     return True
 
   @numba.njit(inline="always")
+  def is_execute(frame):
+    """Answers XLA's metadata query; True only for the EXECUTE stage (the call that
+    should run), False for the query and every other stage."""
+    if answer_metadata(frame):
+      return False
+    return (frame[_FRAME_STAGE] & 0xFFFFFFFF) == _STAGE_EXECUTE
+
+  @numba.njit(inline="always")
   def buffer_size(addr):
     b = words(addr, 6)
     n = 1
@@ -239,14 +247,14 @@ def _ffi_helpers():
   def buffer(addr, n, dtype):
     return numba.carray(as_ptr(words(addr, 6)[_BUFFER_DATA]), (n,), dtype=dtype)
 
-  return numba, types, as_ptr, words, answer_metadata, buffer_size, buffer
+  return numba, types, as_ptr, words, is_execute, buffer_size, buffer
 
 
 def handler_source(v: Variant, call: str, setup: str = "") -> str:
   """numba source of an FFI handler that runs ``loop(<call>)`` on EXECUTE.
 
-  Shared by the generated handlers: answers XLA's metadata query, ignores other
-  stages, binds ``args``, ``rets``, ``dt`` (the leaf dtype), ``n`` (the update's
+  Shared by the generated handlers: answers XLA's metadata query and ignores other
+  stages (``is_execute``, as the all-finite handler does), binds ``args``, ``rets``, ``dt`` (the leaf dtype), ``n`` (the update's
   size), the scalar vector ``s`` and the update ``u`` (the first result); on a
   skipped call (``s[_FINITE] == 0``) writes a zero update and returns, leaving every
   aliased moment untouched. ``setup`` (indented lines) runs before the loop call.
@@ -255,9 +263,7 @@ def handler_source(v: Variant, call: str, setup: str = "") -> str:
 @numba.cfunc(types.voidptr(types.voidptr), error_model='numpy')
 def handler(frame_ptr):
   frame = numba.carray(frame_ptr, ({_FRAME_WORDS},), dtype=np.int64)
-  if answer_metadata(frame):
-    return as_ptr(0)
-  if (frame[{_FRAME_STAGE}] & 0xFFFFFFFF) != {_STAGE_EXECUTE}:
+  if not is_execute(frame):
     return as_ptr(0)
   args = words(frame[{_FRAME_ARGS}], frame[{_FRAME_ARGS_SIZE}])
   rets = words(frame[{_FRAME_RETS}], frame[{_FRAME_RETS_SIZE}])
@@ -303,10 +309,9 @@ def build(name: str, v: Variant, loop_source, handler_code: str,
       ``parallel_loop`` or ``serial_loop``.
     **namespace: extra globals of the generated code.
   """
-  numba, types, as_ptr, words, answer_metadata, buffer_size, buffer = _ffi_helpers()
+  numba, types, as_ptr, words, is_execute, buffer_size, buffer = _ffi_helpers()
   namespace.update(numba=numba, np=np, types=types, as_ptr=as_ptr, words=words,
-                   answer_metadata=answer_metadata, buffer_size=buffer_size,
-                   buffer=buffer)
+                   is_execute=is_execute, buffer_size=buffer_size, buffer=buffer)
   loops = {}
   for parallel in (True, False):
     scope = dict(namespace)
@@ -337,7 +342,7 @@ def finite_target() -> str:
   every element of every input is finite. ``sum(x * 0)`` is 0 for finite data and
   NaN otherwise, in any summation order, so the loop may reassociate (vectorize).
   """
-  numba, types, as_ptr, words, answer_metadata, buffer_size, buffer = _ffi_helpers()
+  numba, types, as_ptr, words, is_execute, buffer_size, buffer = _ffi_helpers()
   parallel = _thread_safe_layer()
 
   def make_sum(par):
@@ -359,9 +364,7 @@ def finite_target() -> str:
   @numba.cfunc(types.voidptr(types.voidptr), error_model="numpy")
   def handler(frame_ptr):
     frame = numba.carray(frame_ptr, (_FRAME_WORDS,), dtype=np.int64)
-    if answer_metadata(frame):
-      return as_ptr(0)
-    if (frame[_FRAME_STAGE] & 0xFFFFFFFF) != _STAGE_EXECUTE:
+    if not is_execute(frame):
       return as_ptr(0)
     args = words(frame[_FRAME_ARGS], frame[_FRAME_ARGS_SIZE])
     rets = words(frame[_FRAME_RETS], frame[_FRAME_RETS_SIZE])

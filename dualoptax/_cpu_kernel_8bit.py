@@ -115,6 +115,7 @@ def _codec():
   return make(True), make(False)
 
 
+@functools.lru_cache(maxsize=None)
 def vbmi_available() -> bool:
   """Whether numba compiles for this host's CPU and it has AVX-512 VBMI (``vpermi2b``).
 
@@ -310,6 +311,15 @@ def loop_namespace() -> dict:
   if vbmi_available():
     namespace["decode64"] = _vbmi_decode64()
   return namespace
+
+
+def compile_loop(v: _cpu_kernel.Variant, parallel: bool, vbmi: bool):
+  """The generated loop of ``v`` alone, callable on NumPy buffers (tests, benchmarks);
+  ``vbmi=True`` needs :func:`vbmi_available`."""
+  import numba  # pylint: disable=import-outside-toplevel
+  scope = dict(numba=numba, np=np, **loop_namespace())
+  exec(compile(_loop_source(v, parallel, vbmi), f"<8-bit loop {v}>", "exec"), scope)  # pylint: disable=exec-used
+  return scope["loop"]
 
 
 def leaf_step(v: _cpu_kernel.Variant, scalars: jax.Array,

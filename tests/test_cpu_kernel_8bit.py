@@ -134,9 +134,7 @@ def _loop(vbmi, parallel=False):
   from dualoptax import _cpu_kernel
   v = _cpu_kernel.Variant(base=True, objectives=2, stable=True, decay=True,
                           dtype="float32")
-  scope = dict(numba=numba, np=np, **_cpu_kernel_8bit.loop_namespace())
-  exec(_cpu_kernel_8bit._loop_source(v, parallel, vbmi), scope)  # pylint: disable=exec-used
-  return scope["loop"]
+  return _cpu_kernel_8bit.compile_loop(v, parallel, vbmi)
 
 
 @pytest.mark.skipif(not _cpu_kernel_8bit.vbmi_available(),
