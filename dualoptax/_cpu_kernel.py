@@ -54,8 +54,8 @@ _EXTENSION_METADATA = 1
 _FFI_API_MINOR = 3          # XLA_FFI_API_MINOR of the header this decodes
 
 # Layout of the scalar vector passed to every call (the leaf dtype).
-_FINITE, _B1, _B2, _BB1, _BB2, _EPS, _WD, _CB1, _CB2 = range(9)
-_PER_OBJECTIVE = 9          # then, per present objective: c1_k, c2_k, coef_k
+_FINITE, _B1, _B2, _BB1, _BB2, _EPS, _WD, _RB1, _RB2 = range(9)
+_PER_OBJECTIVE = 9          # then, per present objective: r1_k, r2_k, coef_k
 
 
 class Variant(NamedTuple):
@@ -98,12 +98,12 @@ def _scalar_lines(v: Variant, dtype: str) -> list[str]:
   lines = [
       f"  one = np.{dtype}(1)",
       "  b1 = s[%d]; b2 = s[%d]; eps = s[%d]; wd = s[%d]" % (_B1, _B2, _EPS, _WD),
-      "  bb1 = s[%d]; bb2 = s[%d]; cB1 = s[%d]; cB2 = s[%d]" % (_BB1, _BB2, _CB1,
-                                                               _CB2),
+      "  bb1 = s[%d]; bb2 = s[%d]; rB1 = s[%d]; rB2 = s[%d]" % (_BB1, _BB2, _RB1,
+                                                               _RB2),
   ]
   for i in range(v.objectives):
     o = _PER_OBJECTIVE + 3 * i
-    lines.append(f"  c1_{i} = s[{o}]; c2_{i} = s[{o + 1}]; coef{i} = s[{o + 2}]")
+    lines.append(f"  r1_{i} = s[{o}]; r2_{i} = s[{o + 1}]; coef{i} = s[{o + 2}]")
   return lines
 
 
@@ -124,7 +124,7 @@ def element_math(v: Variant, old: dict[str, str], grad: list[str],
   k = range(v.objectives)
   body = []
   if v.base:
-    body += [f"mhB = {old['mB']} / cB1", f"vhB = {old['vB']} / cB2"]
+    body += [f"mhB = {old['mB']} * rB1", f"vhB = {old['vB']} * rB2"]
   if v.decay:
     body.append(f"pj = {param}")
   for i in k:
@@ -133,15 +133,15 @@ def element_math(v: Variant, old: dict[str, str], grad: list[str],
       body += [
           f"mn{i} = b1 * {old[f'm{i}']} + (one - b1) * (gj{i} - mhB)",
           f"vn{i} = b2 * {old[f'v{i}']} + (one - b2) * (gj{i} * gj{i} - vhB)",
-          f"num = mn{i} / c1_{i} + mhB",
-          f"sec = abs(vn{i} / c2_{i} + vhB)",
+          f"num = mn{i} * r1_{i} + mhB",
+          f"sec = abs(vn{i} * r2_{i} + vhB)",
       ]
     else:
       body += [
           f"mn{i} = b1 * {old[f'm{i}']} + (one - b1) * gj{i}",
           f"vn{i} = b2 * {old[f'v{i}']} + (one - b2) * gj{i} * gj{i}",
-          f"num = mn{i} / c1_{i}",
-          f"sec = vn{i} / c2_{i}",
+          f"num = mn{i} * r1_{i}",
+          f"sec = vn{i} * r2_{i}",
       ]
     if v.stable:
       body.append("sec = max(sec, num * num)")

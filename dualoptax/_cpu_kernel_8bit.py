@@ -27,6 +27,15 @@ code exactly at the threshold. This equals the exact-nearest encoder of
 compare them code for code, on every cell's first and last value and on every
 threshold and its neighbours.
 
+On CPUs with AVX-512 F and DQ a closed form replaces that gather on the common path
+(``_avx512_encode16``, tables from ``encoder_segments``): the float's exponent and one
+comparison with the map's own threshold give the decade exactly, and the code is the
+integer part of a linear function of the value within it, computed for 16 values in
+about 20 vector operations. Lanes within ``2^-12`` bins of a code edge (where float
+rounding could decide) are flagged and their sixteen re-encoded with the table, so
+the codes equal the table's for every float32 below 2 in magnitude; the tests check
+all of them.
+
 Moment order and maps: ``m_k`` and ``v_k`` of every present objective (signed map),
 then ``m_B`` (signed) and ``v_B`` (unsigned), as ``dual_optim_plus_8bit`` stores them.
 """
@@ -115,6 +124,190 @@ def _codec():
   return make(True), make(False)
 
 
+# Closed-form AVX-512 encoder (``_avx512_encode16``): the normalized magnitude is
+# raised to 2**(_TINY_EXPONENT - 127) (far below the smallest code's threshold, so the
+# code is still 0) to bound the float exponent to 32 values, which index the binade
+# tables by their low 5 bits; a lane whose position lies within _NEAR_EDGE bins of an
+# integer is re-encoded with the exact table (2^-12 bins is over 10x the float32
+# rounding of both the thresholds and the closed form; checked on every float32).
+_TINY_EXPONENT = 101
+_NEAR_EDGE = 2.0 ** -12
+
+
+def encoder_segments(signed: bool) -> dict[str, np.ndarray]:
+  r"""Tables of the closed-form AVX-512 encoder (:func:`_avx512_encode16`).
+
+  A magnitude ``a`` lies in one of 9 segments: below the first threshold (code 0),
+  in decade ``d = 0..6`` of the map (``n_d`` codes: ``2^d`` signed, ``2^{d+1}``
+  unsigned) or at 1.0. Its segment is ``slo[e] + [a \ge th[e]]``, ``e`` the float
+  exponent of ``a``: every binade holds at most one segment edge (checked here),
+  and the edges are the map's own float32 thresholds, so the segment is exact. In
+  segment ``s`` the code sits at the integer part of
+
+  .. math::
+
+    z = \min\left(a \cdot A_s + B_s,\; Z_s\right), \qquad
+    A_s = \frac{10^{6-d} n_d}{0.9}, \quad
+    B_s = \mathrm{first}_s + o - \frac{0.1\, n_d}{0.9}
+
+  (``o = 127`` signed, ``0`` unsigned; ``Z_s`` caps the stretch between the
+  decade's end and the next segment at its last code; the zero and 1.0 segments
+  have ``A = 0`` and ``z`` half way into their code). Within a decade the thresholds
+  are the bin edges, so :math:`\lfloor z \rfloor` is the exact code unless ``z``
+  lies within ``2^{-12}`` of an integer (the encoder then flags the lane). Negative
+  values of the signed map take :math:`\lfloor 255 - z \rfloor` (their codes mirror
+  at ``254 - c``; there is no -1.0, so its segment gives code 0).
+
+  Returns:
+    ``A, B, Z`` (16 float32, by segment), ``th`` (32 float32: the segment edge in
+    each binade, ``inf`` if none) and ``slo`` (32 int32: the segment below it), by
+    exponent modulo 32.
+  """
+  thresholds = _q._magnitude_thresholds_np(signed)  # pylint: disable=protected-access
+  sizes = _q._decade_sizes(signed)  # pylint: disable=protected-access
+  first = [0, 1]  # index among the non-negative codes of each segment's first code
+  for n in sizes:
+    first.append(first[-1] + n)
+  offset = float(_zero_code(signed))
+  a_s, b_s, z_s = (np.zeros(16, np.float64) for _ in range(3))
+  for s in range(16):
+    if 1 <= s <= len(sizes):
+      d, n = s - 1, sizes[s - 1]
+      a_s[s] = 10.0 ** (6 - d) * n / 0.9
+      b_s[s] = first[s] + offset - 0.1 * n / 0.9
+      z_s[s] = first[s] + n - 1 + offset + 0.5
+    else:
+      b_s[s] = z_s[s] = (0 if s == 0 else first[-1]) + offset + 0.5
+  edges = thresholds[[f - 1 for f in first[1:]]].astype(np.float64)
+  th = np.full(32, np.inf, np.float32)
+  slo = np.zeros(32, np.int32)
+  if not edges[0] > 2.0 ** (_TINY_EXPONENT - 126):
+    raise AssertionError("the first threshold is in the raised binade")
+  for exponent in range(_TINY_EXPONENT, 128):  # every exponent of a in [tiny, 2)
+    lo, hi = 2.0 ** (exponent - 127), 2.0 ** (exponent - 126)
+    inside = edges[(edges > lo) & (edges < hi)]
+    if inside.size > 1:
+      raise AssertionError("a binade holds two segment edges")
+    slo[exponent % 32] = np.sum(edges <= lo)
+    if inside.size:
+      th[exponent % 32] = inside[0]
+  return dict(A=a_s.astype(np.float32), B=b_s.astype(np.float32),
+              Z=z_s.astype(np.float32), th=th, slo=slo)
+
+
+@functools.lru_cache(maxsize=None)
+def _avx512_encode16(signed: bool):
+  r"""numba intrinsic ``encode16(src, dst, inv) -> flags`` (addresses as ints): the
+  codes of ``src[i] * inv`` for 16 consecutive float32 values, by the closed form of
+  :func:`encoder_segments` in about 20 vector operations (no gather). Returns a
+  non-zero int32 if some lane lay within ``2^{-12}`` bins of a code edge: the caller
+  re-encodes those 16 values with the exact table (:func:`encoder_cells`).
+  """
+  from llvmlite import ir  # pylint: disable=import-outside-toplevel
+  from numba import types  # pylint: disable=import-outside-toplevel
+  from numba.core import cgutils  # pylint: disable=import-outside-toplevel
+  from numba.extending import intrinsic  # pylint: disable=import-outside-toplevel
+
+  tables = encoder_segments(signed)
+  i16, i32 = ir.IntType(16), ir.IntType(32)
+  floats, ints = ir.VectorType(ir.FloatType(), 16), ir.VectorType(i32, 16)
+  vector_f = lambda values: ir.Constant(floats, [float(x) for x in values])
+  vector_i = lambda values: ir.Constant(ints, [int(x) for x in values])
+  splat_f = lambda x: vector_f([x] * 16)
+  splat_i = lambda x: vector_i([x] * 16)
+  mxcsr = ir.Constant(i32, 4)  # "current rounding direction"
+
+  @intrinsic
+  def encode16(typingctx, src, dst, inv):  # pylint: disable=unused-argument
+    def codegen(context, builder, signature, args):
+      src, dst, inv = args
+
+      def declare(name, ret, *params):
+        return cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ret, params), name)
+      permute2_f = declare("llvm.x86.avx512.vpermi2var.ps.512", floats, floats, ints,
+                           floats)
+      permute2_i = declare("llvm.x86.avx512.vpermi2var.d.512", ints, ints, ints, ints)
+      permute_f = declare("llvm.x86.avx512.permvar.sf.512", floats, floats, ints)
+      fma = declare("llvm.fma.v16f32", floats, floats, floats, floats)
+      vmax = declare("llvm.x86.avx512.max.ps.512", floats, floats, floats, i32)
+      vmin = declare("llvm.x86.avx512.min.ps.512", floats, floats, floats, i32)
+      scale = builder.insert_element(ir.Constant(floats, None), inv, ir.Constant(i32, 0))
+      scale = builder.shuffle_vector(scale, scale, splat_i(0))
+      y = builder.fmul(builder.load(builder.inttoptr(src, floats.as_pointer()),
+                                    align=4), scale)
+      tiny = splat_f(2.0 ** (_TINY_EXPONENT - 127))
+      if signed:  # max(|y|, tiny) in one vrangeps (imm 0b1011: max |.|, sign cleared)
+        vrange = declare("llvm.x86.avx512.mask.range.ps.512", floats, floats, floats,
+                         i32, floats, i16, i32)
+        a = builder.call(vrange, [y, tiny, ir.Constant(i32, 0b1011),
+                                  ir.Constant(floats, None), ir.Constant(i16, -1), mxcsr])
+      else:  # negative values rise to tiny: the zero code
+        a = builder.call(vmax, [y, tiny, mxcsr])
+      exponent = builder.lshr(builder.bitcast(a, ints), splat_i(23))
+      edge = builder.call(permute2_f, [vector_f(tables["th"][:16]), exponent,
+                                       vector_f(tables["th"][16:])])
+      below = builder.call(permute2_i, [vector_i(tables["slo"][:16]), exponent,
+                                        vector_i(tables["slo"][16:])])
+      segment = builder.select(builder.fcmp_ordered(">=", a, edge),
+                               builder.add(below, splat_i(1)), below)
+      coef = [builder.call(permute_f, [vector_f(tables[k]), segment]) for k in "ABZ"]
+      z = builder.call(vmin, [builder.call(fma, [a, coef[0], coef[1]]), coef[2], mxcsr])
+      if signed:
+        negative = builder.icmp_signed("<", builder.bitcast(y, ints), splat_i(0))
+        z = builder.select(negative, builder.fsub(splat_f(255.0), z), z)
+      high = builder.fptosi(builder.fadd(z, splat_f(_NEAR_EDGE)), ints)
+      low = builder.fptosi(builder.fsub(z, splat_f(_NEAR_EDGE)), ints)
+      codes = ir.VectorType(ir.IntType(8), 16)
+      builder.store(builder.trunc(high, codes), builder.inttoptr(dst, codes.as_pointer()),
+                    align=1)
+      return builder.zext(builder.bitcast(builder.icmp_signed("!=", high, low), i16), i32)
+    return types.int32(types.intp, types.intp, types.float32), codegen
+
+  return encode16
+
+
+@functools.lru_cache(maxsize=None)
+def _avx512_row_encoders():
+  """numba ``encode_row(x, codes, count, inv)`` (signed, unsigned): ``codes[i]`` = the
+  code of ``x[i] * inv`` for ``i < count``, 16 at a time by the closed form, the
+  flagged sixteens, the tail and any row with ``inv = inf`` by the table."""
+  import numba  # pylint: disable=import-outside-toplevel
+
+  def make(encode16, encode):
+    @numba.njit(inline="always", error_model="numpy")
+    def encode_row(x, codes, count, inv):
+      # A subnormal absmax gives inv = inf: values beyond the closed form's range.
+      full = count - count % 16 if inv < np.float32(np.inf) else 0
+      for e in range(0, full, 16):
+        if encode16(x.ctypes.data + 4 * e, codes.ctypes.data + e, inv):
+          for j in range(e, e + 16):
+            codes[j] = encode(x[j] * inv)
+      for e in range(full, count):
+        codes[e] = encode(x[e] * inv)
+    return encode_row
+
+  enc_signed, enc_unsigned = _codec()
+  return (make(_avx512_encode16(True), enc_signed),
+          make(_avx512_encode16(False), enc_unsigned))
+
+
+@functools.lru_cache(maxsize=None)
+def avx512_available() -> bool:
+  """Whether numba compiles for this host's CPU and it has AVX-512 F and DQ (the
+  closed-form encoder); ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES`` turn it off."""
+  return _host_has("avx512f", "avx512dq")
+
+
+def _host_has(*features: str) -> bool:
+  import numba  # pylint: disable=import-outside-toplevel
+  from llvmlite import binding  # pylint: disable=import-outside-toplevel
+  if numba.config.CPU_NAME not in (None, "host") or numba.config.CPU_FEATURES:
+    return False
+  host = binding.get_host_cpu_features()
+  return all(host.get(f) for f in features)
+
+
 @functools.lru_cache(maxsize=None)
 def vbmi_available() -> bool:
   """Whether numba compiles for this host's CPU and it has AVX-512 VBMI (``vpermi2b``).
@@ -122,12 +315,7 @@ def vbmi_available() -> bool:
   A user who sets ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES`` (e.g. for portable
   caching) gets the portable gather decode.
   """
-  import numba  # pylint: disable=import-outside-toplevel
-  from llvmlite import binding  # pylint: disable=import-outside-toplevel
-  if numba.config.CPU_NAME not in (None, "host") or numba.config.CPU_FEATURES:
-    return False
-  features = binding.get_host_cpu_features()
-  return bool(features.get("avx512vbmi")) and bool(features.get("avx512bw"))
+  return _host_has("avx512vbmi", "avx512bw")
 
 
 def code_map_planes(signed: bool) -> np.ndarray:
@@ -200,7 +388,8 @@ def _moment_names(v: _cpu_kernel.Variant) -> list[tuple[str, bool]]:
   return names + [("mB", True), ("vB", False)]
 
 
-def _loop_source(v: _cpu_kernel.Variant, parallel: bool, vbmi: bool) -> str:
+def _loop_source(v: _cpu_kernel.Variant, parallel: bool, vbmi: bool,
+                 avx512: bool) -> str:
   k = range(v.objectives)
   moments = _moment_names(v)
   grads = [f"g{i}" for i in k][1:]
@@ -259,9 +448,12 @@ def _loop_source(v: _cpu_kernel.Variant, parallel: bool, vbmi: bool) -> str:
   body += ["  for e in range(cnt):"]
   body += [f"    hi_{n} = max(hi_{n}, np.int32(xi_{n}[e] & np.int32(0x7FFFFFFF)))"
            for n, _ in moments]
-  # Pass 3: absmax and codes.
+  # Pass 3: absmax and codes (16 at a time by the closed form with AVX-512).
   for n, signed in moments:
     enc = "enc_signed" if signed else "enc_unsigned"
+    encode = (f"    encode_row_{'signed' if signed else 'unsigned'}(x_{n}, cs_{n}, cnt, inv)"
+              if avx512 else
+              f"    for e in range(cnt):\n      cs_{n}[e] = {enc}(x_{n}[e] * inv)")
     body += [
         f"  if hi_{n} >= finite_end:",
         f"    a_{n}[idx] = np.float32(np.nan)",
@@ -271,8 +463,7 @@ def _loop_source(v: _cpu_kernel.Variant, parallel: bool, vbmi: bool) -> str:
         f"    amax = np.int32(hi_{n}).view(np.float32)",
         f"    a_{n}[idx] = amax",
         "    inv = one / amax if amax > zero else zero",
-        "    for e in range(cnt):",
-        f"      cs_{n}[e] = {enc}(x_{n}[e] * inv)"]
+        *encode.split("\n")]
   lines += ["    " + line for line in body]
   return "\n".join(lines) + "\n"
 
@@ -297,7 +488,8 @@ def target(v: _cpu_kernel.Variant) -> str:
     raise ValueError(f"no 8-bit kernel for {v}")
   return _cpu_kernel.build(
       "dualoptax_8bit_" + "_".join(str(x) for x in v), v,
-      lambda parallel: _loop_source(v, parallel, vbmi_available()), _handler_source(v),
+      lambda parallel: _loop_source(v, parallel, vbmi_available(), avx512_available()),
+      _handler_source(v),
       **loop_namespace())
 
 
@@ -310,15 +502,20 @@ def loop_namespace() -> dict:
                    SPLANES=code_map_planes(True), UPLANES=code_map_planes(False))
   if vbmi_available():
     namespace["decode64"] = _vbmi_decode64()
+  if avx512_available():
+    namespace["encode_row_signed"], namespace["encode_row_unsigned"] = (
+        _avx512_row_encoders())
   return namespace
 
 
-def compile_loop(v: _cpu_kernel.Variant, parallel: bool, vbmi: bool):
+def compile_loop(v: _cpu_kernel.Variant, parallel: bool, vbmi: bool, avx512: bool):
   """The generated loop of ``v`` alone, callable on NumPy buffers (tests, benchmarks);
-  ``vbmi=True`` needs :func:`vbmi_available`."""
+  ``vbmi=True`` needs :func:`vbmi_available`, ``avx512=True``
+  :func:`avx512_available`."""
   import numba  # pylint: disable=import-outside-toplevel
   scope = dict(numba=numba, np=np, **loop_namespace())
-  exec(compile(_loop_source(v, parallel, vbmi), f"<8-bit loop {v}>", "exec"), scope)  # pylint: disable=exec-used
+  exec(compile(_loop_source(v, parallel, vbmi, avx512), f"<8-bit loop {v}>", "exec"),  # pylint: disable=exec-used
+       scope)
   return scope["loop"]
 
 

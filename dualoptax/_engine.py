@@ -59,11 +59,16 @@ class Hyper(NamedTuple):
   stable: bool
 
 
-def _bias_correction(beta: Any, count: jax.Array, dtype) -> jax.Array:
-  """``1 - beta**count`` in ``dtype``; 1 where ``count == 0`` (no correction)."""
+def _inverse_bias_correction(beta: Any, count: jax.Array, dtype) -> jax.Array:
+  """``1 / (1 - beta**count)`` in ``dtype``; 1 where ``count == 0`` (no correction).
+
+  A moment is corrected by multiplying with this scalar, not dividing by ``1 -
+  beta**count`` per element (within an ulp of the quotient; divisions are the
+  slowest vector instructions of the CPU kernels' step).
+  """
   beta = jnp.asarray(beta, dtype)
   corr = 1 - beta ** count.astype(dtype)
-  return jnp.where(count > 0, corr, jnp.ones((), dtype))
+  return jnp.where(count > 0, 1 / corr, jnp.ones((), dtype))
 
 
 def init_moments(params: Any, dtype) -> Any:
@@ -133,8 +138,8 @@ def multi_objective_step(
     if base is not None:
       mB, vB = mB_leaves[i], vB_leaves[i]
       # The base estimate from the state *before* this call (SPEC §1 step 2).
-      mhB = mB / _bias_correction(hyper.base_b1, base_count, mdt)
-      vhB = vB / _bias_correction(hyper.base_b2, base_count, vdt)
+      mhB = mB * _inverse_bias_correction(hyper.base_b1, base_count, mdt)
+      vhB = vB * _inverse_bias_correction(hyper.base_b2, base_count, vdt)
     update = None
     for k in names:
       g, m, v = g_leaves[k][i], m_leaves[k][i], v_leaves[k][i]
@@ -146,13 +151,13 @@ def multi_objective_step(
       if base is not None:
         m_new = b1 * m + (1 - b1) * (g_m - mhB)
         v_new = b2 * v + (1 - b2) * (g_v * g_v - vhB)
-        num = m_new / _bias_correction(hyper.b1, t_k, mdt) + mhB
-        second = jnp.abs(v_new / _bias_correction(hyper.b2, t_k, vdt) + vhB)
+        num = m_new * _inverse_bias_correction(hyper.b1, t_k, mdt) + mhB
+        second = jnp.abs(v_new * _inverse_bias_correction(hyper.b2, t_k, vdt) + vhB)
       else:
         m_new = b1 * m + (1 - b1) * g_m
         v_new = b2 * v + (1 - b2) * g_v * g_v
-        num = m_new / _bias_correction(hyper.b1, t_k, mdt)
-        second = v_new / _bias_correction(hyper.b2, t_k, vdt)
+        num = m_new * _inverse_bias_correction(hyper.b1, t_k, mdt)
+        second = v_new * _inverse_bias_correction(hyper.b2, t_k, vdt)
       if hyper.stable:
         # A second moment is never below the squared mean: |u| <= 1 (SPEC hazard).
         second = jnp.maximum(second, num * num)
@@ -315,14 +320,15 @@ def fused_step(grads, deltas, base, params, coefficients, weight_decay,
               cast(hyper.base_b2) if base is not None else zero,
               cast(hyper.eps), cast(weight_decay if use_decay else 0.0)]
     if base is not None:
-      values += [_bias_correction(hyper.base_b1, base[2], dtype),
-                 _bias_correction(hyper.base_b2, base[2], dtype)]
+      values += [_inverse_bias_correction(hyper.base_b1, base[2], dtype),
+                 _inverse_bias_correction(hyper.base_b2, base[2], dtype)]
     else:
       values += [cast(1), cast(1)]
     for k in names:
       t_k = deltas[k].count + 1
-      values += [_bias_correction(hyper.b1, t_k, dtype),
-                 _bias_correction(hyper.b2, t_k, dtype), cast(coefficients[k])]
+      values += [_inverse_bias_correction(hyper.b1, t_k, dtype),
+                 _inverse_bias_correction(hyper.b2, t_k, dtype),
+                 cast(coefficients[k])]
     return jnp.stack(values)
 
   per_dtype = {}

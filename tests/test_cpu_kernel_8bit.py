@@ -130,22 +130,27 @@ def test_nonfinite_moments_without_skip_match_generic_wrapper():
     np.testing.assert_array_equal(np.asarray(qx.codes)[3, :250], zero)
 
 
-def _loop(vbmi, parallel=False):
+_SIMD = (_cpu_kernel_8bit.vbmi_available(), _cpu_kernel_8bit.avx512_available())
+
+
+def _loop(vbmi, avx512, parallel=False):
   from dualoptax import _cpu_kernel
   v = _cpu_kernel.Variant(base=True, objectives=2, stable=True, decay=True,
                           dtype="float32")
-  return _cpu_kernel_8bit.compile_loop(v, parallel, vbmi)
+  return _cpu_kernel_8bit.compile_loop(v, parallel, vbmi, avx512)
 
 
-@pytest.mark.skipif(not _cpu_kernel_8bit.vbmi_available(),
-                    reason="this CPU has no AVX-512 VBMI (the gather decode runs)")
+@pytest.mark.skipif(not any(_SIMD), reason="this CPU has no AVX-512 (the portable "
+                    "gather decode and table encoder run)")
 @pytest.mark.parametrize("rows,cols,cols_padded,block,parallel", [
     (6, 1000, 1000, 250, False),  # blocks of 250: three 64-code chunks, a 58-code tail
     (3, 1021, 1024, 256, False),  # padded last axis: the last block holds 253 values
     (5, 512, 512, 256, False),
     (40, 1000, 1000, 250, True)])  # the prange loop: three groups of blocks
-def test_vbmi_decode_loop_is_bit_identical_to_gather_loop(rows, cols, cols_padded,
-                                                          block, parallel):
+def test_simd_loop_is_bit_identical_to_portable_loop(rows, cols, cols_padded, block,
+                                                     parallel):
+  """VBMI decode and AVX-512 closed-form encoder (as the host has them) against the
+  gather decode and table encoder."""
   rng = np.random.default_rng(0)
   n, nb = rows * cols, rows * (cols_padded // block)
   scalars = np.asarray([1, .9, .999, .9, .999, 1e-8, .01, .5, .3, .4, .2, -1e-3,
@@ -159,9 +164,10 @@ def test_vbmi_decode_loop_is_bit_identical_to_gather_loop(rows, cols, cols_padde
     moments += [rng.integers(0, 256, rows * cols_padded, dtype=np.uint8),
                 np.abs(rng.standard_normal(nb)).astype(np.float32)]
   results = []
-  for vbmi in (False, True):  # the gather decode runs serially, the VBMI one as given
+  for simd in ((False, False), _SIMD):  # the portable loop runs serially
     u, state = g0.copy(), [m.copy() for m in moments]
-    _loop(vbmi, parallel and vbmi)(scalars, dims, g1, param, u, *state)
+    _loop(*simd, parallel and simd != (False, False))(scalars, dims, g1, param, u,
+                                                       *state)
     results.append([u] + state)
   for a, b in zip(*results):
     np.testing.assert_array_equal(a, b)
@@ -187,3 +193,55 @@ def test_vbmi_decode64_equals_code_map(signed):
   codes = np.concatenate([np.arange(256), np.arange(256)[::-1]]).astype(np.uint8)
   for scale in (np.float32(1), np.float32(3.7e-3), np.float32(1e30)):
     np.testing.assert_array_equal(decode(codes, scale), table[codes] * scale)
+
+
+@pytest.mark.skipif(not _cpu_kernel_8bit.avx512_available(),
+                    reason="this CPU has no AVX-512 F/DQ (the table encoder runs)")
+@pytest.mark.parametrize("signed", [True, False])
+def test_avx512_encoder_equals_table_encoder_on_every_float(signed):
+  """Every float32 of magnitude below 2, both signs: the closed form (with its
+  fall-back on flagged lanes) gives the table encoder's code, which
+  test_kernel_encoder_equals_xla_encoder ties to the exact-nearest encoder."""
+  encode_row = _cpu_kernel_8bit._avx512_row_encoders()[0 if signed else 1]
+  encode = _cpu_kernel_8bit._codec()[0 if signed else 1]
+
+  @numba.njit
+  def mismatches(sign):
+    chunk = 1 << 14
+    x = np.empty(chunk, np.float32)
+    bits = x.view(np.int32)
+    codes = np.empty(chunk, np.uint8)
+    bad = 0
+    for start in range(0, 0x40000000, chunk):  # bit patterns of [0, 2)
+      for j in range(chunk):
+        bits[j] = np.int32((start + j) | sign)
+      encode_row(x, codes, chunk, np.float32(1))
+      for j in range(chunk):
+        bad += codes[j] != encode(x[j])
+    return bad
+
+  assert mismatches(0) == 0
+  assert mismatches(-(1 << 31)) == 0
+
+
+@pytest.mark.skipif(not _cpu_kernel_8bit.avx512_available(),
+                    reason="this CPU has no AVX-512 F/DQ (the table encoder runs)")
+@pytest.mark.parametrize("signed", [True, False])
+def test_avx512_encoder_rarely_falls_back(signed):
+  """The flag (a lane within 2^-12 bins of a code edge) is rare on moment-like data,
+  so the table look-up stays off the common path."""
+  encode16 = _cpu_kernel_8bit._avx512_encode16(signed)
+
+  @numba.njit
+  def flagged(x, inv):
+    codes = np.empty(x.size, np.uint8)
+    count = 0
+    for e in range(0, x.size, 16):
+      count += encode16(x.ctypes.data + 4 * e, codes.ctypes.data + e, inv) != 0
+    return count
+
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal(1 << 20).astype(np.float32)
+  x = x if signed else x * x
+  groups = x.size // 16
+  assert flagged(x, np.float32(1 / np.abs(x).max())) < 0.02 * groups
