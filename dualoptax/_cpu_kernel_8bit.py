@@ -165,21 +165,20 @@ def encoder_segments(signed: bool) -> dict[str, np.ndarray]:
     exponent modulo 32.
   """
   thresholds = _q._magnitude_thresholds_np(signed)  # pylint: disable=protected-access
-  sizes = _q._decade_sizes(signed)  # pylint: disable=protected-access
-  first = [0, 1]  # index among the non-negative codes of each segment's first code
-  for n in sizes:
-    first.append(first[-1] + n)
+  # The XLA encoder's per-decade slope s, offset o and first/last positive-code
+  # index (0 for the smallest positive code); the magnitude index counts zero too.
+  decades = _q._encoder_constants(signed)  # pylint: disable=protected-access
   offset = float(_zero_code(signed))
+  one = decades[-1][3] + 2  # magnitude index of 1.0
   a_s, b_s, z_s = (np.zeros(16, np.float64) for _ in range(3))
-  for s in range(16):
-    if 1 <= s <= len(sizes):
-      d, n = s - 1, sizes[s - 1]
-      a_s[s] = 10.0 ** (6 - d) * n / 0.9
-      b_s[s] = first[s] + offset - 0.1 * n / 0.9
-      z_s[s] = first[s] + n - 1 + offset + 0.5
-    else:
-      b_s[s] = z_s[s] = (0 if s == 0 else first[-1]) + offset + 0.5
-  edges = thresholds[[f - 1 for f in first[1:]]].astype(np.float64)
+  b_s[:] = z_s[:] = one + offset + 0.5  # 1.0 (and the unused entries)
+  b_s[0] = z_s[0] = offset + 0.5  # zero
+  for s, (slope, shift, lo, hi) in enumerate(decades, start=1):
+    a_s[s] = slope
+    b_s[s] = (1 + lo) + offset - shift
+    z_s[s] = (1 + hi) + offset + 0.5
+  edges = thresholds[[int(lo) for _, _, lo, _ in decades] + [int(one) - 1]].astype(
+      np.float64)
   th = np.full(32, np.inf, np.float32)
   slo = np.zeros(32, np.int32)
   if not edges[0] > 2.0 ** (_TINY_EXPONENT - 126):
@@ -194,6 +193,18 @@ def encoder_segments(signed: bool) -> dict[str, np.ndarray]:
       th[exponent % 32] = inside[0]
   return dict(A=a_s.astype(np.float32), B=b_s.astype(np.float32),
               Z=z_s.astype(np.float32), th=th, slo=slo)
+
+
+def _broadcast(builder, scalar, vector_type):
+  """LLVM IR (inside an intrinsic's codegen): ``vector_type`` with ``scalar`` in every
+  lane."""
+  from llvmlite import ir  # pylint: disable=import-outside-toplevel
+  i32 = ir.IntType(32)
+  lane0 = builder.insert_element(ir.Constant(vector_type, None), scalar,
+                                 ir.Constant(i32, 0))
+  return builder.shuffle_vector(
+      lane0, lane0, ir.Constant(ir.VectorType(i32, vector_type.count),
+                                [0] * vector_type.count))
 
 
 @functools.lru_cache(maxsize=None)
@@ -233,10 +244,8 @@ def _avx512_encode16(signed: bool):
       fma = declare("llvm.fma.v16f32", floats, floats, floats, floats)
       vmax = declare("llvm.x86.avx512.max.ps.512", floats, floats, floats, i32)
       vmin = declare("llvm.x86.avx512.min.ps.512", floats, floats, floats, i32)
-      scale = builder.insert_element(ir.Constant(floats, None), inv, ir.Constant(i32, 0))
-      scale = builder.shuffle_vector(scale, scale, splat_i(0))
       y = builder.fmul(builder.load(builder.inttoptr(src, floats.as_pointer()),
-                                    align=4), scale)
+                                    align=4), _broadcast(builder, inv, floats))
       tiny = splat_f(2.0 ** (_TINY_EXPONENT - 127))
       if signed:  # max(|y|, tiny) in one vrangeps (imm 0b1011: max |.|, sign cleared)
         vrange = declare("llvm.x86.avx512.mask.range.ps.512", floats, floats, floats,
@@ -372,10 +381,7 @@ def _vbmi_decode64():
                              ir.VectorType(ir.IntType(16), 64))
       floats = ir.VectorType(ir.FloatType(), 64)
       values = builder.bitcast(builder.shuffle_vector(low, high, interleave), floats)
-      scale = builder.insert_element(ir.Constant(floats, None), absmax, ir.Constant(i32, 0))
-      scale = builder.shuffle_vector(scale, scale, ir.Constant(ir.VectorType(i32, 64),
-                                                               [0] * 64))
-      builder.store(builder.fmul(values, scale),
+      builder.store(builder.fmul(values, _broadcast(builder, absmax, floats)),
                     builder.inttoptr(out, floats.as_pointer()), align=1)
       return context.get_dummy_value()
     return types.void(types.intp, types.intp, types.intp, types.float32), codegen
