@@ -7,11 +7,10 @@ hits both alike. Prints medians and ratios; see benchmarks/RESULTS.md.
 Three kinds of step: "update" takes the gradients as a (non-donated) jit argument, as
 the issue specifies; "update, grads donated" donates them too (as when they come from
 a separate jitted gradient function) and returns what occupies their buffers after the
-step — the gradients for optax.adamw, the update for dualoptax, whose CPU kernel
-writes the update over the first gradient — so that JAX can use the donation; "train
+step — the gradients for optax.adamw, the update for dualoptax — so that JAX can
+use the donation; "train
 step" computes them inside the jit from a cheap loss ``0.5 * sum((θ - x)**2)``.
-The DualOptim rows run the default implementation (on a single-device CPU process:
-the fused numba kernels) and ``implementation="xla"``. "faults/step" counts the
+"faults/step" counts the
 process's minor page faults per timed step: XLA:CPU maps a large temporary afresh on
 every execution, and touching it page by page costs more than the copy itself on a
 virtual machine. Setting ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc >= 2.35,
@@ -88,8 +87,7 @@ def bench(cases, params, reps, kind="update"):
     step = make_step(tx, wrap, kind)
     p = jax.tree.map(jnp.copy, params)
     s = tx.init(p)
-    # Tracing builds any numba kernel variant (once per process; reported apart),
-    # so the compile time below is XLA's alone.
+    # A first trace, reported apart, so that the compile time below is XLA's.
     t0 = time.perf_counter()
     jax.make_jaxpr(step)(p, s, grads)
     build_s = time.perf_counter() - t0
@@ -98,8 +96,7 @@ def bench(cases, params, reps, kind="update"):
     compile_s = time.perf_counter() - t0
     temp_mb = compiled.memory_analysis().temp_size_in_bytes / 2**20
     if build_s > 0.5:
-      print(f"  ({name}: first trace {build_s:.1f} s: tracing, and building any CPU "
-            "kernel variant not yet built in this process)")
+      print(f"  ({name}: first trace {build_s:.1f} s)")
     g = fresh() if kind == "donated" else grads
     p, s = compiled(p, s, g)[:2]  # warm-up
     jax.block_until_ready(p)
@@ -139,26 +136,18 @@ def main():
       "dual_optim_plus": (dualoptax.dual_optim_plus(1e-3, weight_decay=0.01), forget),
       "dual_optim_plus(skip_nonfinite=False)": (dualoptax.dual_optim_plus(
           1e-3, weight_decay=0.01, skip_nonfinite=False), forget),
-      "dual_optim_plus(implementation='xla')": (dualoptax.dual_optim_plus(
-          1e-3, weight_decay=0.01, implementation="xla"), forget),
       "dual_optim": (dualoptax.dual_optim(1e-3, weight_decay=0.01), forget),
-      "dual_optim(implementation='xla')": (dualoptax.dual_optim(
-          1e-3, weight_decay=0.01, implementation="xla"), forget),
   }
   cases["quantize_state(optax.adamw)"] = (
       dualoptax.quantize_state(optax.adamw(1e-3, weight_decay=0.01)), same)
   cases["dual_optim_plus_8bit"] = (
       dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.01), forget)
-  cases["dual_optim_plus_8bit(implementation='xla')"] = (
-      dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.01,
-                                     implementation="xla"), forget)
   print(f"jax {jax.__version__}, optax {optax.__version__}, backend "
         f"{jax.default_backend()}, device {jax.devices()[0].device_kind}, "
         f"{jax.device_count()} device(s), GLIBC_TUNABLES="
         f"{os.environ.get('GLIBC_TUNABLES', '(unset)')}")
   train_cases = {k: v for k, v in cases.items()
                  if k in ("optax.adamw", "dual_optim_plus",
-                          "dual_optim_plus(implementation='xla')",
                           "dual_optim_plus_8bit")}
   donated_cases = {k: v for k, v in cases.items()
                    if k in ("optax.adamw", "dual_optim_plus",

@@ -1,12 +1,13 @@
 """dualoptax: DualOptim+ for JAX and optax."""
 
-# --- core (issue 2) ---
-from dualoptax._engine import DeltaState
+# The optimizers.
+from dualoptax._engine import AdamMoments, DeltaState
 from dualoptax.diagnostics import bridging_stats
 from dualoptax.dual_optim import DualOptimState, dual_optim
 from dualoptax.dual_optim_plus import (
     DualOptimPlusState,
     dual_optim_plus,
+    dual_optim_plus_8bit,
     scale_by_dual_optim_plus,
 )
 from dualoptax.schedules import alternating_index, switch_objective
@@ -17,20 +18,21 @@ from dualoptax.wrappers import (
     per_objective,
 )
 
-# --- 8-bit state (issue 3) ---
+# 8-bit state.
 from dualoptax.quantization import (
     QuantizedArray,
     dequantize_blockwise,
     dynamic_code_map,
     quantize_blockwise,
 )
-from dualoptax.quantized_state import (
-    dual_optim_plus_8bit,
-    quantize_state,
-    state_nbytes,
-)
+from dualoptax.quantized_state import quantize_state, state_nbytes
 
-# --- unlearning (issue 4) ---
+# Unlearning losses and metrics.
 from dualoptax import unlearning
 
 __version__ = "0.1.0"
+
+# --- multi-task learning (issue 14) ---
+from dualoptax.cagrad import CAGradState, cagrad
+from dualoptax.mgda import MGDAState, mgda
+from dualoptax.pcgrad import PCGradState, pcgrad

@@ -1,7 +1,8 @@
 r"""DualOptim: one Adam state per objective (the baseline DualOptim+ improves on).
 
-SPEC §2: separate ``m_k, v_k`` and counters per objective, no shared base. It uses the
-same calling convention as :func:`dualoptax.dual_optim_plus`, so the two can be swapped.
+Separate ``m_k, v_k`` and counters per objective, no shared base
+(``docs/algorithm.md``, section 2). It uses the same calling convention as
+:func:`dualoptax.dual_optim_plus`, so the two can be swapped.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import optax
 
 from dualoptax import _engine
 from dualoptax import _objectives
-from dualoptax._engine import DeltaState
+from dualoptax._engine import AdamMoments
 from dualoptax.dual_optim_plus import DEFAULT_OBJECTIVES
 
 
@@ -23,11 +24,11 @@ class DualOptimState(NamedTuple):
 
   Attributes:
     count: calls taken (int32); learning-rate schedules are evaluated at it.
-    deltas: ``{objective: DeltaState}``, each a plain Adam state (``nu >= 0``).
+    deltas: ``{objective: AdamMoments}``, each a plain Adam state (``nu >= 0``).
     skipped: calls skipped because a gradient held NaN or Inf (int32).
   """
   count: jax.Array
-  deltas: dict[str, DeltaState]
+  deltas: dict[str, AdamMoments]
   skipped: jax.Array
 
 
@@ -41,7 +42,6 @@ def dual_optim(
     weight_decay: float = 0.0,
     mask: _objectives.MaskOrFn = None,
     skip_nonfinite: bool = True,
-    implementation: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""DualOptim: decoupled Adam states, one per objective.
 
@@ -65,8 +65,6 @@ def dual_optim(
     weight_decay: decoupled weight decay (>= 0), scaled by each objective's lr.
     mask: weight-decay mask as in ``optax.adamw``.
     skip_nonfinite: skip (and count) calls whose gradients hold NaN or Inf.
-    implementation: ``None`` (auto), ``"xla"`` or ``"cpu_kernel"``; see
-      :func:`dualoptax.scale_by_dual_optim_plus`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with :class:`DualOptimState`.
@@ -85,13 +83,13 @@ def dual_optim(
   objectives = _objectives.check_hyperparameters(
       objectives, dict(b1=b1, b2=b2), eps, weight_decay)
   lrs = _objectives.resolve_learning_rates(learning_rate, objectives)
-  implementation = _engine.check_implementation(implementation)
   hyper = _engine.Hyper(b1, b2, None, None, eps, stable=False)
 
   def init_fn(params):
     return DualOptimState(
         count=jnp.zeros([], jnp.int32),
-        deltas=_engine.init_deltas(params, objectives, None, None),
+        deltas=_engine.init_deltas(params, objectives, None, None,
+                                  _engine.AdamMoments),
         skipped=jnp.zeros([], jnp.int32),
     )
 
@@ -101,9 +99,9 @@ def dual_optim(
     present, flags, finite = _engine.prepare_call(
         grads, objectives, reference, params, weight_decay, mask, skip_nonfinite)
     coefficients = {k: -_objectives.evaluate(lrs[k], state.count) for k in present}
-    updates, deltas, _, count, finite = _engine.run_step(
-        implementation, present, state.deltas, None, state.count, params,
-        coefficients, weight_decay, flags, hyper, finite)
+    updates, deltas, _, count = _engine.run_step(
+        present, state.deltas, None, state.count, params, coefficients,
+        weight_decay, flags, hyper, finite)
     return updates, DualOptimState(count, {**state.deltas, **deltas},
                                    _engine.count_skipped(state.skipped, finite))
 

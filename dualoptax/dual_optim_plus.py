@@ -1,6 +1,8 @@
 r"""DualOptim+: a shared base state plus one delta state per objective.
 
-See ``../shared/SPEC.md`` §1 (the authority) and :func:`scale_by_dual_optim_plus`.
+The math is in ``docs/algorithm.md`` (section 1) and
+:func:`scale_by_dual_optim_plus`; :func:`dual_optim_plus` is the alias with
+learning rates and weight decay, :func:`dual_optim_plus_8bit` its 8-bit form.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import optax
 
 from dualoptax import _engine
 from dualoptax import _objectives
+from dualoptax import quantized_state
 from dualoptax._engine import DeltaState
 
 DEFAULT_OBJECTIVES = ("forget", "retain")
@@ -36,16 +39,18 @@ class DualOptimPlusState(NamedTuple):
   deltas: dict[str, DeltaState]
   skipped: jax.Array
 
+  # Read by dualoptax.quantize_state: v_B >= 0 takes the unsigned code map.
+  nonnegative_fields = frozenset({"base_nu"})
+
 
 def _dual_optim_plus_transform(
     coefficients_fn, weight_decay, mask, objectives, b1, b2, base_b1, base_b2, eps,
-    stable, mu_dtype, nu_dtype, skip_nonfinite, implementation,
+    stable, mu_dtype, nu_dtype, skip_nonfinite,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds the transformation ``Δθ = Σ_k c_k(T) (u_k + wd·θ)``."""
   objectives = _objectives.check_hyperparameters(
       objectives, dict(b1=b1, b2=b2, base_b1=base_b1, base_b2=base_b2), eps,
       weight_decay)
-  implementation = _engine.check_implementation(implementation)
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
   nu_dtype = None if nu_dtype is None else jnp.dtype(nu_dtype)
   hyper = _engine.Hyper(b1, b2, base_b1, base_b2, eps, stable)
@@ -61,16 +66,14 @@ def _dual_optim_plus_transform(
 
   def update_fn(grads, state, params=None, **extra_args):
     del extra_args
-    # The reference is params-shaped even when dual_optim_plus_8bit's fused route
-    # passes 8-bit moments straight through (QuantizedArray leaves).
     present, flags, finite = _engine.prepare_call(
-        grads, objectives, _engine.shape_reference(state.base_mu), params,
+        grads, objectives, state.base_mu, params,
         weight_decay, mask, skip_nonfinite)
     coefficients = coefficients_fn(present, state.count)
-    updates, deltas, (base_mu, base_nu), count, finite = _engine.run_step(
-        implementation, present, state.deltas,
-        (state.base_mu, state.base_nu, state.count), state.count, params,
-        coefficients, weight_decay, flags, hyper, finite)
+    updates, deltas, (base_mu, base_nu), count = _engine.run_step(
+        present, state.deltas,
+        _engine.Base(state.base_mu, state.base_nu, state.count), state.count,
+        params, coefficients, weight_decay, flags, hyper, finite)
     return updates, DualOptimPlusState(
         count, base_mu, base_nu, {**state.deltas, **deltas},
         _engine.count_skipped(state.skipped, finite))
@@ -90,7 +93,6 @@ def scale_by_dual_optim_plus(
     mu_dtype: Optional[chex.ArrayDType] = None,
     nu_dtype: Optional[chex.ArrayDType] = None,
     skip_nonfinite: bool = True,
-    implementation: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales per-objective gradients with DualOptim+'s base and delta moments.
 
@@ -118,7 +120,7 @@ def scale_by_dual_optim_plus(
   :math:`\max(s_k, n_k^2)`: a second moment can never be below the squared mean, so
   :math:`|u_k| < 1` and elements whose estimate is consistent are untouched. The
   published rule (``stable=False``) can take steps of thousands × lr when
-  :math:`s_k` cancels to ~0 (SPEC §1, "Known hazard").
+  :math:`s_k` cancels to ~0 (``docs/algorithm.md``, "The stable bound").
 
   Args:
     objectives: names of the objectives (default ``("forget", "retain")``).
@@ -133,12 +135,6 @@ def scale_by_dual_optim_plus(
     skip_nonfinite: when any present gradient holds NaN or Inf, skip the call
       (zero update, every moment and count unchanged) and count it in
       ``state.skipped``. On sharded params the check costs one scalar all-reduce.
-    implementation: ``"xla"`` (element-wise JAX, fused by XLA), ``"cpu_kernel"``
-      (a single-pass numba kernel called through XLA's FFI; needs
-      ``dualoptax[cpu]``, CPU only, not differentiable), or ``None`` (default):
-      the kernel where it applies — CPU backend, one device, numba installed,
-      float32/float64 throughout — and XLA elsewhere. Both compute the same math;
-      results agree to rounding.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is
@@ -157,8 +153,7 @@ def scale_by_dual_optim_plus(
   """
   return _dual_optim_plus_transform(
       lambda present, count: {k: 1.0 for k in present}, 0.0, None, objectives,
-      b1, b2, base_b1, base_b2, eps, stable, mu_dtype, nu_dtype, skip_nonfinite,
-      implementation)
+      b1, b2, base_b1, base_b2, eps, stable, mu_dtype, nu_dtype, skip_nonfinite)
 
 
 def dual_optim_plus(
@@ -176,7 +171,6 @@ def dual_optim_plus(
     mu_dtype: Optional[chex.ArrayDType] = None,
     nu_dtype: Optional[chex.ArrayDType] = None,
     skip_nonfinite: bool = True,
-    implementation: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""DualOptim+ with per-objective learning rates and decoupled weight decay.
 
@@ -189,7 +183,7 @@ def dual_optim_plus(
   with :math:`u_k` from :func:`scale_by_dual_optim_plus`, :math:`\eta_k` the
   objective's learning rate evaluated at the base count *before* the call (step 0
   first, as optax schedules are) and :math:`\lambda` the weight decay, which scales
-  with each objective's own learning rate (AdamW-style, SPEC step 6). Several
+  with each objective's own learning rate (AdamW-style). Several
   objectives in one call each contribute their own term.
 
   Args:
@@ -206,8 +200,6 @@ def dual_optim_plus(
       reproduces the published rule exactly.
     mu_dtype, nu_dtype: storage dtypes of first/second moments (default: params').
     skip_nonfinite: skip (and count) calls whose gradients hold NaN or Inf.
-    implementation: ``None`` (auto), ``"xla"`` or ``"cpu_kernel"``; see
-      :func:`scale_by_dual_optim_plus`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with :class:`DualOptimPlusState`.
@@ -233,4 +225,124 @@ def dual_optim_plus(
 
   return _dual_optim_plus_transform(
       coefficients, weight_decay, mask, objectives, b1, b2, base_b1, base_b2, eps,
-      stable, mu_dtype, nu_dtype, skip_nonfinite, implementation)
+      stable, mu_dtype, nu_dtype, skip_nonfinite)
+
+
+def _skip_nonfinite(
+    tx: optax.GradientTransformationExtraArgs, objectives: tuple[str, ...]
+) -> optax.GradientTransformationExtraArgs:
+  """Skips (and counts in ``state.skipped``) calls with NaN or Inf gradients.
+
+  The check runs once over every present gradient, outside ``tx``, so ``tx``
+  stays element-wise per leaf; a skipped call leaves the whole state, 8-bit
+  codes included, exactly as it was.
+  """
+
+  def update_fn(grads, state, params=None, **extra_args):
+    present = _objectives.present_gradients(
+        grads, objectives, quantized_state.shape_tree(state.base_mu))
+    finite = _objectives.all_finite(list(present.values()))
+
+    def step():
+      return tx.update(grads, state, params, **extra_args)
+
+    def skip():
+      first = next(iter(present.values()))
+      zeros = jax.tree.map(
+          lambda g, p: jnp.zeros(jnp.shape(g), jnp.result_type(p)), first,
+          first if params is None else params)
+      return zeros, state._replace(
+          skipped=optax.safe_increment(state.skipped))
+
+    return jax.lax.cond(finite, step, skip)
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
+def dual_optim_plus_8bit(
+    learning_rate: _objectives.LearningRate,
+    *,
+    quantize_base: bool = True,
+    quantize_delta: bool = True,
+    block_size: int = 256,
+    min_size: int = 4096,
+    exclude: quantized_state.Exclude = (),
+    chunk_size: Optional[int] = quantized_state.DEFAULT_CHUNK_SIZE,
+    skip_nonfinite: bool = True,
+    **kwargs,
+) -> optax.GradientTransformationExtraArgs:
+  r"""DualOptim+ with 8-bit moments (the release's three 8-bit variants).
+
+  :func:`dual_optim_plus` with its state kept by :func:`dualoptax.quantize_state`:
+  the base moments :math:`m_B` (signed code map) and :math:`v_B` (unsigned map,
+  it is non-negative) when ``quantize_base``, and every objective's delta
+  moments :math:`m_k, v_k` (both signed: :math:`v_k` is a correction that may be
+  negative) when ``quantize_delta``. With both, 2 objectives keep about 6.1
+  bytes per parameter instead of 24.
+
+  Each step decodes, steps and re-encodes the moments one chunk of at most
+  ``chunk_size`` values of a leaf at a time, leaf after leaf, so the step's
+  temporary memory is bounded by the chunk, not the model. The non-finite
+  check runs before, over all gradients at once; a skipped call keeps every
+  code as it was.
+
+  The stable denominator (``stable=True``, the default) matters more here than
+  in float32: quantization error of :math:`v_B` and :math:`v_k` (about 1% of a
+  block's absmax) can cancel in :math:`\hat v_k + \hat v_B`.
+
+  Args:
+    learning_rate: as :func:`dual_optim_plus`.
+    quantize_base: store the base moments in 8 bits.
+    quantize_delta: store the per-objective delta moments in 8 bits.
+    block_size: values per block (a positive power of two).
+    min_size: leaves with fewer elements stay float32.
+    exclude: parameters whose moments stay float32 (see
+      :func:`dualoptax.quantize_state`).
+    chunk_size: most values of a leaf decoded at once (None: whole leaves).
+    skip_nonfinite: skip (and count) calls whose gradients hold NaN or Inf.
+    **kwargs: every other keyword argument of :func:`dual_optim_plus`
+      (``objectives, b1, b2, base_b1, base_b2, eps, weight_decay, mask, stable,
+      mu_dtype, nu_dtype``).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`DualOptimPlusState` with :class:`~dualoptax.QuantizedArray` moments.
+
+  Examples:
+    >>> import jax.numpy as jnp, dualoptax
+    >>> tx = dualoptax.dual_optim_plus_8bit(1e-3, quantize_delta=False)
+    >>> state = tx.init({"w": jnp.zeros((64, 256))})
+    >>> type(state.base_nu["w"]).__name__
+    'QuantizedArray'
+    >>> type(state.deltas["forget"].mu["w"]).__name__
+    'ArrayImpl'
+  """
+  for name, value in (("quantize_base", quantize_base),
+                      ("quantize_delta", quantize_delta),
+                      ("skip_nonfinite", skip_nonfinite)):
+    if not isinstance(value, bool):
+      raise ValueError(f"{name} must be a bool, got {value!r}")
+  if "skip_nonfinite" in kwargs:
+    raise TypeError("skip_nonfinite was given twice")
+  inner = dual_optim_plus(learning_rate, skip_nonfinite=False, **kwargs)
+  groups = tuple(g for g, on in (("base", quantize_base),
+                                 ("delta", quantize_delta)) if on)
+
+  def select(path: str, leaf) -> bool:
+    del leaf
+    group = "base" if path.startswith((".base_mu", ".base_nu")) else (
+        "delta" if path.startswith(".deltas") else None)
+    return group in groups
+
+  def signed(path: str, leaf) -> bool:
+    del leaf
+    return not path.startswith(".base_nu")  # v_B >= 0; v_k is signed
+
+  tx = quantized_state.quantize_state(
+      inner, block_size=block_size, min_size=min_size, exclude=exclude,
+      signed=signed, select=select, chunk_size=chunk_size)
+  if not skip_nonfinite:
+    return tx
+  objectives = _objectives.check_objectives(
+      kwargs.get("objectives", DEFAULT_OBJECTIVES))
+  return _skip_nonfinite(tx, objectives)

@@ -1,4 +1,4 @@
-r"""8-bit optimizer state for any optax transformation, and DualOptim+ 8bit.
+r"""8-bit optimizer state for any optax transformation.
 
 :func:`quantize_state` wraps an optax ``GradientTransformation`` so that its large
 floating-point state leaves live as block-wise 8-bit :class:`QuantizedArray` between
@@ -11,14 +11,14 @@ steps. Every update, inside the caller's ``jit``:
   (c', a') \xleftarrow{\text{encode}} s'
 
 with the per-block ``absmax`` recomputed from :math:`s'` (bitsandbytes' scheme, no
-stochastic rounding). Leaves the inner transformation returns unchanged (the moments of
-an objective absent from a DualOptim+ call) keep their codes as they are, so an idle
-state does not drift.
+stochastic rounding), one bounded chunk at a time (``dualoptax._chunked``). Leaves
+the inner transformation returns unchanged (the moments of an objective absent from
+a DualOptim+ call) keep their codes as they are, so an idle state does not drift.
+The format is described in ``docs/algorithm.md`` (section 3).
 """
 
 from __future__ import annotations
 
-import collections.abc
 import math
 import warnings
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
@@ -28,28 +28,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dualoptax import _chunked
 from dualoptax import quantization as _q
 from dualoptax.quantization import QuantizedArray
 
-__all__ = ["quantize_state", "dual_optim_plus_8bit", "state_nbytes"]
+__all__ = ["quantize_state", "state_nbytes"]
 
-_SignedOverride = Union[None, bool, Callable[[str, Any], Optional[bool]]]
-_Exclude = Union[Sequence[str], Callable[[Any], Any], None]
+SignedOverride = Union[None, bool, Callable[[str, Any], Optional[bool]]]
+Exclude = Union[Sequence[str], Callable[[Any], Any], None]
 
 
 # ---------------------------------------------------------------------------
-# Which state leaves are non-negative (unsigned map) — from the state's types.
+# Which state leaves are non-negative (unsigned map): optax's second moments.
 # ---------------------------------------------------------------------------
 class _Tag(NamedTuple):
-  """What the state's structure says about one leaf (a Python leaf, not a pytree)."""
-  nonneg: bool  # the leaf is a second moment, never negative
-  group: Optional[str]  # "base" / "delta" inside a DualOptim(+) state, else None
-
-
-class _Ctx(NamedTuple):
-  nonneg: bool = False
-  nonneg_fields: frozenset = frozenset()  # fields that are >= 0 in NamedTuples below
-  group: Optional[str] = None
+  """What the state's types say about one leaf (a Python leaf, not a pytree)."""
+  nonneg: bool  # a second moment of optax's, never negative
 
 
 def _optax_nonneg_fields() -> dict[type, frozenset]:
@@ -74,45 +68,23 @@ def _optax_nonneg_fields() -> dict[type, frozenset]:
 _NONNEG_FIELDS = _optax_nonneg_fields()
 
 
-def _dualoptax_rules(node) -> Optional[dict[str, _Ctx]]:
-  """Per-field contexts for dualoptax's own states (imported lazily: no cycle)."""
-  from dualoptax.dual_optim import DualOptimState  # pylint: disable=g-import-not-at-top
-  from dualoptax.dual_optim_plus import DualOptimPlusState  # pylint: disable=g-import-not-at-top
-  if isinstance(node, DualOptimPlusState):
-    # Base second moment >= 0; the deltas' second moments are signed corrections.
-    return {"base_mu": _Ctx(group="base"), "base_nu": _Ctx(True, group="base"),
-            "deltas": _Ctx(group="delta")}
-  if isinstance(node, DualOptimState):
-    # One plain Adam per objective: every delta ``nu`` is >= 0.
-    return {"deltas": _Ctx(nonneg_fields=frozenset({"nu"}), group="delta")}
-  return None
-
-
 def _is_namedtuple(x) -> bool:
   return isinstance(x, tuple) and hasattr(type(x), "_fields")
 
 
-def _tag_state(node, ctx: _Ctx = _Ctx()):
+def _tag_state(node, ctx: bool = False):
   """A tree shaped like ``node`` whose leaves are :class:`_Tag`."""
   if node is None:
     return None
   if _is_namedtuple(node):
-    rules = _dualoptax_rules(node)
-    nonneg_fields = _NONNEG_FIELDS.get(type(node), frozenset()) | ctx.nonneg_fields
-    children = []
-    for field in node._fields:
-      if rules is not None and field in rules:
-        sub = rules[field]
-        child_ctx = _Ctx(ctx.nonneg or sub.nonneg,
-                         ctx.nonneg_fields | sub.nonneg_fields, sub.group or ctx.group)
-      else:
-        child_ctx = _Ctx(ctx.nonneg or field in nonneg_fields, ctx.nonneg_fields,
-                         ctx.group)
-      children.append(_tag_state(getattr(node, field), child_ctx))
-    return type(node)(*children)
+    nonneg_fields = _NONNEG_FIELDS.get(type(node)) or frozenset(
+        getattr(type(node), "nonnegative_fields", ()))
+    return type(node)(*(
+        _tag_state(getattr(node, field), ctx or field in nonneg_fields)
+        for field in node._fields))
   children, treedef = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
   if treedef.num_nodes == 1 and treedef.num_leaves == 1:  # a leaf
-    return _Tag(ctx.nonneg, ctx.group)
+    return _Tag(ctx)
   return treedef.unflatten([_tag_state(c, ctx) for c in children])
 
 
@@ -139,7 +111,7 @@ def _contains(path: tuple[str, ...], part: tuple[str, ...]) -> bool:
   return any(path[i:i + n] == part for i in range(len(path) - n + 1))
 
 
-def _excluded_param_paths(exclude: _Exclude, params) -> list[tuple[tuple[str, ...], tuple]]:
+def _excluded_param_paths(exclude: Exclude, params) -> list[tuple[tuple[str, ...], tuple]]:
   """``[(param path names, shape)]`` of the parameters whose state stays unquantized."""
   if exclude is None:
     return []
@@ -216,11 +188,24 @@ def _place(q: QuantizedArray, sharding) -> QuantizedArray:
 # ---------------------------------------------------------------------------
 # The wrapper.
 # ---------------------------------------------------------------------------
+DEFAULT_CHUNK_SIZE = 2**22
+
+
 def _check_min_size(min_size) -> int:
   if (isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer))
       or min_size < 0):
     raise ValueError(f"min_size must be a non-negative int, got {min_size!r}")
   return int(min_size)
+
+
+def _check_chunk_size(chunk_size) -> Optional[int]:
+  if chunk_size is None:
+    return None
+  if (isinstance(chunk_size, bool)
+      or not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0):
+    raise ValueError(
+        f"chunk_size must be a positive int or None, got {chunk_size!r}")
+  return int(chunk_size)
 
 
 def _is_q(x) -> bool:
@@ -232,22 +217,121 @@ def _requantize(x: jax.Array, like: QuantizedArray) -> QuantizedArray:
       x, like.signed, like.block_size, like.pad)
 
 
-def _quantize_state(
+def quantize_state(
     inner: optax.GradientTransformation,
     *,
-    block_size: int,
-    min_size: int,
-    exclude: _Exclude,
-    signed: _SignedOverride,
-    select: Optional[Callable[[_Tag], bool]] = None,
+    block_size: int = 256,
+    min_size: int = 4096,
+    exclude: Exclude = (),
+    signed: SignedOverride = None,
+    select: Optional[Callable[[str, Any], bool]] = None,
+    chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
 ) -> optax.GradientTransformationExtraArgs:
+  r"""Keeps the floating-point state of ``inner`` in 8 bits between steps.
+
+  Each floating state leaf with at least ``min_size`` elements is stored as a
+  :class:`~dualoptax.QuantizedArray`: blocks of ``block_size`` values along the
+  last axis, one float32 absmax and 256-level dynamic codes (bitsandbytes' map,
+  exact nearest encoding). Each update decodes, runs ``inner.update`` in the
+  leaf's own dtype and re-encodes with fresh absmax values:
+
+  .. math::
+
+    \hat s = \mathrm{code\_map}[c] \cdot a, \quad
+    (u, s') = \mathrm{inner}(g, \hat s), \quad
+    a' = \max_{\text{block}} |s'|, \quad
+    c' = \operatorname{nearest}(s' / a').
+
+  **Bounded step memory.** With ``chunk_size`` set (the default), the update is
+  traced once and split by what depends on what: each parameter's gradients,
+  state and update form a group. A group whose math is element-wise (Adam,
+  AdamW, Lion, SGD with momentum, DualOptim(+), schedules,
+  ``inject_hyperparams``, weight decay masks, ...) runs on its own, one group
+  after the other, and a large one in strided chunks of rows of at most
+  ``chunk_size`` values (a ``lax.fori_loop`` that decodes a chunk, steps it,
+  re-encodes it and writes codes and absmax back in place). At most one chunk
+  of decoded moments exists at any time, on every backend. Codes, absmax and
+  updates are exactly those of a whole-array step. Math that is not
+  element-wise per leaf — a global-norm clip or finiteness check inside
+  ``inner``, per-leaf norms (LAMB, LARS), control flow — stays correct: those
+  leaves are decoded whole each step, with a warning. Put such transformations
+  outside (``optax.chain(optax.clip_by_global_norm(1.0),
+  quantize_state(optax.adam(1e-3)))``) to keep the bound. ``chunk_size=None``
+  decodes the whole state at once. 1-d leaves are never split.
+
+  Leaves the inner update returns unchanged (the moments of an objective absent
+  from a DualOptim+ call) keep their codes as they are.
+
+  What stays as it is: integer and boolean leaves (counters), 0-d leaves,
+  leaves with fewer than ``min_size`` elements, the state of parameters named
+  in ``exclude``, leaves ``select`` rejects, and leaves whose shards cannot hold
+  whole blocks (see :func:`dualoptax.quantization.block_layout`; a warning says
+  so).
+
+  The code map is chosen per leaf: unsigned (twice the resolution) for second
+  moments known to be non-negative — optax's ``ScaleByAdamState.nu`` (adam,
+  adamw, nadam, ...), AMSGrad, RMSProp, AdaBelief, AdaDelta, Adagrad, Adan,
+  Adamax, and the fields a state NamedTuple class lists in its class attribute
+  ``nonnegative_fields`` (any library's state can declare them this way;
+  dualoptax's ``AdamMoments.nu`` and ``DualOptimPlusState.base_nu`` do) — and
+  signed for everything else, unless ``signed`` says otherwise.
+
+  Sharding: blocks run along the last axis and never cross a shard. The block
+  length is decided at ``init`` from each leaf's per-shard shape when the state
+  carries a sharding (``init`` called on sharded parameters outside ``jit``);
+  the codes have the parameter's shape and sharding and the absmax
+  ``[..., n / b]`` the same partition spec. Chunks are strided rows whose count
+  keeps every shard of the leading axis whole, so the update adds no
+  collectives.
+
+  Args:
+    inner: any optax ``GradientTransformation`` (with or without extra args),
+      including chains and ``inject_hyperparams``.
+    block_size: values per block, a positive power of two (256 as bitsandbytes).
+    min_size: leaves with fewer elements stay unquantized (bitsandbytes'
+      ``min_8bit_size`` is 4096).
+    exclude: parameters whose state stays at full precision (e.g. embeddings):
+      a sequence of ``"/"``-separated names, each matching every parameter whose
+      key path contains those keys consecutively (``"wte"`` matches
+      ``params/wte/embedding``; a name matching nothing is a ``ValueError``), or
+      a callable ``params -> bool tree`` (True = keep full precision).
+    signed: the code map: ``True``/``False`` for every leaf, or a callable
+      ``(state key path string, leaf) -> bool | None`` (None = the default).
+    select: a callable ``(state key path string, leaf) -> bool``; only leaves
+      it accepts are quantized (default: all).
+    chunk_size: most values of a leaf decoded at once (a positive int), or None
+      to decode the whole state at once.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is ``inner``'s
+    state with quantized leaves replaced by ``QuantizedArray`` pytrees.
+
+  Raises:
+    ValueError: ``block_size`` is not a positive power of two, ``min_size`` is
+      negative, ``chunk_size`` is not positive, or an ``exclude`` name matches
+      no parameter (at ``init``).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, dualoptax
+    >>> tx = dualoptax.quantize_state(optax.adam(1e-3))
+    >>> params = {"w": jnp.zeros((64, 256)), "b": jnp.zeros((256,))}
+    >>> state = tx.init(params)
+    >>> type(state[0].mu["w"]).__name__, type(state[0].mu["b"]).__name__
+    ('QuantizedArray', 'ArrayImpl')
+  """
   block_size = _q._check_block_size(block_size)  # pylint: disable=protected-access
   min_size = _check_min_size(min_size)
+  chunk_size = _check_chunk_size(chunk_size)
   if not (signed is None or isinstance(signed, bool) or callable(signed)):
-    raise ValueError(f"signed must be None, a bool or a callable, got {signed!r}")
-  if not (exclude is None or callable(exclude) or isinstance(exclude, (str, list, tuple))):
     raise ValueError(
-        f"exclude must be a sequence of parameter names or a callable, got {exclude!r}")
+        f"signed must be None, a bool or a callable, got {signed!r}")
+  if select is not None and not callable(select):
+    raise ValueError(f"select must be None or a callable, got {select!r}")
+  if not (exclude is None or callable(exclude)
+          or isinstance(exclude, (str, list, tuple))):
+    raise ValueError(
+        "exclude must be a sequence of parameter names or a callable, got "
+        f"{exclude!r}")
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -267,7 +351,8 @@ def _quantize_state(
     if (not jnp.issubdtype(leaf.dtype, jnp.floating) or leaf.ndim == 0
         or math.prod(leaf.shape) < max(min_size, 1)):
       return leaf
-    if select is not None and not select(tag):
+    key = jax.tree_util.keystr(path)
+    if select is not None and not select(key, leaf):
       return leaf
     names = _path_names(path)
     shape = tuple(leaf.shape)
@@ -277,7 +362,7 @@ def _quantize_state(
     if isinstance(signed, bool):
       is_signed = signed
     elif callable(signed):
-      choice = signed(jax.tree_util.keystr(path), leaf)
+      choice = signed(key, leaf)
       if choice is not None:
         is_signed = bool(choice)
     sharding = _leaf_sharding(leaf)
@@ -285,225 +370,76 @@ def _quantize_state(
     layout = _q.block_layout(shape, block_size, local)
     if layout is None:
       warnings.warn(
-          f"quantize_state: state leaf {jax.tree_util.keystr(path)} of shape {shape} "
-          f"keeps {leaf.dtype}: its shards (last axis {local}) cannot hold whole "
+          f"quantize_state: state leaf {key} of shape {shape} keeps "
+          f"{leaf.dtype}: its shards (last axis {local}) cannot hold whole "
           f"blocks of {block_size} without a collective.", stacklevel=3)
       return leaf
     q = _q._quantize_with_layout(jnp.asarray(leaf), is_signed, *layout)  # pylint: disable=protected-access
     return _place(q, sharding)
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def whole_update(updates, state, params, extra_args):
     leaves, treedef = jax.tree.flatten(state, is_leaf=_is_q)
     decoded = [_q.dequantize_blockwise(x) if _is_q(x) else x for x in leaves]
-    inner_state = treedef.unflatten(decoded)
-    updates, new_inner = inner.update(updates, inner_state, params, **extra_args)
-    new_leaves, new_treedef = jax.tree.flatten(new_inner)
-    if new_treedef != jax.tree.structure(inner_state):
-      raise ValueError(
-          "quantize_state: the inner transformation changed its state structure "
-          f"from {jax.tree.structure(inner_state)} to {new_treedef}")
-    def requantized():
-      out = []
-      for old, dec, new in zip(leaves, decoded, new_leaves):
-        if not _is_q(old):
-          out.append(new)
-        elif new is dec:
-          out.append(old)  # untouched by this call: keep the codes (no drift)
-        else:
-          out.append(_requantize(new, old))
-      return out
-
-    skipped = _skipped_now(state, new_inner)
-    if skipped is None:
-      return updates, treedef.unflatten(requantized())
-    # A dualoptax state that skipped a non-finite call is unchanged: keep every code
-    # as it was (re-encoding the decoded moments would shift some by one code).
-    kept = [new if not _is_q(old) else old for old, new in zip(leaves, new_leaves)]
-    out = jax.lax.cond(skipped, lambda: kept, requantized)
+    updates, new_inner = inner.update(updates, treedef.unflatten(decoded),
+                                      params, **extra_args)
+    new_leaves = _state_leaves(new_inner, treedef)
+    out = []
+    for old, dec, new in zip(leaves, decoded, new_leaves):
+      if not _is_q(old):
+        out.append(new)
+      elif new is dec:
+        out.append(old)  # untouched by this call: keep the codes (no drift)
+      else:
+        out.append(_requantize(new, old))
     return updates, treedef.unflatten(out)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    st_leaves, st_def = jax.tree.flatten(state, is_leaf=_is_q)
+    if chunk_size is None or not any(_is_q(x) for x in st_leaves):
+      return whole_update(updates, state, params, extra_args)
+    u_leaves, u_def = jax.tree.flatten(updates)
+    p_leaves, p_def = jax.tree.flatten(params)
+    e_leaves, e_def = jax.tree.flatten(extra_args)
+    n_s, n_u, n_p = len(st_leaves), len(u_leaves), len(p_leaves)
+    out_def = []
+
+    def flat_update(*xs):
+      upd = u_def.unflatten(xs[:n_u])
+      st = st_def.unflatten(xs[n_u:n_u + n_s])
+      prm = p_def.unflatten(xs[n_u + n_s:n_u + n_s + n_p])
+      ext = e_def.unflatten(xs[n_u + n_s + n_p:])
+      new_u, new_s = inner.update(upd, st, prm, **ext)
+      new_u_leaves, u_out_def = jax.tree.flatten(new_u)
+      out_def[:] = [u_out_def]
+      return _state_leaves(new_s, st_def) + new_u_leaves
+
+    paths = [jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_q)[0]]
+    results = _chunked.apply_in_chunks(
+        flat_update, u_leaves + st_leaves + p_leaves + e_leaves,
+        {s: n_u + s for s in range(n_s)}, chunk_size=chunk_size,
+        describe=lambda i: "state" + paths[i - n_u])
+    return out_def[0].unflatten(results[n_s:]), st_def.unflatten(
+        results[:n_s])
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def quantize_state(
-    inner: optax.GradientTransformation,
-    *,
-    block_size: int = 256,
-    min_size: int = 4096,
-    exclude: _Exclude = (),
-    signed: _SignedOverride = None,
-) -> optax.GradientTransformationExtraArgs:
-  r"""Keeps the floating-point state of ``inner`` in 8 bits between steps.
-
-  Each floating state leaf with at least ``min_size`` elements is stored as a
-  :class:`~dualoptax.QuantizedArray`: blocks of ``block_size`` values along the last
-  axis, one float32 absmax and 256-level dynamic codes (bitsandbytes' map, exact
-  nearest encoding). Each update decodes, runs ``inner.update`` in float32 (or the
-  leaf's own dtype) and re-encodes with fresh absmax values:
-
-  .. math::
-
-    \hat s = \mathrm{code\_map}[c] \cdot a, \quad
-    (u, s') = \mathrm{inner}(g, \hat s), \quad
-    a' = \max_{\text{block}} |s'|, \quad
-    c' = \operatorname{nearest}(s' / a').
-
-  What stays as it is: integer and boolean leaves (counters), 0-d leaves, leaves with
-  fewer than ``min_size`` elements, the state of parameters named in ``exclude``, and
-  leaves whose shards cannot hold whole blocks (see
-  :func:`dualoptax.quantization.block_layout`; a warning says so).
-
-  The code map is chosen per leaf from the state's types: unsigned (twice the
-  resolution) for second moments known to be non-negative — optax's
-  ``ScaleByAdamState.nu`` (adam, adamw, nadam, ...), AMSGrad, RMSProp, AdaBelief,
-  AdaDelta, Adagrad, Adan, Adamax, dualoptax's ``DualOptimPlusState.base_nu`` and
-  ``DualOptimState``'s delta ``nu`` — and signed for everything else, including the
-  signed delta second moments of :func:`dualoptax.dual_optim_plus`.
-
-  Sharding: blocks run along the last axis and never cross a shard. The block length
-  is decided at ``init`` from each leaf's per-shard shape when the state carries a
-  sharding (``init`` called on sharded parameters outside ``jit``, or in
-  explicit-sharding mode); the codes then have the parameter's shape and sharding and
-  the absmax ``[..., n / b]`` the same partition spec. The update adds no
-  collectives. If ``init`` runs under ``jit`` on tracers without sharding, the global
-  shape decides, which is collective-free whenever each shard of the last axis is a
-  multiple of ``block_size`` (e.g. 8 shards of 4096 columns).
-
-  Args:
-    inner: any optax ``GradientTransformation`` (with or without extra args),
-      including chains and ``inject_hyperparams``.
-    block_size: values per block, a positive power of two (256 as bitsandbytes).
-    min_size: leaves with fewer elements stay unquantized (bitsandbytes'
-      ``min_8bit_size`` is 4096).
-    exclude: parameters whose state stays at full precision (e.g. embeddings):
-      a sequence of ``"/"``-separated names, each matching every parameter whose
-      key path contains those keys consecutively (``"wte"`` matches
-      ``params/wte/embedding``; a name matching nothing is a ``ValueError``), or a
-      callable ``params -> bool tree`` (True = keep full precision).
-    signed: override of the code map: ``True``/``False`` for every leaf, or a
-      callable ``(state key path string, leaf) -> bool | None`` (None = default).
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose state is ``inner``'s state with
-    quantized leaves replaced by ``QuantizedArray`` pytrees.
-
-  Raises:
-    ValueError: ``block_size`` is not a positive power of two, ``min_size`` is
-      negative, or an ``exclude`` name matches no parameter (at ``init``).
-
-  Examples:
-    >>> import jax.numpy as jnp, optax, dualoptax
-    >>> tx = dualoptax.quantize_state(optax.adam(1e-3))
-    >>> params = {"w": jnp.zeros((64, 256)), "b": jnp.zeros((256,))}
-    >>> state = tx.init(params)
-    >>> type(state[0].mu["w"]).__name__, type(state[0].mu["b"]).__name__
-    ('QuantizedArray', 'ArrayImpl')
-  """
-  return _quantize_state(inner, block_size=block_size, min_size=min_size,
-                         exclude=exclude, signed=signed)
+def _state_leaves(new_inner, treedef) -> list:
+  new_leaves, new_treedef = jax.tree.flatten(new_inner)
+  if new_treedef != treedef:
+    raise ValueError(
+        "quantize_state: the inner transformation changed its state structure "
+        f"from {treedef} to {new_treedef}")
+  return new_leaves
 
 
-def _skipped_now(state, new_inner) -> Optional[jax.Array]:
-  """True where a dualoptax state counted this call as skipped (None: not one)."""
-  if not (hasattr(state, "skipped") and hasattr(new_inner, "skipped")):
-    return None
-  return new_inner.skipped != state.skipped
-
-
-def dual_optim_plus_8bit(
-    learning_rate: Any,
-    *,
-    quantize_base: bool = True,
-    quantize_delta: bool = True,
-    block_size: int = 256,
-    min_size: int = 4096,
-    exclude: _Exclude = (),
-    **kwargs: Any,
-) -> optax.GradientTransformationExtraArgs:
-  r"""DualOptim+ with 8-bit moments (the release's three 8-bit variants).
-
-  :func:`dualoptax.dual_optim_plus` wrapped by :func:`quantize_state`: the base
-  moments :math:`m_B` (signed map) and :math:`v_B` (unsigned map) when
-  ``quantize_base``, and every objective's delta moments :math:`m_k, v_k` (both signed:
-  :math:`v_k` is a correction that may be negative) when ``quantize_delta``. With both,
-  2 objectives keep about 6.09 bytes per parameter instead of 24.
-
-  The stabilized denominator (``stable=True``, the default) matters more here than in
-  float32: quantization error of :math:`v_B` and :math:`v_k` (about 1% of a block's
-  absmax) can cancel in :math:`\hat v_k + \hat v_B`.
-
-  Args:
-    learning_rate: as :func:`dualoptax.dual_optim_plus`.
-    quantize_base: store the base moments in 8 bits.
-    quantize_delta: store the per-objective delta moments in 8 bits.
-    block_size: values per block (positive power of two).
-    min_size: smaller leaves stay float32.
-    exclude: parameters whose moments stay float32 (see :func:`quantize_state`).
-    **kwargs: every other keyword argument of :func:`dualoptax.dual_optim_plus`
-      (``objectives, b1, b2, base_b1, base_b2, eps, weight_decay, mask, stable,
-      mu_dtype, nu_dtype, skip_nonfinite, implementation``). With both groups
-      quantized, ``implementation=None`` runs a fused 8-bit CPU kernel (decode,
-      step and re-encode per block, no float32 moment in memory) where the float
-      kernel would apply and every leaf is float32; ``"xla"`` always wraps the
-      float transformation in :func:`quantize_state`.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs``.
-
-  Examples:
-    >>> import jax.numpy as jnp, dualoptax
-    >>> tx = dualoptax.dual_optim_plus_8bit(1e-3, quantize_delta=False)
-    >>> state = tx.init({"w": jnp.zeros((64, 256))})
-    >>> type(state.base_nu["w"]).__name__, type(state.deltas["forget"].mu["w"]).__name__
-    ('QuantizedArray', 'ArrayImpl')
-  """
-  from dualoptax.dual_optim_plus import dual_optim_plus  # pylint: disable=g-import-not-at-top
-  if not isinstance(quantize_base, bool):
-    raise ValueError(f"quantize_base must be a bool, got {quantize_base!r}")
-  if not isinstance(quantize_delta, bool):
-    raise ValueError(f"quantize_delta must be a bool, got {quantize_delta!r}")
-  inner = dual_optim_plus(learning_rate, **kwargs)
-  groups = {g for g, on in (("base", quantize_base), ("delta", quantize_delta)) if on}
-  generic = _quantize_state(inner, block_size=block_size, min_size=min_size,
-                            exclude=exclude, signed=None,
-                            select=lambda tag: tag.group in groups)
-  implementation = kwargs.get("implementation")
-  if implementation == "xla" or not (quantize_base and quantize_delta):
-    return generic
-
-  def update_fn(updates, state, params=None, **extra_args):
-    fused = lambda: inner.update(updates, state, params, **extra_args)
-    xla = lambda: generic.update(updates, state, params, **extra_args)
-    if implementation == "cpu_kernel":
-      return fused()
-    if not _fused_8bit_applies(updates, state, params):
-      return xla()
-    return jax.lax.platform_dependent(cpu=fused, default=xla)
-
-  return optax.GradientTransformationExtraArgs(generic.init, update_fn)
-
-
-def _fused_8bit_applies(grads, state, params) -> bool:
-  """Whether the fused 8-bit CPU kernel can take this call (see ``_engine.run_step``).
-
-  Every leaf float32 with all its moments quantized, or all float32 arrays; numba
-  installed; one device in the process.
-  """
-  from dualoptax import _cpu_kernel, _engine  # pylint: disable=g-import-not-at-top
-  if not _cpu_kernel.auto_applies():
-    return False
-  if not isinstance(grads, collections.abc.Mapping) or not grads:
-    return False  # let the generic path raise its clear error
-  present = {k: g for k, g in grads.items() if g is not None}
-  if not present or any(k not in state.deltas for k in present):
-    return False
-  try:
-    return _engine.kernel_supported(
-        present, state.deltas, (state.base_mu, state.base_nu, state.count), params,
-        1.0 if params is not None else 0.0, [True] * len(jax.tree.leaves(
-            next(iter(present.values())))))
-  except ValueError:  # structure mismatch: the generic path reports it
-    return False
+def shape_tree(tree: Any) -> Any:
+  """``tree`` with each :class:`QuantizedArray` replaced by the
+  ``jax.ShapeDtypeStruct`` of the array it stands for."""
+  return jax.tree.map(
+      lambda x: (jax.ShapeDtypeStruct(x.shape, jnp.dtype(x.dtype)) if _is_q(x)
+                 else x), tree, is_leaf=_is_q)
 
 
 def state_nbytes(state: Any) -> int:

@@ -1,8 +1,5 @@
 """Test configuration.
 
-Eight simulated CPU devices are requested before JAX starts so that the sharding tests
-can build real meshes; single-device tests are unaffected (they run on device 0).
+The suite runs with the process's own devices (one CPU device by default).
+Tests that need a device mesh start a subprocess with simulated devices.
 """
-import os
-
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")

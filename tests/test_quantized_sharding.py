@@ -1,9 +1,18 @@
-"""8-bit state on a device mesh: the layout keeps the params' sharding, no collectives.
+"""8-bit state on a device mesh: the layout keeps the params' sharding and the
+update needs no collectives.
 
-conftest.py gives 8 simulated CPU devices.
+The checks need 8 devices, and the device count must be set before JAX starts:
+``_check_*`` functions run together in one subprocess with 8 simulated CPU
+devices (this process keeps its single device), and each test reports the
+outcome of one check.
 """
 
+import json
+import os
 import re
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import jax
@@ -16,9 +25,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import dualoptax
 from dualoptax import QuantizedArray
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 _COLLECTIVE = re.compile(
-    r"=\s*([^=]+?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
-    r"(-start)?\(")
+    r"=\s*([^=]+?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all"
+    r"|collective-permute)(-start)?\(")
 
 LAYOUTS = {
     "fsdp_rows": ((8,), ("data",), P("data", None)),
@@ -29,15 +40,15 @@ LAYOUTS = {
 
 def _mesh(layout):
   shape, names, spec = LAYOUTS[layout]
-  if len(jax.devices()) < 8:
-    pytest.skip("needs 8 (simulated) devices; run under tests/conftest.py")
+  assert len(jax.devices()) == 8, "runs in the 8-device subprocess only"
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(shape), names)
   return mesh, NamedSharding(mesh, spec)
 
 
 def _params(sharding, shape=(64, 2048)):
   ps = {"a": jnp.linspace(-1, 1, shape[0] * shape[1]).reshape(shape),
-        "b": jnp.cos(jnp.arange(shape[0] * shape[1], dtype=jnp.float32)).reshape(shape)}
+        "b": jnp.cos(jnp.arange(shape[0] * shape[1],
+                                dtype=jnp.float32)).reshape(shape)}
   return jax.device_put(ps, sharding)
 
 
@@ -50,26 +61,31 @@ def _compiled_step(tx, params, state, multi):
 
 
 def _collectives(compiled):
-  """``[(result type, op)]`` of every collective in the compiled HLO."""
-  return [(m.group(1), m.group(2)) for m in _COLLECTIVE.finditer(compiled.as_text())]
+  """``[(result type, op)]`` of every collective in the compiled HLO.
+
+  Comments go first: long tuple types carry ``/*index=5*/`` markers whose
+  ``=`` would cut the result type short.
+  """
+  text = re.sub(r"/\*.*?\*/", "", compiled.as_text())
+  return [(m.group(1), m.group(2)) for m in _COLLECTIVE.finditer(text)]
 
 
 def _check_state_sharding(state, param_sharding):
-  qs = [x for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, QuantizedArray))
+  is_q = lambda x: isinstance(x, QuantizedArray)
+  qs = [x for x in jax.tree.leaves(state, is_leaf=is_q)
         if isinstance(x, QuantizedArray)]
   assert qs
   spec = tuple(param_sharding.spec)
   for q in qs:
-    # Codes keep the parameter's shape and sharding; absmax [..., n / b] is split
-    # the same way (each shard holds the absmax of its own blocks).
+    # Codes keep the parameter's shape and sharding; absmax [..., n / b] is
+    # split the same way (each shard holds the absmax of its own blocks).
     assert q.codes.sharding.is_equivalent_to(param_sharding, q.codes.ndim)
     assert q.absmax.sharding.is_equivalent_to(
         NamedSharding(param_sharding.mesh, P(*spec)), q.absmax.ndim)
   return qs
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_adam_8bit_update_has_no_collectives(layout):
+def _check_adam_8bit_update_has_no_collectives(layout):
   _, sharding = _mesh(layout)
   params = _params(sharding)
   tx = dualoptax.quantize_state(optax.adam(1e-3))
@@ -79,8 +95,8 @@ def test_adam_8bit_update_has_no_collectives(layout):
   assert qs[0].block_size == 256
   compiled = _compiled_step(tx, params, state, multi=False)
   assert _collectives(compiled) == []
-  # Control: bitsandbytes' layout (flatten the tensor, then cut blocks) does need
-  # collectives on a column-sharded array, and the checker sees them.
+  # Control: bitsandbytes' layout (flatten the tensor, then cut blocks) does
+  # need collectives on a column-sharded array, and the checker sees them.
   if layout == "fsdp_cols":
     flat = jax.jit(lambda x: jnp.max(jnp.abs(x.reshape(-1, 256 * 64)), -1))
     assert _collectives(flat.lower(params["a"]).compile())
@@ -90,14 +106,16 @@ def test_adam_8bit_update_has_no_collectives(layout):
   assert new_p["a"].sharding.is_equivalent_to(sharding, 2)
   # And it computes what the unsharded wrapper computes.
   host = jax.tree.map(np.asarray, params)
-  p1, s1 = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(
-      *tx.update(g, s, p)))(host, tx.init(host), host)
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+  p1, s1 = jax.jit(step)(host, tx.init(host), host)
   for x, y in zip(jax.tree.leaves((new_p, new_s)), jax.tree.leaves((p1, s1))):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6,
+                               atol=1e-7)
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_dual_optim_plus_8bit_sharded(layout):
+def _check_dual_optim_plus_8bit_sharded(layout):
   _, sharding = _mesh(layout)
   params = _params(sharding)
   # Without the finiteness check: no collective at all.
@@ -105,7 +123,8 @@ def test_dual_optim_plus_8bit_sharded(layout):
   state = tx.init(params)
   _check_state_sharding(state, sharding)
   assert _collectives(_compiled_step(tx, params, state, multi=True)) == []
-  # Default (skip_nonfinite=True): only scalar all-reduces of the finiteness flag.
+  # Default (skip_nonfinite=True): only scalar all-reduces of the
+  # finiteness flag.
   tx = dualoptax.dual_optim_plus_8bit(1e-3)
   state = tx.init(params)
   colls = _collectives(_compiled_step(tx, params, state, multi=True))
@@ -113,10 +132,11 @@ def test_dual_optim_plus_8bit_sharded(layout):
   for result_type, op in colls:
     assert op == "all-reduce", colls
     # Tuples of scalars such as (f32[], f32[]) or pred[]: no array is moved.
-    assert re.fullmatch(r"\(?((f32|pred|s32)\[\](\{\})?,?\s*)+\)?", result_type), colls
+    assert re.fullmatch(r"\(?((f32|pred|s32)\[\](\{\})?,?\s*)+\)?",
+                        result_type), colls
 
 
-def test_shards_smaller_than_a_block_use_a_shard_sized_block():
+def _check_shards_smaller_than_a_block_use_a_shard_sized_block():
   # 1024 columns over 8 devices: 128 per shard < 256, so blocks of 128.
   _, sharding = _mesh("fsdp_cols")
   params = _params(sharding, shape=(64, 1024))
@@ -127,9 +147,10 @@ def test_shards_smaller_than_a_block_use_a_shard_sized_block():
   assert _collectives(_compiled_step(tx, params, state, multi=False)) == []
 
 
-def test_shards_without_a_whole_block_stay_float32_with_a_warning():
-  # 8 * 526 columns: a 526-wide shard has no divisor in [32, 256] and a sharded axis
-  # cannot be padded locally, so the leaf stays float32 (documented fallback).
+def _check_shards_without_a_whole_block_stay_float32_with_a_warning():
+  # 8 * 526 columns: a 526-wide shard has no divisor in [32, 256] and a
+  # sharded axis cannot be padded locally, so the leaf stays float32
+  # (documented fallback).
   _, sharding = _mesh("fsdp_cols")
   params = _params(sharding, shape=(8, 8 * 526))
   tx = dualoptax.quantize_state(optax.adam(1e-3))
@@ -146,3 +167,77 @@ def test_shards_without_a_whole_block_stay_float32_with_a_warning():
   assert isinstance(q, QuantizedArray)
   assert q.pad == 144 and q.codes.shape == (8, 4352)  # 4208 -> 4352 = 17 * 256
   assert q.absmax.shape == (8, 17) and q.block_size == 256
+
+
+# ---------------------------------------------------------------------------
+# Running the checks on 8 simulated devices.
+# ---------------------------------------------------------------------------
+CHECKS = (
+    [("_check_adam_8bit_update_has_no_collectives", (layout,))
+     for layout in LAYOUTS]
+    + [("_check_dual_optim_plus_8bit_sharded", (layout,)) for layout in LAYOUTS]
+    + [("_check_shards_smaller_than_a_block_use_a_shard_sized_block", ()),
+       ("_check_shards_without_a_whole_block_stay_float32_with_a_warning", ())])
+
+
+def _key(fn, args):
+  return f"{fn}{list(args)}"
+
+
+_SCRIPT = textwrap.dedent("""
+    import json, traceback
+    import jax
+    from tests import test_quantized_sharding as t
+
+    out = {"__devices__": jax.device_count()}
+    for fn, args in t.CHECKS:
+      try:
+        getattr(t, fn)(*args)
+        out[t._key(fn, args)] = None
+      except BaseException:  # an assertion, a pytest outcome, anything
+        out[t._key(fn, args)] = traceback.format_exc()[-4000:]
+    print("RESULT " + json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def report():
+  """Outcome of every check, from one 8-device subprocess."""
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                 os.environ.get("XLA_FLAGS", ""))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=8"}
+  result = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-4000:]
+  lines = [x for x in result.stdout.splitlines() if x.startswith("RESULT ")]
+  assert lines, result.stdout[-2000:] + result.stderr[-2000:]
+  out = json.loads(lines[-1][len("RESULT "):])
+  assert out.pop("__devices__") == 8
+  assert sorted(out) == sorted(_key(fn, args) for fn, args in CHECKS)
+  return out
+
+
+def _outcome(report, fn, *args):
+  error = report[_key(fn, args)]
+  if error is not None:
+    pytest.fail(f"in the 8-device subprocess:\n{error}", pytrace=False)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_adam_8bit_update_has_no_collectives(layout, report):
+  _outcome(report, "_check_adam_8bit_update_has_no_collectives", layout)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_dual_optim_plus_8bit_sharded(layout, report):
+  _outcome(report, "_check_dual_optim_plus_8bit_sharded", layout)
+
+
+def test_shards_smaller_than_a_block_use_a_shard_sized_block(report):
+  _outcome(report, "_check_shards_smaller_than_a_block_use_a_shard_sized_block")
+
+
+def test_shards_without_a_whole_block_stay_float32_with_a_warning(report):
+  _outcome(report,
+           "_check_shards_without_a_whole_block_stay_float32_with_a_warning")

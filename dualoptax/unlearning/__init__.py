@@ -1,11 +1,16 @@
-"""Machine unlearning: losses (SPEC §4), metrics (SPEC §5) and jitted loops.
+"""Machine unlearning toolkit for any model: objective losses and metrics.
 
 ``from dualoptax import unlearning`` then e.g. ``unlearning.npo_loss(...)``.
-The metrics module uses scikit-learn for the membership-inference attack
-(``pip install 'dualoptax[examples]'``); it is imported lazily there.
+Both modules are pure functions of arrays (the math is in ``docs/algorithm.md``).
+The membership-inference attack in :mod:`dualoptax.unlearning.metrics` needs
+scikit-learn (``pip install 'dualoptax[examples]'``), imported only when it is
+called, so importing this package pulls in nothing beyond JAX and NumPy.
+
+Models and training loops are applications: see ``examples/unlearn_digits/``
+and ``examples/unlearn_lm/``.
 """
 
-from dualoptax.unlearning import losses
+from dualoptax.unlearning import losses, metrics
 from dualoptax.unlearning.losses import (
     classifier_ga_loss,
     classifier_gd_loss,
@@ -25,8 +30,6 @@ from dualoptax.unlearning.losses import (
     sequence_nll,
     token_nll,
 )
-from dualoptax.unlearning import loop, metrics, models
-from dualoptax.unlearning.loop import alternating_scan, sample_batch, summed_scan
 from dualoptax.unlearning.metrics import (
     accuracy,
     average_gap,
@@ -36,4 +39,3 @@ from dualoptax.unlearning.metrics import (
     summarize,
     unlearning_metrics,
 )
-from dualoptax.unlearning.models import DigitsCNN, functional_model

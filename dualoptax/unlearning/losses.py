@@ -44,6 +44,12 @@ __all__ = [
 ]
 
 
+def _at_least_f32(logits: jax.Array) -> jax.Array:
+    # Low-precision logits (bf16) are upcast for the log-softmax; float64 ones are
+    # kept float64 rather than rounded down.
+    return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+
+
 def _check_beta(beta) -> None:
     if isinstance(beta, (int, float)) and not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta!r}.")
@@ -89,7 +95,7 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     Returns:
       ``logits.shape[:-1]`` float array.
     """
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    log_probs = jax.nn.log_softmax(_at_least_f32(logits), axis=-1)
     return -jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
@@ -214,13 +220,13 @@ def npo_loss(
 
 def _kl_uniform(logits: jax.Array) -> jax.Array:
     # KL(U || p) = sum_v (1/V) (log(1/V) - log p_v) = -log V - mean_v log p_v
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    log_probs = jax.nn.log_softmax(_at_least_f32(logits), axis=-1)
     return -jnp.log(float(logits.shape[-1])) - jnp.mean(log_probs, axis=-1)
 
 
 def _kl(ref_logits: jax.Array, logits: jax.Array) -> jax.Array:
-    ref_log_probs = jax.nn.log_softmax(jax.lax.stop_gradient(ref_logits).astype(jnp.float32), -1)
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    ref_log_probs = jax.nn.log_softmax(_at_least_f32(jax.lax.stop_gradient(ref_logits)), -1)
+    log_probs = jax.nn.log_softmax(_at_least_f32(logits), axis=-1)
     return jnp.sum(jnp.exp(ref_log_probs) * (ref_log_probs - log_probs), axis=-1)
 
 

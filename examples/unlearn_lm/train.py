@@ -5,7 +5,7 @@ by ``chunk_steps`` optimizer steps inside a :func:`jax.lax.scan`. Every minibatc
 pure function of ``(seed, global step)``, so a run stopped after any chunk and resumed
 from its checkpoint takes exactly the same steps as an uninterrupted one.
 
-Unlearning follows SPEC §1's alternating schedule: at 0-based step ``s`` the forget
+Unlearning follows the alternating schedule (``docs/algorithm.md``): at 0-based step ``s`` the forget
 objective is active iff ``s mod (f + r) < f`` (``f = 1, r = 5`` by default); only the
 active objective's loss and gradient are computed (``lax.switch``). A multi-objective
 transform (DualOptim+, DualOptim) receives ``{name: grads}``; a plain optax transform
@@ -28,11 +28,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dualoptax.lm.data import EncodedQA
-from dualoptax.lm.model import LanguageModel
-from dualoptax.schedules import alternating_index
+from dualoptax.schedules import alternating_index, switch_objective
 from dualoptax.unlearning import losses
-from dualoptax.unlearning.loop import alternating_step
+
+from unlearn_lm.data import EncodedQA
+from unlearn_lm.model import LanguageModel
 
 __all__ = [
     "TrainState",
@@ -43,6 +43,7 @@ __all__ = [
     "tree_shardings",
     "place",
     "make_finetune_chunk",
+    "alternating_step",
     "make_unlearn_chunk",
     "reference_sequence_nll",
     "save_pytree",
@@ -209,6 +210,34 @@ def make_finetune_chunk(lm: LanguageModel, tx: optax.GradientTransformation, *,
   return run
 
 
+def alternating_step(params: Any, opt_state: Any, step: jax.Array,
+                     tx: optax.GradientTransformation,
+                     loss_fn: Callable[[str, Any], jax.Array],
+                     objectives: tuple[str, str], *, forget_freq: int,
+                     retain_freq: int, multi_objective: bool
+                     ) -> tuple[Any, Any, jax.Array, jax.Array]:
+  """One step of the alternating schedule at global step ``step`` (traced).
+
+  Only the active objective's ``loss_fn(name, params)`` and gradient are
+  computed (:func:`dualoptax.switch_objective`). A multi-objective transform
+  gets ``{name: grads}``, a plain optax transform the gradient itself.
+
+  Returns:
+    ``(params, opt_state, loss, index)``: the loss before the step, and
+    ``index`` 0 for the first objective, 1 for the second.
+  """
+
+  def run(name):
+    loss, grads = jax.value_and_grad(lambda p: loss_fn(name, p))(params)
+    updates, new_state = tx.update({name: grads} if multi_objective else grads,
+                                   opt_state, params)
+    return optax.apply_updates(params, updates), new_state, loss
+
+  index = alternating_index(step, forget_freq, retain_freq)
+  new_params, new_state, loss = switch_objective(index, objectives, run)
+  return new_params, new_state, loss, index
+
+
 def make_unlearn_chunk(lm: LanguageModel, tx: optax.GradientTransformation, *,
                        multi_objective: bool, forget_loss: str = "npo", batch_size: int,
                        seed: int, chunk_steps: int, forget_freq: int = 1, retain_freq: int = 5,
@@ -218,7 +247,7 @@ def make_unlearn_chunk(lm: LanguageModel, tx: optax.GradientTransformation, *,
 
   ``data`` is ``{"forget": EncodedQA, "retain": EncodedQA, "ref_nll": [N_forget]}``
   (``ref_nll``: summed answer NLL of the frozen fine-tuned model, used by NPO).
-  Objective losses (SPEC §4): forget ``npo`` (β = ``npo_beta``), ``ga`` or ``me``;
+  Objective losses (:mod:`dualoptax.unlearning.losses`): forget ``npo`` (β = ``npo_beta``), ``ga`` or ``me``;
   retain GD (mean answer NLL). ``index[s]`` is 0 for a forget step and 1 for a retain step.
 
   Args:

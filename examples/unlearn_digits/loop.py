@@ -1,4 +1,4 @@
-r"""Jitted training and unlearning loops, each one ``lax.scan``.
+r"""The digits job's jitted training and unlearning loops, each one ``lax.scan``.
 
 Everything here is a pure function of arrays, so a whole run (every step) compiles to one
 XLA program and can be ``vmap``-ed over seeds and over hyperparameters passed as traced
@@ -10,11 +10,10 @@ The pieces:
 * :func:`summed_scan` — one optimizer step per iteration on :math:`\sum_k w_k L_k`
   (ordinary training with one objective; the usual "Adam on the summed loss" unlearning
   baseline with two).
-* :func:`alternating_step` — one step of that schedule, for loops that carry their own
-  state (resumable or sharded chunks, e.g. ``dualoptax.lm``).
-* :func:`alternating_scan` — SPEC §1's schedule: ``forget_freq`` steps of the first
-  objective, then ``retain_freq`` steps of the second, repeat; each step computes only the
-  active objective's loss on its own batch. Works with a multi-objective transform
+* :func:`alternating_step` — one step of the alternating schedule below.
+* :func:`alternating_scan` — the alternating schedule (``docs/algorithm.md``):
+  ``forget_freq`` steps of the first objective, then ``retain_freq`` steps of the
+  second, repeat; each step computes only the active objective's loss on its own batch. Works with a multi-objective transform
   (``dualoptax.dual_optim_plus``, ``dual_optim``: updates take ``{name: grads}``) and with
   a plain optax transform sharing one state across objectives (then ``step_scales``
   gives each objective its own learning rate).
@@ -153,7 +152,7 @@ def alternating_step(
     multi_objective: bool = True,
     step_scales: Optional[Mapping[str, Any]] = None,
 ) -> tuple[Params, Any, jax.Array, jax.Array]:
-    r"""One step of SPEC §1's alternating schedule at global step ``step``.
+    r"""One step of the alternating schedule at global step ``step``.
 
     Picks the objective with :func:`dualoptax.alternating_index` (Python or traced
     ``step``), computes only ``loss_fn(name, params)`` and its gradient, and applies
@@ -193,7 +192,7 @@ def alternating_scan(
     multi_objective: bool = True,
     step_scales: Optional[Mapping[str, Any]] = None,
 ) -> tuple[Params, Any, jax.Array]:
-    r"""The alternating unlearning loop of SPEC §1 as one ``lax.scan``.
+    r"""The alternating unlearning loop as one ``lax.scan``.
 
     At 0-based step ``s`` the active objective is the first of ``loss_fns`` iff
     ``s mod (forget_freq + retain_freq) < forget_freq``, else the second

@@ -39,7 +39,7 @@ class TransformerConfig:
   """Hyperparameters of :class:`Transformer`.
 
   Attributes:
-    vocab_size: number of token ids (259 for :class:`~dualoptax.lm.tokenizer.ByteTokenizer`).
+    vocab_size: number of token ids (259 for :class:`~unlearn_lm.tokenizer.ByteTokenizer`).
     max_len: longest sequence (size of the position table).
     d_model: residual width.
     num_layers: number of blocks.

@@ -8,7 +8,7 @@ Both sources return an :class:`UnlearningData`:
   that unlearning must not damage is taught here);
 * ``eval_sets``: evaluation sets, each example carrying a paraphrased answer and a
   tuple of perturbed (wrong) answers for the truth ratio; ``eval_kinds`` says which set
-  is the forget set, the retain set, or a held-out set (SPEC §5, TOFU's protocol).
+  is the forget set, the retain set, or a held-out set (TOFU's protocol).
 
 :func:`encode_qa` and :func:`encode_prompts` turn examples into fixed-shape arrays with the
 prompt ``"Question: {q}\nAnswer: "`` and an answer-token mask; every shape is static so a
@@ -24,7 +24,7 @@ from typing import Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from dualoptax.lm.tokenizer import ByteTokenizer
+from unlearn_lm.tokenizer import ByteTokenizer
 
 __all__ = [
     "QA",

@@ -1,4 +1,4 @@
-r"""TOFU-style evaluation of language-model unlearning (SPEC §5).
+r"""TOFU-style evaluation of language-model unlearning.
 
 Text and statistics helpers are NumPy functions of plain numbers; :class:`Evaluator`
 computes what they need (length-normalized answer likelihoods and greedy generations)
@@ -10,17 +10,19 @@ Machine Unlearning for LLMs", Yuan et al. 2025, which the DualOptim(+) authors u
 * **Probability** — forget/retain sets: :math:`\frac1N\sum_i P(a_i|q_i)^{1/|a_i|}`;
   held-out sets (real authors, world facts, general knowledge): the relative probability
   :math:`\frac1N\sum_i \frac{P(a_i)^{1/|a_i|}}{P(a_i)^{1/|a_i|} + \sum_j P(\tilde a_{ij})^{1/|\tilde a_{ij}|}}`.
-* **ROUGE-L recall** of the greedy generation against the answer.
+* **ROUGE-L recall** of the greedy generation against the answer (``rouge-score``
+  with the Porter stemmer, as TOFU's evaluation).
 * **Truth ratio** :math:`R_i = \exp(\overline{\mathrm{nll}}(\tilde a_{i\cdot}) - \mathrm{nll}(\hat a_i))`
   with per-token NLLs of the paraphrased answer :math:`\hat a_i` and the mean over the
   perturbed answers :math:`\tilde a_{ij}` (i.e. paraphrase probability over perturbed
   probability). Reported as :math:`1 - \frac1N\sum_i \min(R_i, 1/R_i)` on the forget
   set and :math:`\frac1N\sum_i \max(0, 1 - 1/R_i)` elsewhere; both are high when the
   model tells the true answer from the false ones.
-* **Forget Quality**: the two-sample Kolmogorov–Smirnov p-value between the forget-set
-  :math:`R_i` of the model and of a model trained on the retain data only.
-* **Model Utility**: harmonic mean of the nine (or 3 x #non-forget sets) values above on
-  the retain and held-out sets.
+* **Forget Quality**: the two-sample Kolmogorov–Smirnov p-value
+  (``scipy.stats.ks_2samp``, as TOFU) between the forget-set :math:`R_i` of the
+  model and of a model trained on the retain data only.
+* **Model Utility**: harmonic mean (``scipy.stats.hmean``) of the nine (or
+  3 x #non-forget sets) values above on the retain and held-out sets.
 * **Forget Efficacy**: :math:`1 - \mathrm{mean}` of the forget set's probability,
   ROUGE-L recall and truth-ratio value (the authors also average an NLI entailment
   score and an embedding cosine similarity, which need external models and are left out).
@@ -28,28 +30,28 @@ Machine Unlearning for LLMs", Yuan et al. 2025, which the DualOptim(+) authors u
 
 from __future__ import annotations
 
-import math
-import re
+import functools
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.stats
+from rouge_score import rouge_scorer
 
-from dualoptax.lm.data import UnlearningData, encode_prompts, encode_qa, visible_answer
-from dualoptax.lm.model import LanguageModel
-from dualoptax.lm.tokenizer import ByteTokenizer
 from dualoptax.unlearning.losses import sequence_nll
 
+from unlearn_lm.data import UnlearningData, encode_prompts, encode_qa, visible_answer
+from unlearn_lm.model import LanguageModel
+from unlearn_lm.tokenizer import ByteTokenizer
+
 __all__ = [
-    "rouge_tokens",
     "rouge_l_recall",
     "truth_ratio",
     "truth_ratio_score",
     "answer_probability",
     "relative_answer_probability",
-    "ks_2samp",
-    "harmonic_mean",
+    "forget_quality",
     "model_utility",
     "forget_efficacy",
     "Evaluator",
@@ -60,39 +62,30 @@ __all__ = [
 # Text and statistics
 # ---------------------------------------------------------------------------------------
 
-_NON_ALNUM = re.compile(r"[^a-z0-9]+")
-
-
-def rouge_tokens(text: str) -> list[str]:
-  """Lower-cased alphanumeric words (rouge_score's default tokenizer, without stemming)."""
-  return [t for t in _NON_ALNUM.split(text.lower()) if t]
+@functools.lru_cache(maxsize=1)
+def _rouge_l_scorer() -> rouge_scorer.RougeScorer:
+  # Built once: the scorer sets up its tokenizer and Porter stemmer.
+  return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
 def rouge_l_recall(prediction: str, reference: str) -> float:
   r"""ROUGE-L recall: :math:`\mathrm{LCS}(\text{pred}, \text{ref}) / |\text{ref}|` on words.
+
+  ``rouge_score``'s ``rougeL`` recall with its default tokenizer (lower-cased
+  alphanumeric words) and the Porter stemmer, as TOFU's evaluation computes it.
 
   Args:
     prediction: generated text.
     reference: ground-truth text.
 
   Returns:
-    A float in ``[0, 1]``; 0 when the reference has no words.
+    A float in ``[0, 1]``; 0 when either text has no words.
 
   Examples:
     >>> rouge_l_recall("the cat sat", "the cat sat on the mat")
     0.5
   """
-  pred, ref = rouge_tokens(prediction), rouge_tokens(reference)
-  if not ref or not pred:
-    return 0.0
-  # One-row dynamic programme for the longest common subsequence.
-  prev = [0] * (len(pred) + 1)
-  for r in ref:
-    cur = [0]
-    for j, p in enumerate(pred):
-      cur.append(prev[j] + 1 if r == p else max(prev[j + 1], cur[j]))
-    prev = cur
-  return prev[-1] / len(ref)
+  return float(_rouge_l_scorer().score(reference, prediction)["rougeL"].recall)
 
 
 def truth_ratio(paraphrased_nll: np.ndarray, perturbed_nll: np.ndarray) -> np.ndarray:
@@ -133,97 +126,29 @@ def relative_answer_probability(avg_nll: np.ndarray, perturbed_nll: np.ndarray) 
   return float(np.mean(p / (p + q)))
 
 
-def _kolmogorov_sf(x: float) -> float:
-  """Survival function of the Kolmogorov distribution (asymptotic KS p-value)."""
-  if x <= 0:
-    return 1.0
-  total = 0.0
-  for k in range(1, 101):
-    term = 2.0 * (-1) ** (k - 1) * math.exp(-2.0 * k * k * x * x)
-    total += term
-    if abs(term) < 1e-16:
-      break
-  return min(max(total, 0.0), 1.0)
-
-
-def ks_2samp(x: Sequence[float], y: Sequence[float], exact_limit: int = 1_000_000
-             ) -> tuple[float, float]:
-  r"""Two-sample two-sided Kolmogorov–Smirnov test (as TOFU's ``scipy.stats.ks_2samp``).
-
-  The statistic is :math:`D = \sup_t |F_x(t) - F_y(t)|`. The p-value
-  :math:`P(D' \ge D)` under the null is exact: every monotone lattice path from
-  :math:`(0,0)` to :math:`(n,m)` (an interleaving of the two samples) is equally likely,
-  and a dynamic programme over the path probabilities adds up the mass of the paths
-  that reach :math:`|i/n - j/m| \ge D`, in exact integer comparisons. Above
-  ``exact_limit`` cells (``n*m``) the asymptotic Kolmogorov distribution is used.
-
-  Args:
-    x, y: the samples (non-empty).
-    exact_limit: largest ``n*m`` computed exactly.
-
-  Returns:
-    ``(statistic, pvalue)``.
+def forget_quality(ratios: Sequence[float],
+                   reference_ratios: Sequence[float]) -> float:
+  """Forget Quality: the two-sided two-sample KS p-value (``scipy.stats.ks_2samp``
+  with its default method, as TOFU) between the model's forget-set truth ratios
+  and those of the retain-only model.
 
   Examples:
-    >>> round(ks_2samp([1, 2, 3], [4, 5, 6])[1], 4)
+    >>> round(forget_quality([1, 2, 3], [4, 5, 6]), 4)
     0.1
   """
-  x = np.sort(np.asarray(x, np.float64).ravel())
-  y = np.sort(np.asarray(y, np.float64).ravel())
-  n, m = len(x), len(y)
-  if n == 0 or m == 0:
-    raise ValueError(f"ks_2samp needs two non-empty samples, got sizes {n} and {m}.")
-  if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-    raise ValueError("ks_2samp samples must be finite.")
-  grid = np.concatenate([x, y])
-  cx = np.searchsorted(x, grid, side="right").astype(np.int64)
-  cy = np.searchsorted(y, grid, side="right").astype(np.int64)
-  d_int = int(np.max(np.abs(cx * m - cy * n)))  # D * n * m, an integer
-  stat = d_int / (n * m)
-  if d_int == 0:
-    return 0.0, 1.0
-  if n * m > exact_limit:
-    en = math.sqrt(n * m / (n + m))
-    return stat, _kolmogorov_sf(en * stat)
-  # prob[j]: probability that a uniformly random path is at (i, j) and has not yet
-  # reached the band |i/n - j/m| >= D; `outside` collects the mass that has.
-  prob = np.zeros(m + 1)
-  outside = 0.0
-  for i in range(n + 1):
-    row = np.zeros(m + 1)
-    for j in range(m + 1):
-      if i == 0 and j == 0:
-        p = 1.0
-      else:
-        p = 0.0
-        if i > 0:  # an x-step from (i-1, j)
-          p += prob[j] * (n - i + 1) / ((n - i + 1) + (m - j))
-        if j > 0:  # a y-step from (i, j-1)
-          p += row[j - 1] * (m - j + 1) / ((n - i) + (m - j + 1))
-      if abs(i * m - j * n) >= d_int:
-        outside += p
-        p = 0.0
-      row[j] = p
-    prob = row
-  return stat, float(min(max(outside, 0.0), 1.0))
-
-
-def harmonic_mean(values: Sequence[float]) -> float:
-  """Harmonic mean; 0 if any value is <= 0 (as ``scipy.stats.hmean`` with a zero)."""
-  v = np.asarray(list(values), np.float64)
-  if v.size == 0:
-    raise ValueError("harmonic_mean needs at least one value.")
-  if np.any(v <= 0):
-    return 0.0
-  return float(v.size / np.sum(1.0 / v))
+  return float(scipy.stats.ks_2samp(np.asarray(ratios, np.float64),
+                                    np.asarray(reference_ratios, np.float64)).pvalue)
 
 
 def model_utility(set_metrics: Mapping[str, Mapping[str, float]],
                   kinds: Mapping[str, str]) -> float:
-  """Harmonic mean of probability, ROUGE-L recall and truth ratio over non-forget sets."""
+  """Harmonic mean of probability, ROUGE-L recall and truth ratio over non-forget
+  sets (0 when any of them is 0, as ``scipy.stats.hmean``)."""
   values = [set_metrics[name][k] for name, kind in kinds.items() if kind != "forget"
             for k in ("prob", "rouge_l", "truth_ratio")]
-  return harmonic_mean(values)
+  if not values:
+    raise ValueError("model_utility needs at least one non-forget set.")
+  return float(scipy.stats.hmean(np.asarray(values, np.float64)))
 
 
 def forget_efficacy(forget_metrics: Mapping[str, float]) -> float:
@@ -244,7 +169,7 @@ def _pad_rows(a: np.ndarray, multiple: int) -> np.ndarray:
 
 
 class Evaluator:
-  r"""Evaluates a :class:`~dualoptax.lm.model.LanguageModel` on :class:`UnlearningData`.
+  r"""Evaluates a :class:`~unlearn_lm.model.LanguageModel` on :class:`UnlearningData`.
 
   Each evaluation set is encoded once: answers, paraphrased answers and the ``K``
   perturbed answers (every question of a set must have the same ``K``), plus
@@ -353,5 +278,5 @@ class Evaluator:
         "forget_ratios": sets[forget_name]["ratios"],
     }
     if reference_ratios is not None:
-      result["forget_quality"] = ks_2samp(sets[forget_name]["ratios"], reference_ratios)[1]
+      result["forget_quality"] = forget_quality(sets[forget_name]["ratios"], reference_ratios)
     return result

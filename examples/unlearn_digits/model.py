@@ -1,6 +1,6 @@
-"""Small Flax NNX models for the unlearning examples, used functionally.
+"""The digits job's small Flax NNX CNN, used functionally.
 
-The loops in :mod:`dualoptax.unlearning.loop` work on plain parameter pytrees, so a
+The loops in :mod:`unlearn_digits.loop` work on plain parameter pytrees, so a
 model is split once into a static ``graphdef`` and its ``nnx.Param`` state; ``apply``
 merges them back inside jitted code. This keeps everything ``vmap``-able over seeds.
 """

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from dualoptax.lm.data import (PARAPHRASE_CUE, encode_prompts, encode_qa, generate_people,
-                               load_tofu, read_jsonl, visible_answer)
-from dualoptax.lm.tokenizer import ByteTokenizer
+from unlearn_lm.data import (PARAPHRASE_CUE, encode_prompts, encode_qa, generate_people,
+                             load_tofu, read_jsonl, visible_answer)
+from unlearn_lm.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 
