@@ -1,4 +1,4 @@
-"""SPEC §1 "Known hazard": the published DualOptim+ step on a noisy two-objective
+"""The published rule's hazard (docs/algorithm.md section 1.3): the published DualOptim+ step on a noisy two-objective
 quadratic, against the stable default, DualOptim and Adam.
 
 Forget loss ``½‖θ − a‖²``, retain loss ``½‖θ − b‖²`` with ``a, b ~ N(0, I)``; each step

@@ -32,7 +32,7 @@ from dualoptax import unlearning
 
 __version__ = "0.1.0"
 
-# --- multi-task learning (issue 14) ---
+# Multi-task learning.
 from dualoptax.cagrad import CAGradState, cagrad
 from dualoptax.mgda import MGDAState, mgda
 from dualoptax.pcgrad import PCGradState, pcgrad

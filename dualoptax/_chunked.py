@@ -301,6 +301,9 @@ def _aval(x) -> jax.ShapeDtypeStruct:
 # ---------------------------------------------------------------------------
 # The driver.
 # ---------------------------------------------------------------------------
+STACK_MAX_SIZE = 2**16  # leaves above this many values are not stacked
+
+
 class _Group(NamedTuple):
   inputs: list  # tracked (array) input indices, ascending
   outputs: list  # output indices, ascending
@@ -399,7 +402,11 @@ def apply_in_chunks(
   def buckets(jaxpr, eqns):
     found: dict = {}
     for g, grp in enumerate(groups, start=1):
-      key = (_signature(jaxpr, eqns[g], grp.inputs, grp.outputs, invar_index),
+      # Large leaves run alone: stacking copies every chunk once more, which
+      # costs step time, and saves compile time only where leaves are many and
+      # small.
+      alone = (g,) if math.prod(grp.shape) > STACK_MAX_SIZE else ()
+      key = alone + (_signature(jaxpr, eqns[g], grp.inputs, grp.outputs, invar_index),
              grp.shape, tuple(_layout_key(inputs[i]) for i in grp.inputs),
              tuple(_layout_key(q_out.get(o)) for o in grp.outputs))
       found.setdefault(key, []).append(g - 1)
@@ -547,8 +554,7 @@ def _run_bucket(jaxpr, consts, groups, eqns, k, inputs, is_q, q_out,
       args = jax.lax.optimization_barrier(args)
     # The new moments and updates are materialized once, not recomputed in
     # each encoder or member slice that reads them (see _materialized).
-    new = _materialized(lambda: stacked_eval(*args), new_shapes, step,
-                        n > 1 and k > 1)
+    new = _materialized(lambda: stacked_eval(*args), new_shapes, step, k > 1)
     carry = list(carry)
     for q, o0 in enumerate(carried[0]):
       if o0 in q_out:

@@ -84,11 +84,11 @@ def task_gradients(
         f"{who}: update takes a Mapping from task name to gradients, e.g. "
         f"{{'task_a': grads_a, 'task_b': grads_b}}; got "
         f"{type(grads).__name__}.")
-  for name in grads.keys():
+  for name in grads:
     if not isinstance(name, str):
       raise TypeError(f"{who}: task names must be strings, got {name!r}.")
   if tasks is not None:
-    unknown = [k for k in grads.keys() if k not in tasks]
+    unknown = [k for k in grads if k not in tasks]
     if unknown:
       raise ValueError(
           f"{who}: unknown task(s) {sorted(unknown)}; this transformation was "
@@ -137,7 +137,8 @@ def gram_matrix(trees: Sequence[Any], dtype: jnp.dtype) -> jax.Array:
   the gradients, so no ``K × n`` copy of the parameters is made.
   """
   k = len(trees)
-  leaves = [[x.astype(dtype) for x in jax.tree.leaves(t)] for t in trees]
+  leaves = [[jnp.asarray(x, dtype) for x in jax.tree.leaves(t)]
+            for t in trees]
   entries = {}
   for i in range(k):
     for j in range(i, k):
@@ -152,7 +153,7 @@ def combine(weights: jax.Array, trees: Sequence[Any]) -> optax.Updates:
   dtype = weights.dtype
 
   def leaf(*xs):
-    out = sum(weights[k] * x.astype(dtype) for k, x in enumerate(xs))
+    out = sum(weights[k] * jnp.asarray(x, dtype) for k, x in enumerate(xs))
     return out.astype(jnp.result_type(*xs))
 
   return jax.tree.map(leaf, *trees)

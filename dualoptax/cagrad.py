@@ -7,9 +7,8 @@ solves the dual problem on a Gram matrix.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
-
 import numbers
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp

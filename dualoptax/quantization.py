@@ -369,21 +369,17 @@ def _quantize_with_layout(x: jax.Array, signed: bool, b: int, pad: int) -> Quant
   """Encodes ``x`` with a given layout (the update path reuses the init layout)."""
   shape = tuple(x.shape)
   xp = _padded(x.astype(jnp.float32), pad)
-  # A strided window max (not reshape + reduce): XLA fuses it with the producer of
-  # ``x`` into one pass on CPU, where a reduce needs ``x`` materialized first.
-  window = (1,) * (xp.ndim - 1) + (b,)
-  absmax = jax.lax.reduce_window(jnp.abs(xp), -jnp.inf, jax.lax.max, window, window,
-                                 "VALID")
-  # XLA:CPU's vectorized max reduction can drop a NaN, which would then encode as 0;
-  # a sum of x * 0 is NaN exactly when the block holds a NaN or an Inf.
-  absmax = absmax + jax.lax.reduce_window(xp * 0.0, 0.0, jax.lax.add, window, window,
-                                          "VALID")
-  finite = jnp.isfinite(absmax)
-  absmax = jnp.where(finite, absmax, jnp.float32(jnp.nan))
-  # One reciprocal per block, then a multiply per value (as the bitsandbytes kernel);
-  # a zero or non-finite block gets 0, so its codes are the zero code.
-  inv = jnp.where(finite & (absmax > 0), 1.0 / jnp.where(finite, absmax, 1.0), 0.0)
-  xn = jnp.where(_per_value(finite, b), xp, 0.0) * _per_value(inv, b)
+  blocks = xp.reshape(*xp.shape[:-1], xp.shape[-1] // b, b)
+  # A NaN or Inf counts as +inf, so the block's max is +inf exactly when the
+  # block holds one (a vectorized max may drop a NaN, never an inf).
+  m = jnp.max(jnp.where(jnp.isfinite(blocks), jnp.abs(blocks), jnp.inf), axis=-1)
+  finite = m < jnp.inf
+  absmax = jnp.where(finite, m, jnp.float32(jnp.nan))
+  # One reciprocal per block, then a multiply per value (as the bitsandbytes
+  # kernel); a zero or non-finite block gets 0, so its codes are the zero code.
+  inv = jnp.where(finite & (m > 0), 1.0 / jnp.where(finite, m, 1.0), 0.0)
+  xn = (jnp.where(finite[..., None], blocks, 0.0) * inv[..., None]).reshape(
+      xp.shape)
   if not signed:
     xn = jnp.maximum(xn, 0.0)
   codes = _encode_normalized(xn, signed)

@@ -15,7 +15,7 @@ def alternating_index(step: Step, forget_freq: int = 1, retain_freq: int = 5) ->
   r"""Index of the objective to step at 0-based global step ``step``.
 
   The authors alternate ``forget_freq`` steps of the first objective with
-  ``retain_freq`` steps of the second (SPEC §1):
+  ``retain_freq`` steps of the second (``docs/algorithm.md`` section 1.5):
 
   .. math:: \text{index}(s) = 0 \text{ if } s \bmod (f + r) < f \text{ else } 1.
 

@@ -1,4 +1,5 @@
-"""Plain-NumPy statement of SPEC §1 (DualOptim+) and §2 (DualOptim), float64.
+"""Plain-NumPy statement of DualOptim+ and DualOptim (docs/algorithm.md sections 1
+and 2), float64.
 
 Written from the spec text, independently of the package: one loop per step, one
 objective at a time, dictionaries of arrays. Used as the oracle of the parity tests.
@@ -8,7 +9,7 @@ import numpy as np
 
 
 class DualOptimPlusRef:
-  """SPEC §1, including "several objectives in one call"."""
+  """DualOptim+, including "several objectives in one call" (section 1.4)."""
 
   def __init__(self, shapes, objectives=("forget", "retain"), b1=0.9, b2=0.95,
                base_b1=0.9, base_b2=0.95, eps=1e-8, wd=0.0, lr=1e-3,
@@ -67,7 +68,7 @@ class DualOptimPlusRef:
 
 
 class DualOptimRef:
-  """SPEC §2: one Adam per objective; lr schedules read the call count."""
+  """DualOptim: one Adam per objective; lr schedules read the call count."""
 
   def __init__(self, shapes, objectives=("forget", "retain"), b1=0.9, b2=0.95,
                eps=1e-8, wd=0.0, lr=1e-3, dtype=np.float64):

@@ -23,7 +23,8 @@ import numpy as np
 
 def flatten(tree_leaves) -> np.ndarray:
   """Concatenates a list of arrays into one float64 vector."""
-  return np.concatenate([np.asarray(x, np.float64).ravel() for x in tree_leaves])
+  return np.concatenate(
+      [np.asarray(x, np.float64).ravel() for x in tree_leaves])
 
 
 def pcgrad(grads: list[np.ndarray], orders: list[list[int]]) -> np.ndarray:

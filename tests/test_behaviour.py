@@ -1,4 +1,4 @@
-"""DualOptim+ behaviour: SPEC's two limits, the stress problem, errors, NaN skipping,
+"""DualOptim+ behaviour: the two limits of adaptive bridging, the stress problem, errors, NaN skipping,
 dtypes, scan-vs-loop equality, diagnostics and property tests."""
 
 import jax

@@ -16,6 +16,7 @@ code boundary may take the neighbouring code when that rounding differs, which
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -82,7 +83,6 @@ class Case:
     names: the objective or task names of a Mapping input.
     reference: ``reference()`` -> ``(tx, ref)`` built in float64 on
       ``tests/test_parity.SHAPES`` (None where no NumPy statement applies).
-    multitask: a multi-task direction (its developer may not have landed it).
     merged: ``update`` returns one params-shaped tree (False: one per objective,
       as ``per_objective`` does).
   """
@@ -91,12 +91,12 @@ class Case:
   has_lr: bool = True
   names: tuple[str, ...] = OBJECTIVES
   reference: Optional[Callable[[], tuple[Any, Any]]] = None
-  multitask: Optional[str] = None
   merged: bool = True
 
 
 def _multitask(name):
-  """``dualoptax.<name>`` built for ``TASKS`` (skips the test if absent)."""
+  """``dualoptax.<name>`` built for ``TASKS``; skips the test while a
+  multi-task transformation has not landed."""
   fn = getattr(dualoptax, name, None)
   if fn is None:
     pytest.skip(f"dualoptax.{name} is not there yet")
@@ -143,9 +143,11 @@ CASES = {
         lambda learning_rate=LR: dualoptax.dual_optim(
             learning_rate, weight_decay=WD, mask=_decays),
         "objectives", reference=_ref_dual_optim),
+    # Chunks of 4096 values: the 64 x 256 moments are stepped 16 rows at a
+    # time (the default chunk holds these leaves whole; the next case uses it).
     "dual_optim_plus_8bit": Case(
         lambda learning_rate=LR: dualoptax.dual_optim_plus_8bit(
-            learning_rate, weight_decay=WD),
+            learning_rate, weight_decay=WD, chunk_size=4096),
         "objectives"),
     "quantize_state_adamw": Case(
         lambda learning_rate=LR: dualoptax.quantize_state(
@@ -161,11 +163,11 @@ CASES = {
             every_k=2),
         "objectives", reference=_ref_accumulate),
     "pcgrad": Case(lambda learning_rate=LR: _multitask("pcgrad"), "tasks",
-                   has_lr=False, names=TASKS, multitask="pcgrad"),
+                   has_lr=False, names=TASKS),
     "mgda": Case(lambda learning_rate=LR: _multitask("mgda"), "tasks",
-                 has_lr=False, names=TASKS, multitask="mgda"),
+                 has_lr=False, names=TASKS),
     "cagrad": Case(lambda learning_rate=LR: _multitask("cagrad"), "tasks",
-                   has_lr=False, names=TASKS, multitask="cagrad"),
+                   has_lr=False, names=TASKS),
 }
 
 
@@ -204,12 +206,12 @@ def _input(case, params, step, names=None):
           for i, k in enumerate(case.names) if k in names}
 
 
-def _run(case, tx, params, steps=STEPS, update=None, state=None, start=0):
-  """``steps`` calls from ``state``; returns (updates, params, state)."""
+def _run(case, tx, params, steps=STEPS, update=None):
+  """``steps`` calls from ``tx.init``; returns (updates, params, state)."""
   update = _jit(tx) if update is None else update
-  state = tx.init(params) if state is None else state
+  state = tx.init(params)
   updates = []
-  for s in range(start, start + steps):
+  for s in range(steps):
     u, state = update(_input(case, params, s), state, params)
     params = _apply(case, params, u)
     updates.append(u)
@@ -314,6 +316,7 @@ NAMES = list(CASES)
 # ---------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
 def test_jit_matches_eager(name):
+  """Calls under ``jit`` compute what op-by-op calls compute."""
   case, tx = _case(name)
   params = _params()
   eager, p_eager, s_eager = _run(case, tx, params, update=tx.update)
@@ -326,6 +329,8 @@ def test_jit_matches_eager(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_scan_matches_python_loop(name):
+  """A ``lax.scan`` over steps (alternating objectives by a traced index
+  where the structure allows) equals a Python loop of jitted calls."""
   case, tx = _case(name)
   params = _params()
   n = STEPS + 2
@@ -382,6 +387,11 @@ def _same_params_run(case, txs, params, steps=2):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_chain_then_scale_is_half_the_update(name):
+  """``optax.chain(tx, optax.scale(0.5))``: half the update, same state.
+
+  (Clipping *before* a Mapping-input transformation is ``per_objective``'s
+  job; optax's own transformations expect params-shaped input.)
+  """
   case, tx = _case(name)
   chained = optax.chain(tx, optax.scale(0.5))
   (plain, chain), (s_plain, s_chain) = _same_params_run(
@@ -393,6 +403,8 @@ def test_chain_then_scale_is_half_the_update(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_inject_hyperparams_learning_rate(name):
+  """``inject_hyperparams`` over the lr: the same updates as the plain
+  factory, and a doubled injected lr doubles the update."""
   case = CASES[name]
   if not case.has_lr:
     pytest.skip("no learning rate")
@@ -421,8 +433,10 @@ def test_inject_hyperparams_learning_rate(name):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
 @pytest.mark.parametrize("name", NAMES)
 def test_update_dtype_follows_params(name, dtype):
+  """float32, bfloat16 and (in an x64 context) float64 params: updates in
+  the params' dtype, finite, and a finite state."""
   case, tx = _case(name)
-  context = _x64() if dtype == "float64" else _nullcontext()
+  context = _x64() if dtype == "float64" else contextlib.nullcontext()
   with context:
     params = _params(jnp.dtype(dtype))
     assert all(x.dtype == jnp.dtype(dtype) for x in jax.tree.leaves(params))
@@ -447,16 +461,10 @@ def test_update_dtype_follows_params(name, dtype):
         assert bool(jnp.all(jnp.isfinite(x)))
 
 
-class _nullcontext:  # pylint: disable=invalid-name
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    return False
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_orbax_checkpoint_round_trip(name, tmp_path):
+  """Save, restore against an abstract target: equal types and values, and
+  a bit-identical next update."""
   ocp = pytest.importorskip("orbax.checkpoint")
   case, tx = _case(name)
   update = _jit(tx)
@@ -503,23 +511,26 @@ def _parity_schedule(names, n_steps=60, seed=0):
 
 @pytest.mark.parametrize("name", PARITY)
 def test_parity_with_numpy_reference_float64(name):
+  """Equal to ``tests/reference.py`` in float64 over alternating and joint
+  calls (through the wrapper where the case has one)."""
   with _x64():
     tx, ref = CASES[name].reference()
     worst, state, _ = parity.run_parity(
         tx, ref, _parity_schedule(OBJECTIVES), np.float64)
-    # float64 rounding over 60 steps is far below 1e-8 (1e-12 measured).
-    assert worst <= 1e-8, worst
+    # float64 rounding over these 60 steps: at most 1.1e-12 measured (the
+    # scale_by case, whose unit steps move the params most).
+    assert worst <= 1e-10, worst
     state = _inner_dual_state(state)
     if isinstance(ref, DualOptimPlusRef):
-      parity.check_moments(state, ref, 1e-8)
+      parity.check_moments(state, ref, 1e-10)
     else:
       for k in OBJECTIVES:
         assert int(state.deltas[k].count) == ref.t[k]
         for n in parity.SHAPES:
           np.testing.assert_allclose(state.deltas[k].mu[n], ref.m[k][n],
-                                     rtol=1e-8, atol=1e-12)
+                                     rtol=1e-10, atol=1e-12)
           np.testing.assert_allclose(state.deltas[k].nu[n], ref.v[k][n],
-                                     rtol=1e-8, atol=1e-12)
+                                     rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------
@@ -608,6 +619,8 @@ def sharded_report():
 
 
 def test_sharded_checker_sees_array_sized_collectives(sharded_report):
+  """Control: the checker flags an array-sized all-reduce and allows tiny
+  ones."""
   control = sharded_report["__control__"]
   assert control, "a cross-shard row sum must show a collective"
   assert not all(_is_tiny_all_reduce(t, op) for t, op in control), control
@@ -619,6 +632,8 @@ def test_sharded_checker_sees_array_sized_collectives(sharded_report):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_sharded_update_has_no_array_sized_collectives(name, sharded_report):
+  """Row-sharded params on 8 devices (``init`` outside ``jit``): the state
+  is sharded like the params and the compiled update moves no array."""
   report = sharded_report[name]
   if "skip" in report:
     pytest.skip(report["skip"])

@@ -14,8 +14,7 @@ import pytest
 import dualoptax
 from dualoptax.cagrad import cagrad_weights
 from dualoptax.mgda import min_norm_weights
-
-import reference_multitask as ref
+from tests import reference_multitask as ref
 
 # float64 comparisons: the library works on the Gram matrix, the reference on
 # the vectors, so results differ by rounding amplified by a few dot products
@@ -156,23 +155,31 @@ def test_pcgrad_key_in_state_is_deterministic():
   _, trees = random_grads(0, 3, conflict=True)
   params = jax.tree.map(jnp.zeros_like, trees["a"])
 
-  def run(tx, steps=5):
-    state, outs, update = tx.init(params), [], jax.jit(tx.update)
-    for _ in range(steps):
-      d, state = update(trees, state, params)
-      outs.append(flat_of(d))
-    return np.stack(outs), state
+  @jax.jit
+  def run(key):  # 5 updates from a transformation built on `key`
+    tx = dualoptax.pcgrad(key=key)
+    def body(state, _):
+      d, state = tx.update(trees, state, params)
+      return state, jnp.concatenate([x.ravel() for x in jax.tree.leaves(d)])
+    return jax.lax.scan(body, tx.init(params), None, length=5)
 
-  a, state_a = run(dualoptax.pcgrad(seed=3))
-  b, _ = run(dualoptax.pcgrad(key=jax.random.PRNGKey(3)))
+  state_a, a = run(jax.random.PRNGKey(3))
+  state_b, b = run(jax.random.PRNGKey(3))
+  _, c = run(jax.random.PRNGKey(4))
   np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)  # another key, other orders somewhere
   assert isinstance(state_a, dualoptax.PCGradState)
   assert state_a._fields[:2] == ("count", "key")
   assert int(state_a.count) == 5
   assert not np.array_equal(np.asarray(state_a.key),
                             np.asarray(jax.random.PRNGKey(3)))
-  typed, _ = run(dualoptax.pcgrad(key=jax.random.key(3)))
-  assert np.all(np.isfinite(typed))
+  # `seed` is PRNGKey(seed); typed keys work too.
+  init = dualoptax.pcgrad(seed=3).init(params)
+  np.testing.assert_array_equal(init.key, jax.random.PRNGKey(3))
+  d, state = dualoptax.pcgrad(key=jax.random.key(3)).update(
+      trees, dualoptax.pcgrad(key=jax.random.key(3)).init(params), params)
+  assert jnp.issubdtype(state.key.dtype, jax.dtypes.prng_key)
+  assert np.all(np.isfinite(flat_of(d)))
 
 
 def test_canonical_order_ignores_mapping_order_and_jit():
@@ -210,7 +217,7 @@ def test_mgda_is_min_norm_point_float64(k, conflict):
     flats, trees = random_grads(10 + k, k, conflict=conflict,
                                 dtype=jnp.float64)
     got = flat_of(direction(dualoptax.mgda(), trees))
-  alpha, want = ref.min_norm_point(flats)
+  _, want = ref.min_norm_point(flats)
   np.testing.assert_allclose(got, want, rtol=RTOL64,
                              atol=RTOL64 * np.abs(want).max())
   # No point of a fine simplex grid is closer to the origin.
@@ -245,14 +252,14 @@ def test_min_norm_weights_many_tasks(k):
   a = rng.standard_normal((k, 9)) + rng.standard_normal(9)
   with x64():
     alpha = np.asarray(min_norm_weights(jnp.asarray(a @ a.T)))
-  want_alpha, want = ref.min_norm_point(list(a))
+  _, want = ref.min_norm_point(list(a))
   assert np.all(alpha >= 0) and abs(alpha.sum() - 1) < RTOL64
   np.testing.assert_allclose(alpha @ a, want, rtol=RTOL64,
                              atol=RTOL64 * np.abs(a).max())
 
 
 def test_mgda_normalize():
-  flats, trees = random_grads(4, 3, conflict=True)
+  _, trees = random_grads(4, 3, conflict=True)
   with x64():
     trees = jax.tree.map(lambda x: x.astype(jnp.float64), trees)
     got = flat_of(direction(dualoptax.mgda(normalize=True), trees))
@@ -335,24 +342,23 @@ def test_chain_with_adam_jit_and_scan(name):
   def grads_of(p):
     return {t: jax.grad(loss)(p, t) for t in targets}
 
-  # One step equals "direction, then Adam" done by hand.
-  g = grads_of(params)
-  u, _ = jax.jit(tx.update)(g, state, params)
-  d = direction(first, g, params)
-  adam = optax.adam(3e-2)
-  u_ref, _ = adam.update(d, adam.init(params), params)
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=RTOL32),
-               u, u_ref)
-
   def step(carry, _):
     p, s = carry
     upd, s = tx.update(grads_of(p), s, p)
     return (optax.apply_updates(p, upd), s), None
 
+  # One step equals "direction, then Adam" done by hand.
+  jstep = jax.jit(lambda c: step(c, None)[0])
+  p_one, _ = jstep((params, state))
+  d = direction(first, grads_of(params), params)
+  adam = optax.adam(3e-2)
+  u_ref, _ = adam.update(d, adam.init(params), params)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=RTOL32),
+               p_one, optax.apply_updates(params, u_ref))
+
   (p_scan, s_scan), _ = jax.jit(
       lambda c: jax.lax.scan(step, c, None, length=100))((params, state))
   p_loop, s_loop = params, state
-  jstep = jax.jit(lambda c: step(c, None)[0])
   for _ in range(100):
     p_loop, s_loop = jstep((p_loop, s_loop))
   jax.tree.map(lambda x, y: np.testing.assert_allclose(
@@ -373,8 +379,9 @@ def test_vmap_over_batches_of_problems(name):
   batched = jax.jit(jax.vmap(lambda g: direction(tx, g, params)))(stacked)
   for i, t in enumerate(trees):
     one = flat_of(direction(tx, t, params))
-    np.testing.assert_allclose(flat_of(jax.tree.map(lambda x: x[i], batched)),
-                               one, rtol=RTOL32, atol=RTOL32 * np.abs(one).max())
+    row = flat_of(jax.tree.map(lambda x, i=i: x[i], batched))
+    np.testing.assert_allclose(row, one, rtol=RTOL32,
+                               atol=RTOL32 * np.abs(one).max())
 
 
 @pytest.mark.parametrize("name", METHODS)

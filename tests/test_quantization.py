@@ -1,4 +1,4 @@
-"""The 8-bit block-wise codec (SPEC §3): code map, exact-nearest encoding, layout."""
+"""The 8-bit block-wise codec (docs/algorithm.md section 3): code map, exact-nearest encoding, layout."""
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +69,7 @@ def test_code_map_equals_bitsandbytes(signed):
 
 @pytest.mark.parametrize("signed", [True, False])
 def test_codes_equal_searchsorted_reference_on_1m_values(signed):
-  # SPEC §3 figures: 1M standard normals (signed) and squared normals (unsigned).
+  # bitsandbytes' figures: 1M standard normals (signed) and squared normals (unsigned).
   x = np.random.default_rng(0).standard_normal(1 << 20).astype(np.float32)
   data = x if signed else x * x
   q = _quantize(data, signed=signed)

@@ -226,18 +226,22 @@ def _outcome(report, fn, *args):
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_adam_8bit_update_has_no_collectives(layout, report):
+  """quantize_state(adam): sharded state, no collective, unsharded result."""
   _outcome(report, "_check_adam_8bit_update_has_no_collectives", layout)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_dual_optim_plus_8bit_sharded(layout, report):
+  """DualOptim+ 8-bit: no collective but the scalar finiteness flag."""
   _outcome(report, "_check_dual_optim_plus_8bit_sharded", layout)
 
 
 def test_shards_smaller_than_a_block_use_a_shard_sized_block(report):
+  """128-column shards get blocks of 128."""
   _outcome(report, "_check_shards_smaller_than_a_block_use_a_shard_sized_block")
 
 
 def test_shards_without_a_whole_block_stay_float32_with_a_warning(report):
+  """Shards with no whole block keep float32 (warned); unsharded: padded."""
   _outcome(report,
            "_check_shards_without_a_whole_block_stay_float32_with_a_warning")

@@ -202,7 +202,7 @@ def test_state_memory_on_gpt2_small_shapes():
 
 
 def _stress_quadratic(tx, steps=300, n=65536, lr=1e-2, sigma=1.0):
-  """SPEC §1's hazard: noisy two-objective quadratic, 1:5 forget:retain schedule.
+  """The published rule's hazard (docs/algorithm.md section 1.3): noisy two-objective quadratic, 1:5 forget:retain schedule.
 
   Forget pulls θ towards ``a_f``, retain towards ``a_r`` (conflicting), gradients carry
   unit Gaussian noise. Returns (final retain loss, largest |Δθ| / lr over the run).

@@ -1,4 +1,4 @@
-"""Unlearning losses (SPEC §4) against hand-computed values."""
+"""Unlearning losses (docs/algorithm.md section 4) against hand-computed values."""
 
 import math
 

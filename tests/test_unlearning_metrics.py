@@ -1,4 +1,4 @@
-"""Unlearning metrics (SPEC §5) on synthetic predictions."""
+"""Unlearning metrics (docs/algorithm.md section 5) on synthetic predictions."""
 
 import math
 

@@ -1,4 +1,4 @@
-r"""Unlearning losses (SPEC §4) for token sequences and for classifiers.
+r"""Unlearning losses (``docs/algorithm.md`` section 4) for token sequences and for classifiers.
 
 Token-sequence convention (the caller shifts):
 
@@ -13,7 +13,7 @@ quantities (``ref_sequence_nll``, ``ref_logits``) are wrapped in
 :func:`jax.lax.stop_gradient`: the reference model is frozen.
 
 Classifier convention: ``logits`` ``[B, C]`` and integer ``labels`` ``[B]``; the
-"sequence" of SPEC §4 is replaced by the example.
+"sequence" of the language-model losses is replaced by the example.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def sequence_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-    r"""Summed answer-token NLL of each sequence, SPEC's :math:`\ell(x)`.
+    r"""Summed answer-token NLL of each sequence, :math:`\ell(x)`.
 
     .. math::
         \ell(x) = \sum_t m_t \, \mathrm{nll}_t

@@ -1,4 +1,4 @@
-r"""Unlearning metrics of SPEC §5 (image-classification protocol, random forgetting).
+r"""Unlearning metrics (``docs/algorithm.md`` section 5: random forgetting).
 
 For one unlearned model, each ×100:
 
@@ -7,7 +7,7 @@ For one unlearned model, each ×100:
 * TA  = accuracy on the test set,
 * MIA = membership-inference rate on the forget set: a class-balanced logistic regression
   on the softmax entropy is fit with members = retain set and non-members = test set, and
-  MIA is the percentage of forget examples it calls *members* (SPEC's convention; the
+  MIA is the percentage of forget examples it calls *members* (the protocol's convention; the
   "MIA-efficacy" of SalUn is 100 minus this; gaps to Retrain are the same either way).
 
 Across methods: the average gap is the mean over the four metrics of

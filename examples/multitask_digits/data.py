@@ -51,8 +51,9 @@ def load(n_train: int = 4000, n_val: int = 1000, n_test: int = 2000,
   Returns:
     :class:`MultiDigits`.
   """
-  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
-  from sklearn.model_selection import train_test_split  # pylint: disable=import-outside-toplevel
+  # Imported here so that importing the module needs no scikit-learn.
+  from sklearn.datasets import load_digits
+  from sklearn.model_selection import train_test_split
 
   digits = load_digits()
   images = (digits.images / 16.0).astype(np.float32)

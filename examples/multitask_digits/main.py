@@ -30,16 +30,16 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-if not __package__:  # run as a script: make the folder importable as a package
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if not __package__:  # run as a script: make the folder importable
+  sys.path.insert(0, os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from multitask_digits import data as D
-from multitask_digits import report
-from multitask_digits import train
+from multitask_digits import report, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,12 +100,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   lrs = jnp.asarray(cfg.lrs, jnp.float32)
   val = (jnp.asarray(splits.val.x), splits.val.y)
   test = (jnp.asarray(splits.test.x), splits.test.y)
+  train_xy = (jnp.asarray(splits.train.x), splits.train.y)
 
   def scores(method):
     """Validation and test accuracies ``[(K,) L, S, K]`` of one method."""
     t0 = time.time()
     run = train.make_run(method, cfg.steps, cfg.batch, cfg.hidden)
-    params = run(lrs, keys, jnp.asarray(splits.train.x), splits.train.y)
+    params = run(lrs, keys, *train_xy)
     if method == "single":  # one model grid per task
       grids = [jax.tree.map(lambda a, k=k: a[k], params)
                for k in range(len(D.TASKS))]
@@ -113,7 +114,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       grids = [params]
     out = [np.stack([np.asarray(train.accuracies(g, *s)) for g in grids])
            for s in (val, test)]
-    print(f"  {method:<22} {time.time() - t0:6.1f} s", flush=True)
+    print(f"  {method:<22} {time.time() - t0:6.1f} s (compile included)",
+          flush=True)
     return out if method == "single" else [o[0] for o in out]
 
   # Single-task references: each task alone, its lr chosen on its accuracy.

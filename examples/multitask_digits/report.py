@@ -183,7 +183,7 @@ def plot(rows: Sequence[Mapping], path: Path) -> None:
 
 
 def write(out: Path, result: Mapping, table_text: str) -> list[Path]:
-  """Writes ``results.json``, ``table.txt`` and ``summary.png`` under ``out``."""
+  """Writes ``results.json``, ``table.txt`` and ``summary.png`` in ``out``."""
   out.mkdir(parents=True, exist_ok=True)
   paths = [out / "results.json", out / "table.txt", out / "summary.png"]
   paths[0].write_text(json.dumps(result, indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""The MultiDigits multi-task benchmark (examples/multitask_digits), at toy size."""
+"""The MultiDigits benchmark (examples/multitask_digits), at toy size."""
 
 import json
 import math
@@ -19,9 +19,9 @@ EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
 if EXAMPLES not in sys.path:
   sys.path.insert(0, EXAMPLES)
 
-from multitask_digits import data as D  # noqa: E402
-from multitask_digits import main as mtl_main  # noqa: E402
-from multitask_digits import report, train  # noqa: E402
+from multitask_digits import data as D
+from multitask_digits import main as mtl_main
+from multitask_digits import report, train
 
 # One method per code path of train.py (summed loss, one task per step, every
 # task's gradient per call); each costs a compile, the budget is < 60 s.

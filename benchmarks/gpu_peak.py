@@ -1,0 +1,93 @@
+"""Peak device memory and step time of one update, measured on the device.
+
+For adamw, dual_optim_plus, dual_optim_plus_8bit and quantize_state(adamw) on
+GPT-2-small shapes (124M params): the device's
+``memory_stats()['peak_bytes_in_use']`` in a fresh process per update (after
+init, and after one jitted, state-donated step), then the median step time of
+``--reps`` interleaved steps in one process. Meant for a GPU/TPU
+(``benchmarks/gpu.sh``); a CPU reports no memory stats (printed as nan).
+
+    python benchmarks/gpu_peak.py [--reps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import dualoptax
+from benchmarks import memory
+
+
+def _peak() -> float:
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use", float("nan"))
+
+
+def _make(name):
+  tx, wrap = memory.cases()[name]
+  shapes = memory.gpt2_small_shapes()
+  params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
+
+  def step(p, s, g):
+    u, s = tx.update(wrap(g), s, p)
+    return optax.apply_updates(p, u), s
+
+  return jax.jit(step, donate_argnums=(0, 1)), params, tx.init(params), grads
+
+
+def _one_peak(name) -> None:
+  f, params, state, grads = _make(name)
+  jax.block_until_ready(state)
+  before = _peak()
+  params, state = f(params, state, grads)
+  jax.block_until_ready(params)
+  print(before, _peak())
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--reps", type=int, default=20)
+  parser.add_argument("--peak-of", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.peak_of:
+    return _one_peak(args.peak_of)
+  n = sum(x.size for x in jax.tree.leaves(memory.gpt2_small_shapes()))
+  print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, "
+        f"{n / 1e6:.1f}M params")
+  peaks, runs = {}, {}
+  for name in memory.cases():
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_peak", "--peak-of", name],
+        capture_output=True, text=True, check=True).stdout.split()
+    peaks[name] = (float(out[-2]), float(out[-1]))
+  for name in memory.cases():
+    f, params, state, grads = _make(name)
+    params, state = f(params, state, grads)
+    runs[name] = [f, params, state, grads, []]
+  for _ in range(args.reps):
+    for r in runs.values():
+      t0 = time.perf_counter()
+      r[1], r[2] = r[0](r[1], r[2], r[3])
+      jax.block_until_ready(r[1])
+      r[4].append(time.perf_counter() - t0)
+  base = statistics.median(runs["optax.adamw"][4])
+  print(f"{'update':24s} {'step ms':>8s} {'vs adamw':>9s} {'peak, init GB':>14s} "
+        f"{'peak, step GB':>14s} {'step peak B/param':>18s}")
+  for name, r in runs.items():
+    t = statistics.median(r[4])
+    p0, p1 = peaks[name]
+    print(f"{name:24s} {t * 1e3:8.2f} {t / base:9.2f} {p0 / 1e9:14.2f} "
+          f"{p1 / 1e9:14.2f} {p1 / n:18.2f}")
+
+
+if __name__ == "__main__":
+  main()

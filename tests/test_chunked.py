@@ -1,0 +1,194 @@
+"""The chunked 8-bit step: same codes as a whole-state step, bounded memory."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import dualoptax
+from dualoptax import QuantizedArray
+from dualoptax._chunked import num_chunks
+
+# Leaves of two shapes (two of one), one below min_size, one 1-d.
+SHAPES = {"a": (48, 512), "a2": (48, 512), "c": (30, 256), "small": (8, 8),
+          "vec": (5000,)}
+
+
+def _params():
+  keys = jax.random.split(jax.random.key(0), len(SHAPES))
+  return {n: jax.random.normal(k, s) for (n, s), k in zip(SHAPES.items(), keys)}
+
+
+def _grads(step, params):
+  return jax.tree.map(lambda p: jnp.sin(p * (step + 1.5)) * (1 + 0.1 * step),
+                      params)
+
+
+CASES = {
+    "adamw": (lambda cs: dualoptax.quantize_state(
+        optax.adamw(1e-2, weight_decay=0.1), chunk_size=cs), False),
+    "inject_hyperparams": (lambda cs: dualoptax.quantize_state(
+        optax.inject_hyperparams(optax.adam)(
+            learning_rate=optax.linear_schedule(1e-2, 1e-3, 10)),
+        chunk_size=cs), False),
+    "dual_optim_plus_8bit": (lambda cs: dualoptax.dual_optim_plus_8bit(
+        1e-2, weight_decay=0.1, chunk_size=cs), True),
+    "dual_optim_plus_8bit_base_only": (lambda cs: dualoptax.dual_optim_plus_8bit(
+        1e-2, quantize_delta=False, chunk_size=cs), True),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_chunked_step_equals_whole_step(name):
+  make, multi = CASES[name]
+  whole = make(None)
+  chunked = {cs: jax.jit(make(cs).update) for cs in (4096, 2**22)}
+  params = _params()
+  state = whole.init(params)
+  whole_update = jax.jit(whole.update)
+  for t in range(4):
+    g = _grads(t, params)
+    g = {("forget", "retain")[t % 2]: g} if multi else g
+    u1, s1 = whole_update(g, state, params)
+    # From the same state: several chunks per leaf, and two per leaf.
+    for update in chunked.values():
+      u2, s2 = update(g, state, params)
+      q1 = jax.tree.leaves(s1, is_leaf=lambda x: isinstance(x, QuantizedArray))
+      q2 = jax.tree.leaves(s2, is_leaf=lambda x: isinstance(x, QuantizedArray))
+      assert [type(x) for x in q1] == [type(x) for x in q2]
+      assert any(isinstance(x, QuantizedArray) for x in q1)
+      # The same float32 math in differently fused loops: XLA may contract a
+      # multiply-add into an FMA in one and not the other, so a moment can
+      # differ by an ulp, its block's absmax by an ulp and, rarely, a code by
+      # one step where the value sits on a code boundary.
+      for x, y in zip(q1, q2):
+        if isinstance(x, QuantizedArray):
+          np.testing.assert_allclose(x.absmax, y.absmax, rtol=3e-7)
+          diff = np.abs(np.asarray(x.codes, int) - np.asarray(y.codes, int))
+          assert diff.max() <= 1 and diff.mean() < 1e-3, diff.mean()
+        else:
+          np.testing.assert_allclose(x, y, rtol=3e-7, atol=1e-30)
+      # Updates: the same rounding, amplified where DualOptim+'s v_k + v_B
+      # cancels (an ulp of v over a small |v_k + v_B|); |u| <= 1 bounds the
+      # direction, so the tolerance is a fraction of lr = 1e-2 (seen: 3.3e-6
+      # in one element of 24,576; a wrong chunk is off by ~lr everywhere).
+      for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-5)
+    params = optax.apply_updates(params, u1)
+    state = s1
+
+
+def _temp_bytes(tx, params, multi):
+  state = jax.eval_shape(tx.init, params)
+  update = jax.jit(
+      lambda p, s, g: tx.update({"forget": g} if multi else g, s, p),
+      donate_argnums=1)
+  compiled = update.lower(params, state, params).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("name", ["adamw", "dual_optim_plus_8bit"])
+def test_chunked_step_temporaries_are_a_fraction_of_whole(name):
+  make, multi = CASES[name]
+  params = {f"w{i}": jax.ShapeDtypeStruct((512, 1024), jnp.float32)
+            for i in range(4)}
+  whole = _temp_bytes(make(None), params, multi)
+  chunked = _temp_bytes(make(2**16), params, multi)
+  n = 4 * 512 * 1024
+  # Whole: every changed moment decoded at once (>= 2 float32 per param);
+  # chunked: a chunk of 64K values per leaf group at a time.
+  assert whole >= 8 * n
+  assert chunked <= whole / 8, (chunked / n, whole / n)
+
+
+def test_coupled_inner_update_warns_and_stays_exact():
+  # A global-norm clip inside reads every leaf: those leaves are decoded whole.
+  params = _params()
+
+  def make(cs):
+    return dualoptax.quantize_state(
+        optax.chain(optax.clip_by_global_norm(0.1), optax.adam(1e-2)),
+        chunk_size=cs)
+
+  g = _grads(0, params)
+  tx_whole, tx_chunk = make(None), make(4096)
+  s = tx_whole.init(params)
+  with pytest.warns(UserWarning, match="not element-wise per leaf"):
+    u2, s2 = tx_chunk.update(g, s, params)
+  u1, s1 = tx_whole.update(g, s, params)
+  for a, b in zip(jax.tree.leaves((u1, s1)), jax.tree.leaves((u2, s2))):
+    np.testing.assert_allclose(np.asarray(a, np.float64),
+                               np.asarray(b, np.float64), rtol=2e-6, atol=1e-9)
+
+
+def test_elementwise_inner_update_does_not_warn():
+  params = _params()
+  tx = dualoptax.dual_optim_plus_8bit(1e-2, chunk_size=4096)
+  s = tx.init(params)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    jax.jit(tx.update)({"forget": _grads(0, params)}, s, params)
+
+
+def test_chunk_size_is_validated():
+  for bad in (0, -1, 2.5, True):
+    with pytest.raises(ValueError, match="chunk_size"):
+      dualoptax.quantize_state(optax.adam(1e-3), chunk_size=bad)
+
+
+@pytest.mark.parametrize("shape,chunk,devices,expected", [
+    ((48, 512), 4096, 1, 6),  # 48 rows of 512: 8 rows per chunk
+    ((48, 512), 2**22, 1, 2),  # fits in one chunk: still two (a real loop)
+    ((64, 2048), 2**14, 8, 8),  # 64 / 8 devices = 8 rows per shard
+    ((8, 2048), 16, 8, 1),  # one row per shard: no split keeps shards whole
+    ((50257, 768), 2**22, 1, 29),  # GPT-2's embedding: 50257 = 29 * 1733
+    ((5000,), 16, 1, 1),  # 1-d leaves are not split
+])
+def test_num_chunks(shape, chunk, devices, expected):
+  k = num_chunks(shape, chunk, devices)
+  assert k == expected
+  rows = shape[0]
+  assert rows % k == 0
+  if k > 1:  # every shard of the leading axis holds whole chunk rows
+    assert (rows // k) % np.gcd(rows, devices) == 0
+
+
+def _quantized_leaves(state):
+  return [x for x in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, QuantizedArray))
+          if isinstance(x, QuantizedArray)]
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4096])
+def test_idle_objective_and_skipped_call_keep_every_code(chunk_size):
+  params = _params()
+  tx = dualoptax.dual_optim_plus_8bit(1e-2, weight_decay=0.1,
+                                      chunk_size=chunk_size)
+  update = jax.jit(tx.update)
+  state = tx.init(params)
+  for t in range(2):
+    _, state = update({"forget": _grads(t, params),
+                       "retain": _grads(t + 5, params)}, state, params)
+  # A retain-only call leaves the forget moments' codes as they were.
+  _, after = update({"retain": _grads(3, params)}, state, params)
+  for a, b in zip(_quantized_leaves(state.deltas["forget"]),
+                  _quantized_leaves(after.deltas["forget"])):
+    np.testing.assert_array_equal(a.codes, b.codes)
+    np.testing.assert_array_equal(a.absmax, b.absmax)
+  changed = [not np.array_equal(a.codes, b.codes) for a, b in zip(
+      _quantized_leaves(state.deltas["retain"]),
+      _quantized_leaves(after.deltas["retain"]))]
+  assert all(changed)
+  # A NaN anywhere skips the call: zero update, every code and count kept.
+  bad = _grads(4, params)
+  bad["c"] = bad["c"].at[3, 5].set(jnp.nan)
+  u, skipped = update({"forget": _grads(4, params), "retain": bad}, after,
+                      params)
+  assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(u))
+  assert int(skipped.skipped) == int(after.skipped) + 1
+  for a, b in zip(jax.tree.leaves(after._replace(skipped=0)),
+                  jax.tree.leaves(skipped._replace(skipped=0))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
