@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-import dualoptax
 from benchmarks import memory
 
 
@@ -61,13 +60,18 @@ def main() -> None:
   if args.peak_of:
     return _one_peak(args.peak_of)
   n = sum(x.size for x in jax.tree.leaves(memory.gpt2_small_shapes()))
-  print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, "
-        f"{n / 1e6:.1f}M params")
+  print(
+    f"jax {jax.__version__}, {jax.devices()[0].device_kind}, "
+    f"{n / 1e6:.1f}M params"
+  )
   peaks, runs = {}, {}
   for name in memory.cases():
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_peak", "--peak-of", name],
-        capture_output=True, text=True, check=True).stdout.split()
+      [sys.executable, "-m", "benchmarks.gpu_peak", "--peak-of", name],
+      capture_output=True,
+      text=True,
+      check=True,
+    ).stdout.split()
     peaks[name] = (float(out[-2]), float(out[-1]))
   for name in memory.cases():
     f, params, state, grads = _make(name)
@@ -80,13 +84,17 @@ def main() -> None:
       jax.block_until_ready(r[1])
       r[4].append(time.perf_counter() - t0)
   base = statistics.median(runs["optax.adamw"][4])
-  print(f"{'update':24s} {'step ms':>8s} {'vs adamw':>9s} {'peak, init GB':>14s} "
-        f"{'peak, step GB':>14s} {'step peak B/param':>18s}")
+  print(
+    f"{'update':24s} {'step ms':>8s} {'vs adamw':>9s} {'peak, init GB':>14s} "
+    f"{'peak, step GB':>14s} {'step peak B/param':>18s}"
+  )
   for name, r in runs.items():
     t = statistics.median(r[4])
     p0, p1 = peaks[name]
-    print(f"{name:24s} {t * 1e3:8.2f} {t / base:9.2f} {p0 / 1e9:14.2f} "
-          f"{p1 / 1e9:14.2f} {p1 / n:18.2f}")
+    print(
+      f"{name:24s} {t * 1e3:8.2f} {t / base:9.2f} {p0 / 1e9:14.2f} "
+      f"{p1 / 1e9:14.2f} {p1 / n:18.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -35,24 +35,24 @@ def gpt2_small_shapes() -> dict:
   tree = {"wte": f(v, d), "wpe": f(n_ctx, d), "ln_f": {"g": f(d), "b": f(d)}}
   for i in range(layers):
     tree[f"h{i}"] = {
-        "ln_1": {"g": f(d), "b": f(d)},
-        "ln_2": {"g": f(d), "b": f(d)},
-        "attn": {
-            "c_attn": {"w": f(d, 3 * d), "b": f(3 * d)},
-            "c_proj": {"w": f(d, d), "b": f(d)},
-        },
-        "mlp": {
-            "c_fc": {"w": f(d, 4 * d), "b": f(4 * d)},
-            "c_proj": {"w": f(4 * d, d), "b": f(d)},
-        },
+      "ln_1": {"g": f(d), "b": f(d)},
+      "ln_2": {"g": f(d), "b": f(d)},
+      "attn": {
+        "c_attn": {"w": f(d, 3 * d), "b": f(3 * d)},
+        "c_proj": {"w": f(d, d), "b": f(d)},
+      },
+      "mlp": {
+        "c_fc": {"w": f(d, 4 * d), "b": f(4 * d)},
+        "c_proj": {"w": f(4 * d, d), "b": f(d)},
+      },
     }
   return tree
 
 
 def many_leaves_shapes(n: int = 200) -> dict:
   return {
-      f"w{i:03d}": jax.ShapeDtypeStruct((64, 64 + i % 7), jnp.float32)
-      for i in range(n)
+    f"w{i:03d}": jax.ShapeDtypeStruct((64, 64 + i % 7), jnp.float32)
+    for i in range(n)
   }
 
 
@@ -60,19 +60,19 @@ def cases() -> dict:
   forget = lambda g: {"forget": g}
   same = lambda g: g
   return {
-      "optax.adamw": (optax.adamw(1e-3, weight_decay=0.01), same),
-      "quantize_state(adamw)": (
-          dualoptax.quantize_state(optax.adamw(1e-3, weight_decay=0.01)),
-          same,
-      ),
-      "dual_optim_plus": (
-          dualoptax.dual_optim_plus(1e-3, weight_decay=0.01),
-          forget,
-      ),
-      "dual_optim_plus_8bit": (
-          dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.01),
-          forget,
-      ),
+    "optax.adamw": (optax.adamw(1e-3, weight_decay=0.01), same),
+    "quantize_state(adamw)": (
+      dualoptax.quantize_state(optax.adamw(1e-3, weight_decay=0.01)),
+      same,
+    ),
+    "dual_optim_plus": (
+      dualoptax.dual_optim_plus(1e-3, weight_decay=0.01),
+      forget,
+    ),
+    "dual_optim_plus_8bit": (
+      dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.01),
+      forget,
+    ),
   }
 
 
@@ -83,17 +83,19 @@ def measure(tx, wrap, params) -> dict:
     return tx.update(wrap(g), s, p)
 
   t0 = time.perf_counter()
-  compiled = jax.jit(update, donate_argnums=1).lower(params, state, params).compile()
+  compiled = (
+    jax.jit(update, donate_argnums=1).lower(params, state, params).compile()
+  )
   seconds = time.perf_counter() - t0
   analysis = compiled.memory_analysis()
   n = sum(x.size for x in jax.tree.leaves(params))
   state_b = dualoptax.state_nbytes(state) / n
   temp_b = analysis.temp_size_in_bytes / n
   return {
-      "state": state_b,
-      "temp": temp_b,
-      "peak": state_b + temp_b,
-      "compile": seconds,
+    "state": state_b,
+    "temp": temp_b,
+    "peak": state_b + temp_b,
+    "compile": seconds,
   }
 
 
@@ -101,22 +103,22 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--trees", default="gpt2,many")
   parser.add_argument(
-      "--repeat", type=int, default=1, help="compiles per case (median)"
+    "--repeat", type=int, default=1, help="compiles per case (median)"
   )
   args = parser.parse_args()
   trees = {"gpt2": ("GPT-2 small, 124M params, 148 leaves", gpt2_small_shapes)}
   trees["many"] = ("200 leaves of 64x64..70, 0.85M params", many_leaves_shapes)
   print(
-      f"jax {jax.__version__}, optax {optax.__version__}, backend "
-      f"{jax.default_backend()}, {jax.device_count()} device(s)"
+    f"jax {jax.__version__}, optax {optax.__version__}, backend "
+    f"{jax.default_backend()}, {jax.device_count()} device(s)"
   )
   for key in args.trees.split(","):
     label, make = trees[key]
     params = make()
     print(f"\n{label}: update jitted with the state donated")
     print(
-        f"{'update':24s} {'state B/param':>14s} {'temp B/param':>13s} "
-        f"{'peak B/param':>13s} {'compile s':>10s} {'vs adamw':>9s}"
+      f"{'update':24s} {'state B/param':>14s} {'temp B/param':>13s} "
+      f"{'peak B/param':>13s} {'compile s':>10s} {'vs adamw':>9s}"
     )
     base = None
     for name, (tx, wrap) in cases().items():
@@ -125,8 +127,8 @@ def main() -> None:
       r["compile"] = statistics.median(x["compile"] for x in runs)
       base = base or r["compile"]
       print(
-          f"{name:24s} {r['state']:14.2f} {r['temp']:13.2f} {r['peak']:13.2f} "
-          f"{r['compile']:10.2f} {r['compile'] / base:9.2f}"
+        f"{name:24s} {r['state']:14.2f} {r['temp']:13.2f} {r['peak']:13.2f} "
+        f"{r['compile']:10.2f} {r['compile'] / base:9.2f}"
       )
 
 

@@ -40,8 +40,10 @@ import dualoptax
 
 def make_params(shapes, seed=0):
   rng = np.random.default_rng(seed)
-  return {f"w{i:03d}": jnp.asarray(rng.standard_normal(s, dtype=np.float32))
-          for i, s in enumerate(shapes)}
+  return {
+    f"w{i:03d}": jnp.asarray(rng.standard_normal(s, dtype=np.float32))
+    for i, s in enumerate(shapes)
+  }
 
 
 def make_step(tx, wrap, kind="update"):
@@ -54,15 +56,20 @@ def make_step(tx, wrap, kind="update"):
 
   def step(params, state, grads):
     if kind == "train":  # ``grads`` are the targets x of 0.5 * sum((θ - x)**2)
-      loss = lambda p: sum(0.5 * jnp.sum(jnp.square(a - b)) for a, b in
-                           zip(jax.tree.leaves(p), jax.tree.leaves(grads)))
+      loss = lambda p: sum(
+        0.5 * jnp.sum(jnp.square(a - b))
+        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(grads))
+      )
       grads = jax.grad(loss)(params)
     updates, state = tx.update(wrap(grads), state, params)
     new_params = optax.apply_updates(params, updates)
     if kind == "donated":
       return new_params, state, (updates if returns_update else grads)
     return new_params, state
-  return jax.jit(step, donate_argnums=(0, 1, 2) if kind == "donated" else (0, 1))
+
+  return jax.jit(
+    step, donate_argnums=(0, 1, 2) if kind == "donated" else (0, 1)
+  )
 
 
 def _same(g):
@@ -100,12 +107,21 @@ def bench(cases, params, reps, kind="update"):
     g = fresh() if kind == "donated" else grads
     p, s = compiled(p, s, g)[:2]  # warm-up
     jax.block_until_ready(p)
-    runs[name] = {"fn": compiled, "p": p, "s": s, "times": [], "compile": compile_s,
-                  "temp": temp_mb, "faults": 0}
+    runs[name] = {
+      "fn": compiled,
+      "p": p,
+      "s": s,
+      "times": [],
+      "compile": compile_s,
+      "temp": temp_mb,
+      "faults": 0,
+    }
   for _ in range(reps):
     for r in runs.values():
       g = grads
-      if kind == "donated":  # donated buffers are consumed: new ones, made untimed
+      if (
+        kind == "donated"
+      ):  # donated buffers are consumed: new ones, made untimed
         g = jax.block_until_ready(fresh())
       f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       t0 = time.perf_counter()
@@ -113,18 +129,35 @@ def bench(cases, params, reps, kind="update"):
       jax.block_until_ready(r["p"])
       r["times"].append(time.perf_counter() - t0)
       r["faults"] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-  return {n: (statistics.median(r["times"]), r["compile"], r["temp"],
-              r["faults"] / reps) for n, r in runs.items()}
+  return {
+    n: (
+      statistics.median(r["times"]),
+      r["compile"],
+      r["temp"],
+      r["faults"] / reps,
+    )
+    for n, r in runs.items()
+  }
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--reps", type=int, default=30)
-  parser.add_argument("--quick", action="store_true", help="small trees, few reps")
-  parser.add_argument("--leaves", type=int, default=4,
-                      help="4096x1024 leaves of the big tree (4: the issue's 16.8M)")
-  parser.add_argument("--rounds", type=int, default=5,
-                      help="rounds of the closing adamw vs 8-bit (grads donated) check")
+  parser.add_argument(
+    "--quick", action="store_true", help="small trees, few reps"
+  )
+  parser.add_argument(
+    "--leaves",
+    type=int,
+    default=4,
+    help="4096x1024 leaves of the big tree (4: the issue's 16.8M)",
+  )
+  parser.add_argument(
+    "--rounds",
+    type=int,
+    default=5,
+    help="rounds of the closing adamw vs 8-bit (grads donated) check",
+  )
   args = parser.parse_args()
   big = [(4096, 1024)] * args.leaves
   many = [(64, 64 + i % 7) for i in range(200)]
@@ -132,47 +165,75 @@ def main():
     big, args.reps = [(512, 256)] * 4, 5
   forget, same = _forget, _same
   cases = {
-      "optax.adamw": (optax.adamw(1e-3, weight_decay=0.01), same),
-      "dual_optim_plus": (dualoptax.dual_optim_plus(1e-3, weight_decay=0.01), forget),
-      "dual_optim_plus(skip_nonfinite=False)": (dualoptax.dual_optim_plus(
-          1e-3, weight_decay=0.01, skip_nonfinite=False), forget),
-      "dual_optim": (dualoptax.dual_optim(1e-3, weight_decay=0.01), forget),
+    "optax.adamw": (optax.adamw(1e-3, weight_decay=0.01), same),
+    "dual_optim_plus": (
+      dualoptax.dual_optim_plus(1e-3, weight_decay=0.01),
+      forget,
+    ),
+    "dual_optim_plus(skip_nonfinite=False)": (
+      dualoptax.dual_optim_plus(1e-3, weight_decay=0.01, skip_nonfinite=False),
+      forget,
+    ),
+    "dual_optim": (dualoptax.dual_optim(1e-3, weight_decay=0.01), forget),
   }
   cases["quantize_state(optax.adamw)"] = (
-      dualoptax.quantize_state(optax.adamw(1e-3, weight_decay=0.01)), same)
+    dualoptax.quantize_state(optax.adamw(1e-3, weight_decay=0.01)),
+    same,
+  )
   cases["dual_optim_plus_8bit"] = (
-      dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.01), forget)
-  print(f"jax {jax.__version__}, optax {optax.__version__}, backend "
-        f"{jax.default_backend()}, device {jax.devices()[0].device_kind}, "
-        f"{jax.device_count()} device(s), GLIBC_TUNABLES="
-        f"{os.environ.get('GLIBC_TUNABLES', '(unset)')}")
-  train_cases = {k: v for k, v in cases.items()
-                 if k in ("optax.adamw", "dual_optim_plus",
-                          "dual_optim_plus_8bit")}
-  donated_cases = {k: v for k, v in cases.items()
-                   if k in ("optax.adamw", "dual_optim_plus",
-                            "dual_optim_plus(skip_nonfinite=False)", "dual_optim",
-                            "dual_optim_plus_8bit")}
-  many_label = f"{sum(a*b for a, b in many)/1e6:.2f}M params, 200 leaves"
-  big_label = (f"{sum(a*b for a, b in big)/1e6:.1f}M params, {len(big)} leaves "
-               f"{big[0][0]}x{big[0][1]}")
+    dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.01),
+    forget,
+  )
+  print(
+    f"jax {jax.__version__}, optax {optax.__version__}, backend "
+    f"{jax.default_backend()}, device {jax.devices()[0].device_kind}, "
+    f"{jax.device_count()} device(s), GLIBC_TUNABLES="
+    f"{os.environ.get('GLIBC_TUNABLES', '(unset)')}"
+  )
+  train_cases = {
+    k: v
+    for k, v in cases.items()
+    if k in ("optax.adamw", "dual_optim_plus", "dual_optim_plus_8bit")
+  }
+  donated_cases = {
+    k: v
+    for k, v in cases.items()
+    if k
+    in (
+      "optax.adamw",
+      "dual_optim_plus",
+      "dual_optim_plus(skip_nonfinite=False)",
+      "dual_optim",
+      "dual_optim_plus_8bit",
+    )
+  }
+  many_label = f"{sum(a * b for a, b in many) / 1e6:.2f}M params, 200 leaves"
+  big_label = (
+    f"{sum(a * b for a, b in big) / 1e6:.1f}M params, {len(big)} leaves "
+    f"{big[0][0]}x{big[0][1]}"
+  )
   for label, shapes, kind, subset in (
-      (big_label + ", update", big, "update", cases),
-      (big_label + ", update, grads donated", big, "donated", donated_cases),
-      (big_label + ", train step", big, "train", train_cases),
-      (many_label + ", update", many, "update", cases)):
+    (big_label + ", update", big, "update", cases),
+    (big_label + ", update, grads donated", big, "donated", donated_cases),
+    (big_label + ", train step", big, "train", train_cases),
+    (many_label + ", update", many, "update", cases),
+  ):
     params = make_params(shapes)
     n = sum(x.size for x in jax.tree.leaves(params))
     results = bench(subset, params, args.reps, kind)
     base_t, base_c = results["optax.adamw"][:2]
     print(f"\n{label}: median of {args.reps} interleaved steps")
-    print(f"{'optimizer':40s} {'step ms':>9s} {'ratio':>6s} {'compile s':>10s} "
-          f"{'ratio':>6s} {'state B/param':>14s} {'XLA temp MB':>12s} "
-          f"{'faults/step':>12s}")
+    print(
+      f"{'optimizer':40s} {'step ms':>9s} {'ratio':>6s} {'compile s':>10s} "
+      f"{'ratio':>6s} {'state B/param':>14s} {'XLA temp MB':>12s} "
+      f"{'faults/step':>12s}"
+    )
     for name, (t, c, temp, faults) in results.items():
       tx = cases[name][0]
-      print(f"{name:40s} {t*1e3:9.2f} {t/base_t:6.2f} {c:10.2f} {c/base_c:6.2f} "
-            f"{state_bytes(tx, params)/n:14.2f} {temp:12.1f} {faults:12.0f}")
+      print(
+        f"{name:40s} {t * 1e3:9.2f} {t / base_t:6.2f} {c:10.2f} {c / base_c:6.2f} "
+        f"{state_bytes(tx, params) / n:14.2f} {temp:12.1f} {faults:12.0f}"
+      )
   # The 8-bit target's ratio, repeated: the ratio of one run moves with the machine's
   # load (both sides are interleaved, but a round is short), so report each round's
   # and their median.
@@ -183,9 +244,11 @@ def main():
     for _ in range(args.rounds):
       r = bench(pair, params, args.reps, "donated")
       ratios.append(r["dual_optim_plus_8bit"][0] / r["optax.adamw"][0])
-    print(f"\n{big_label}, grads donated: dual_optim_plus_8bit / optax.adamw over "
-          f"{args.rounds} rounds of {args.reps} interleaved steps: "
-          f"{' '.join(f'{x:.2f}' for x in ratios)}; median {statistics.median(ratios):.2f}")
+    print(
+      f"\n{big_label}, grads donated: dual_optim_plus_8bit / optax.adamw over "
+      f"{args.rounds} rounds of {args.reps} interleaved steps: "
+      f"{' '.join(f'{x:.2f}' for x in ratios)}; median {statistics.median(ratios):.2f}"
+    )
 
 
 if __name__ == "__main__":

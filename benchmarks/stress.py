@@ -25,8 +25,10 @@ OBJECTIVES = ("forget", "retain")
 def run(tx, n=65536, steps=300, lr=1e-2, noise=1.0, seed=0, mapping=True):
   """Returns (largest |Δθ|/lr over the run, final forget loss, final retain loss)."""
   key_a, key_b, key_t, key_n = jax.random.split(jax.random.PRNGKey(seed), 4)
-  targets = {"forget": jax.random.normal(key_a, (n,)),
-             "retain": jax.random.normal(key_b, (n,))}
+  targets = {
+    "forget": jax.random.normal(key_a, (n,)),
+    "retain": jax.random.normal(key_b, (n,)),
+  }
   theta0 = jax.random.normal(key_t, (n,))
 
   def step(carry, s):
@@ -44,8 +46,9 @@ def run(tx, n=65536, steps=300, lr=1e-2, noise=1.0, seed=0, mapping=True):
 
   @jax.jit
   def go():
-    (theta, _), ratios = jax.lax.scan(step, (theta0, tx.init(theta0)),
-                                      jnp.arange(steps))
+    (theta, _), ratios = jax.lax.scan(
+      step, (theta0, tx.init(theta0)), jnp.arange(steps)
+    )
     loss = {k: 0.5 * jnp.mean((theta - t) ** 2) for k, t in targets.items()}
     return jnp.max(ratios), loss["forget"], loss["retain"]
 
@@ -54,11 +57,13 @@ def run(tx, n=65536, steps=300, lr=1e-2, noise=1.0, seed=0, mapping=True):
 
 def optimizers(lr):
   return {
-      "dual_optim_plus (stable, default)": (dualoptax.dual_optim_plus(lr), True),
-      "dual_optim_plus (stable=False, published)": (
-          dualoptax.dual_optim_plus(lr, stable=False), True),
-      "dual_optim": (dualoptax.dual_optim(lr), True),
-      "optax.adam (shared state)": (optax.adam(lr, b1=0.9, b2=0.95), False),
+    "dual_optim_plus (stable, default)": (dualoptax.dual_optim_plus(lr), True),
+    "dual_optim_plus (stable=False, published)": (
+      dualoptax.dual_optim_plus(lr, stable=False),
+      True,
+    ),
+    "dual_optim": (dualoptax.dual_optim(lr), True),
+    "optax.adam (shared state)": (optax.adam(lr, b1=0.9, b2=0.95), False),
   }
 
 
@@ -69,11 +74,15 @@ def main():
   parser.add_argument("--seeds", type=int, default=3)
   args = parser.parse_args()
   lr = 1e-2
-  print(f"n={args.n}, steps={args.steps}, lr={lr}, 1:5 schedule, noise sd 1, "
-        f"float32; per seed: max |Δθ|/lr, final forget loss, final retain loss")
+  print(
+    f"n={args.n}, steps={args.steps}, lr={lr}, 1:5 schedule, noise sd 1, "
+    f"float32; per seed: max |Δθ|/lr, final forget loss, final retain loss"
+  )
   for name, (tx, mapping) in optimizers(lr).items():
-    rows = [run(tx, args.n, args.steps, lr, seed=s, mapping=mapping)
-            for s in range(args.seeds)]
+    rows = [
+      run(tx, args.n, args.steps, lr, seed=s, mapping=mapping)
+      for s in range(args.seeds)
+    ]
     cells = "  ".join(f"{r:9.1f} {f:.4f} {t:.4f}" for r, f, t in rows)
     print(f"{name:44s} {cells}")
 

@@ -20,6 +20,7 @@ import time
 
 def main():
   import torch  # pylint: disable=import-outside-toplevel
+
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--reps", type=int, default=30)
   parser.add_argument("--leaves", type=int, default=4)
@@ -28,22 +29,28 @@ def main():
   gen = torch.Generator(device="cpu").manual_seed(0)
 
   def make_params():
-    params = [torch.nn.Parameter(torch.randn(4096, 1024, generator=gen).to(device))
-              for _ in range(args.leaves)]
+    params = [
+      torch.nn.Parameter(torch.randn(4096, 1024, generator=gen).to(device))
+      for _ in range(args.leaves)
+    ]
     for p in params:
       p.grad = torch.full_like(p, 1e-3)
     return params
 
   makers = {
-      "torch AdamW(fused=True)":
-          lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, fused=True),
-      "torch AdamW(foreach=True)":
-          lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, foreach=True),
+    "torch AdamW(fused=True)": lambda ps: torch.optim.AdamW(
+      ps, lr=1e-3, weight_decay=0.01, fused=True
+    ),
+    "torch AdamW(foreach=True)": lambda ps: torch.optim.AdamW(
+      ps, lr=1e-3, weight_decay=0.01, foreach=True
+    ),
   }
   try:
     import bitsandbytes as bnb  # pylint: disable=import-outside-toplevel
-    makers["bitsandbytes AdamW8bit"] = (
-        lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3, weight_decay=0.01))
+
+    makers["bitsandbytes AdamW8bit"] = lambda ps: bnb.optim.AdamW8bit(
+      ps, lr=1e-3, weight_decay=0.01
+    )
     bnb_version = bnb.__version__
   except ImportError:
     bnb_version = "(not installed)"
@@ -64,14 +71,16 @@ def main():
       sync()
       times.append(time.perf_counter() - t0)
   name_dev = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-  print(f"torch {torch.__version__}, bitsandbytes {bnb_version}, device {name_dev}; "
-        f"{args.leaves * 4096 * 1024 / 1e6:.1f}M params, {args.leaves} leaves "
-        f"4096x1024: median of {args.reps} interleaved steps")
+  print(
+    f"torch {torch.__version__}, bitsandbytes {bnb_version}, device {name_dev}; "
+    f"{args.leaves * 4096 * 1024 / 1e6:.1f}M params, {args.leaves} leaves "
+    f"4096x1024: median of {args.reps} interleaved steps"
+  )
   base = statistics.median(runs["torch AdamW(fused=True)"][1])
   print(f"{'optimizer':40s} {'step ms':>9s} {'ratio':>6s}")
   for name, (_, times) in runs.items():
     t = statistics.median(times)
-    print(f"{name:40s} {t*1e3:9.3f} {t/base:6.2f}")
+    print(f"{name:40s} {t * 1e3:9.3f} {t / base:6.2f}")
 
 
 if __name__ == "__main__":

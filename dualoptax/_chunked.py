@@ -38,20 +38,20 @@ from dualoptax.quantization import QuantizedArray
 # Call-like primitives whose bodies are inlined, so that each group can take
 # just its own equations out of them.
 _CALL_BODIES = {
-    "jit": "jaxpr",
-    "pjit": "jaxpr",
-    "closed_call": "call_jaxpr",
-    "core_call": "call_jaxpr",
-    "custom_jvp_call": "call_jaxpr",
-    "custom_vjp_call": "call_jaxpr",
-    "custom_vjp_call_jaxpr": "fun_jaxpr",
-    "checkpoint": "jaxpr",
-    "remat": "jaxpr",
+  "jit": "jaxpr",
+  "pjit": "jaxpr",
+  "closed_call": "call_jaxpr",
+  "core_call": "call_jaxpr",
+  "custom_jvp_call": "call_jaxpr",
+  "custom_vjp_call": "call_jaxpr",
+  "custom_vjp_call_jaxpr": "fun_jaxpr",
+  "checkpoint": "jaxpr",
+  "remat": "jaxpr",
 }
 
 # Primitives that map elements to elements (same position in and out).
 _ELEMENTWISE = frozenset(
-    """abs acos acosh add and asin asinh atan atan2 atanh cbrt ceil clamp conj
+  """abs acos acosh add and asin asinh atan atan2 atanh cbrt ceil clamp conj
     convert_element_type copy copy_p cos cosh digamma div eq erf erf_inv erfc exp
     exp2 expm1 floor ge gt imag integer_pow is_finite le lgamma log log1p
     logistic lt max min mul ne neg nextafter not or population_count pow real
@@ -97,7 +97,7 @@ def _flat_jaxpr(fn: Callable, avals: Sequence[jax.ShapeDtypeStruct]):
   """The jaxpr of ``fn`` with every call-like primitive inlined."""
   closed = jax.make_jaxpr(fn)(*avals)
   return jax.make_jaxpr(
-      lambda *a: _eval_inlined(closed.jaxpr, closed.consts, a)
+    lambda *a: _eval_inlined(closed.jaxpr, closed.consts, a)
   )(*avals)
 
 
@@ -110,8 +110,10 @@ def _aval_shape(v) -> tuple[int, ...]:
 # ---------------------------------------------------------------------------
 def _output_dependencies(jaxpr, tracked: Sequence[bool]) -> list[int]:
   """Per output, a bitmask of the tracked inputs it depends on."""
-  dep = {v: (1 << i) if t else 0
-         for i, (v, t) in enumerate(zip(jaxpr.invars, tracked))}
+  dep = {
+    v: (1 << i) if t else 0
+    for i, (v, t) in enumerate(zip(jaxpr.invars, tracked))
+  }
   for eqn in jaxpr.eqns:
     d = 0
     for v in eqn.invars:
@@ -119,8 +121,10 @@ def _output_dependencies(jaxpr, tracked: Sequence[bool]) -> list[int]:
         d |= dep.get(v, 0)
     for v in eqn.outvars:
       dep[v] = d
-  return [0 if isinstance(v, jex_core.Literal) else dep.get(v, 0)
-          for v in jaxpr.outvars]
+  return [
+    0 if isinstance(v, jex_core.Literal) else dep.get(v, 0)
+    for v in jaxpr.outvars
+  ]
 
 
 def _bits(mask: int):
@@ -198,7 +202,9 @@ def _eval_equations(jaxpr, consts, env: dict, eqn_ids, outvars) -> list:
   env = {**dict(zip(jaxpr.constvars, consts)), **env}
   for k in eqn_ids:
     eqn = jaxpr.eqns[k]
-    for v, x in zip(eqn.outvars, _bind(eqn, [_read(env, v) for v in eqn.invars])):
+    for v, x in zip(
+      eqn.outvars, _bind(eqn, [_read(env, v) for v in eqn.invars])
+    ):
       if not isinstance(v, jex_core.DropVar):
         env[v] = x
   return [_read(env, v) for v in outvars]
@@ -226,8 +232,14 @@ def _signature(jaxpr, eqn_ids, local_inputs, outputs, invar_index) -> tuple:
     for v in eqn.outvars:
       role[v] = ("local", len(role))
     params = tuple(sorted((key, repr(val)) for key, val in eqn.params.items()))
-    sig.append((eqn.primitive.name, tuple(ins),
-                tuple(str(v.aval) for v in eqn.outvars), params))
+    sig.append(
+      (
+        eqn.primitive.name,
+        tuple(ins),
+        tuple(str(v.aval) for v in eqn.outvars),
+        params,
+      )
+    )
   outs = tuple(role.get(jaxpr.outvars[o]) for o in outputs)
   return tuple(sig), outs
 
@@ -284,14 +296,23 @@ def _chunk_shape(shape, k: int):
 
 
 def _decode(codes, absmax, like: QuantizedArray, shape):
-  return _q.dequantize_blockwise(QuantizedArray(
-      codes, absmax, tuple(shape), like.dtype, like.signed, like.pad,
-      like.block_size))
+  return _q.dequantize_blockwise(
+    QuantizedArray(
+      codes,
+      absmax,
+      tuple(shape),
+      like.dtype,
+      like.signed,
+      like.pad,
+      like.block_size,
+    )
+  )
 
 
 def _encode(x, like: QuantizedArray) -> QuantizedArray:
   return _q._quantize_with_layout(  # pylint: disable=protected-access
-      x, like.signed, like.block_size, like.pad)
+    x, like.signed, like.block_size, like.pad
+  )
 
 
 def _aval(x) -> jax.ShapeDtypeStruct:
@@ -317,12 +338,12 @@ def _layout_key(x) -> tuple:
 
 
 def apply_in_chunks(
-    fn: Callable[..., list],
-    inputs: Sequence[Any],
-    state_slots: dict[int, int],
-    *,
-    chunk_size: int,
-    describe: Callable[[int], str] = str,
+  fn: Callable[..., list],
+  inputs: Sequence[Any],
+  state_slots: dict[int, int],
+  *,
+  chunk_size: int,
+  describe: Callable[[int], str] = str,
 ) -> list:
   """Evaluates ``fn`` on decoded ``inputs``, group by group, chunk by chunk.
 
@@ -367,8 +388,9 @@ def apply_in_chunks(
     if outs and (any(is_q[i] for i in ins) or any(o in q_out for o in outs)):
       shapes = {tuple(full[i].shape) for i in ins}
       shapes |= {tuple(out_avals[o].shape) for o in outs}
-      candidates.append(_Group(ins, outs, shapes.pop() if len(shapes) == 1
-                               else None))
+      candidates.append(
+        _Group(ins, outs, shapes.pop() if len(shapes) == 1 else None)
+      )
 
   def plan(jaxpr, groups):
     out_group = [0] * n_out
@@ -387,13 +409,14 @@ def apply_in_chunks(
       coupled += [i for i in grp.inputs if is_q[i]]
   if coupled:
     warnings.warn(
-        "quantize_state: the inner update is not element-wise per leaf for "
-        f"{len(coupled)} quantized state leaves (e.g. "
-        f"{', '.join(describe(i) for i in coupled[:3])}): a reduction across "
-        "elements or leaves (a global-norm clip, a finiteness check), control "
-        "flow, or mixed shapes. They are decoded whole at each step. Put such "
-        "a transformation outside quantize_state to bound the step's memory.",
-        stacklevel=4)
+      "quantize_state: the inner update is not element-wise per leaf for "
+      f"{len(coupled)} quantized state leaves (e.g. "
+      f"{', '.join(describe(i) for i in coupled[:3])}): a reduction across "
+      "elements or leaves (a global-norm clip, a finiteness check), control "
+      "flow, or mixed shapes. They are decoded whole at each step. Put such "
+      "a transformation outside quantize_state to bound the step's memory.",
+      stacklevel=4,
+    )
 
   def passthrough(jaxpr, o) -> Optional[int]:
     v = jaxpr.outvars[o]
@@ -406,9 +429,12 @@ def apply_in_chunks(
       # costs step time, and saves compile time only where leaves are many and
       # small.
       alone = (g,) if math.prod(grp.shape) > STACK_MAX_SIZE else ()
-      key = alone + (_signature(jaxpr, eqns[g], grp.inputs, grp.outputs, invar_index),
-             grp.shape, tuple(_layout_key(inputs[i]) for i in grp.inputs),
-             tuple(_layout_key(q_out.get(o)) for o in grp.outputs))
+      key = alone + (
+        _signature(jaxpr, eqns[g], grp.inputs, grp.outputs, invar_index),
+        grp.shape,
+        tuple(_layout_key(inputs[i]) for i in grp.inputs),
+        tuple(_layout_key(q_out.get(o)) for o in grp.outputs),
+      )
       found.setdefault(key, []).append(g - 1)
     return list(found.values())
 
@@ -418,14 +444,18 @@ def apply_in_chunks(
   _, eqns1, _ = plan(j1.jaxpr, groups)
   chunks = [1] * len(groups)
   for bucket in buckets(j1.jaxpr, eqns1):
-    k = num_chunks(groups[bucket[0]].shape,
-                   max(chunk_size // len(bucket), 1), devices)
+    k = num_chunks(
+      groups[bucket[0]].shape, max(chunk_size // len(bucket), 1), devices
+    )
     for g in bucket:
       chunks[g] = k
   chunk_of = {i: chunks[g] for g, grp in enumerate(groups) for i in grp.inputs}
   chunked = [
-      jax.ShapeDtypeStruct(_chunk_shape(a.shape, chunk_of.get(i, 1)), a.dtype)
-      if tracked[i] else a for i, a in enumerate(full)]
+    jax.ShapeDtypeStruct(_chunk_shape(a.shape, chunk_of.get(i, 1)), a.dtype)
+    if tracked[i]
+    else a
+    for i, a in enumerate(full)
+  ]
   j2 = j1 if all(k == 1 for k in chunks) else _flat_jaxpr(fn, chunked)
   jaxpr, consts = j2.jaxpr, j2.consts
   invar_index = {v: i for i, v in enumerate(jaxpr.invars)}
@@ -437,8 +467,9 @@ def apply_in_chunks(
 
   def whole(i):
     if i not in decoded_whole:
-      decoded_whole[i] = (_q.dequantize_blockwise(inputs[i]) if is_q[i]
-                          else inputs[i])
+      decoded_whole[i] = (
+        _q.dequantize_blockwise(inputs[i]) if is_q[i] else inputs[i]
+      )
     return decoded_whole[i]
 
   def finish(o, value):
@@ -451,9 +482,12 @@ def apply_in_chunks(
   rest = [o for o in range(n_out) if out_group[o] == 0]
   computed = [o for o in rest if passthrough(jaxpr, o) is None]
   values = _eval_equations(
-      jaxpr, consts,
-      {jaxpr.invars[i]: whole(i) for i in range(n_in) if used[i] & 1},
-      eqns[0], [jaxpr.outvars[o] for o in computed])
+    jaxpr,
+    consts,
+    {jaxpr.invars[i]: whole(i) for i in range(n_in) if used[i] & 1},
+    eqns[0],
+    [jaxpr.outvars[o] for o in computed],
+  )
   for o, value in zip(computed, values):
     results[o] = finish(o, value)
   for o in rest:
@@ -463,16 +497,41 @@ def apply_in_chunks(
 
   # 2. Each bucket of same-signature groups: one loop over chunks.
   for bucket in buckets(jaxpr, eqns):
-    _run_bucket(jaxpr, consts, [groups[g] for g in bucket],
-                [eqns[g + 1] for g in bucket], chunks[bucket[0]], inputs,
-                is_q, q_out, state_slots, out_avals, scalars, results,
-                set_passthrough, lambda o: passthrough(jaxpr, o))
+    _run_bucket(
+      jaxpr,
+      consts,
+      [groups[g] for g in bucket],
+      [eqns[g + 1] for g in bucket],
+      chunks[bucket[0]],
+      inputs,
+      is_q,
+      q_out,
+      state_slots,
+      out_avals,
+      scalars,
+      results,
+      set_passthrough,
+      lambda o: passthrough(jaxpr, o),
+    )
   return results
 
 
-def _run_bucket(jaxpr, consts, groups, eqns, k, inputs, is_q, q_out,
-                state_slots, out_avals, scalars, results, set_passthrough,
-                passthrough):
+def _run_bucket(
+  jaxpr,
+  consts,
+  groups,
+  eqns,
+  k,
+  inputs,
+  is_q,
+  q_out,
+  state_slots,
+  out_avals,
+  scalars,
+  results,
+  set_passthrough,
+  passthrough,
+):
   """Runs groups of one signature: a loop over ``k`` chunks, each iteration
   evaluating the first group's equations once on the stacked chunks of all."""
   carried = []
@@ -501,26 +560,42 @@ def _run_bucket(jaxpr, consts, groups, eqns, k, inputs, is_q, q_out,
       if o in q_out:
         source[i] = len(init)
         init += [inputs[i].codes, inputs[i].absmax]
-      elif (i is not None and tuple(inputs[i].shape) == tuple(shape)
-            and jnp.dtype(inputs[i].dtype) == out_avals[o].dtype):
+      elif (
+        i is not None
+        and tuple(inputs[i].shape) == tuple(shape)
+        and jnp.dtype(inputs[i].dtype) == out_avals[o].dtype
+      ):
         source[i] = len(init)
         init.append(inputs[i])
       else:
         init.append(jnp.zeros(shape, out_avals[o].dtype))
     sources.append(source)
-  invariant = [{i: inputs[i] for i in grp.inputs if i not in src}
-               for grp, src in zip(groups, sources)]
-  views = [{i: (QuantizedArray(_view(x.codes, k), _view(x.absmax, k),
-                               *_meta(x)) if is_q[i] else _view(x, k))
-            for i, x in inv.items()} for inv in invariant]
+  invariant = [
+    {i: inputs[i] for i in grp.inputs if i not in src}
+    for grp, src in zip(groups, sources)
+  ]
+  views = [
+    {
+      i: (
+        QuantizedArray(_view(x.codes, k), _view(x.absmax, k), *_meta(x))
+        if is_q[i]
+        else _view(x, k)
+      )
+      for i, x in inv.items()
+    }
+    for inv in invariant
+  ]
   local = [jaxpr.invars[i] for i in template.inputs]
   outvars = [jaxpr.outvars[o] for o in carried[0]]
-  new_shapes = [jax.ShapeDtypeStruct(((n,) if n > 1 else ()) + cshape,
-                                     v.aval.dtype) for v in outvars]
+  new_shapes = [
+    jax.ShapeDtypeStruct(((n,) if n > 1 else ()) + cshape, v.aval.dtype)
+    for v in outvars
+  ]
 
   def evaluate(*xs):
-    return _eval_equations(jaxpr, consts, {**scalars, **dict(zip(local, xs))},
-                           eqns[0], outvars)
+    return _eval_equations(
+      jaxpr, consts, {**scalars, **dict(zip(local, xs))}, eqns[0], outvars
+    )
 
   stacked_eval = jax.vmap(evaluate) if n > 1 else evaluate
   stack = (lambda xs: jnp.stack(xs)) if n > 1 else (lambda xs: xs[0])
@@ -534,18 +609,29 @@ def _run_bucket(jaxpr, consts, groups, eqns, k, inputs, is_q, q_out,
         i = grp.inputs[p]
         if i in src:
           at = src[i]
-          raw.append((_take(carry[at], step, k), _take(carry[at + 1], step, k))
-                     if is_q[i] else _take(carry[at], step, k))
+          raw.append(
+            (_take(carry[at], step, k), _take(carry[at + 1], step, k))
+            if is_q[i]
+            else _take(carry[at], step, k)
+          )
         else:
           x = view[i]
-          raw.append((_take(x.codes, step, k), _take(x.absmax, step, k))
-                     if is_q[i] else _take(x, step, k))
+          raw.append(
+            (_take(x.codes, step, k), _take(x.absmax, step, k))
+            if is_q[i]
+            else _take(x, step, k)
+          )
       i0 = template.inputs[p]
       if is_q[i0]:
         like = inputs[i0]
-        args.append(_decode(stack([r[0] for r in raw]),
-                            stack([r[1] for r in raw]), like,
-                            ((n,) if n > 1 else ()) + cshape))
+        args.append(
+          _decode(
+            stack([r[0] for r in raw]),
+            stack([r[1] for r in raw]),
+            like,
+            ((n,) if n > 1 else ()) + cshape,
+          )
+        )
       else:
         args.append(stack(raw))
     if n > 1:
@@ -593,26 +679,33 @@ def _materialized(compute: Callable, shapes, step, materialize: bool):
   if not materialize:
     return compute()
   return jax.lax.cond(
-      step >= 0, compute,
-      lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+    step >= 0,
+    compute,
+    lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+  )
 
 
 def _encode_once(x, like: QuantizedArray, step, materialize: bool):
   *lead, n = x.shape
   n += like.pad
   shapes = QuantizedArray(
-      jax.ShapeDtypeStruct((*lead, n), jnp.uint8),
-      jax.ShapeDtypeStruct((*lead, n // like.block_size), jnp.float32),
-      tuple(x.shape), jnp.dtype(x.dtype).name, like.signed, like.pad,
-      like.block_size)
+    jax.ShapeDtypeStruct((*lead, n), jnp.uint8),
+    jax.ShapeDtypeStruct((*lead, n // like.block_size), jnp.float32),
+    tuple(x.shape),
+    jnp.dtype(x.dtype).name,
+    like.signed,
+    like.pad,
+    like.block_size,
+  )
   return _materialized(lambda: _encode(x, like), shapes, step, materialize)
 
 
 def _carry_index(carried, q_out, m: int, q: int) -> int:
   """Position in the flat carry of member ``m``'s ``q``-th carried output."""
   width = lambda o: 2 if o in q_out else 1
-  return (sum(width(o) for outs in carried[:m] for o in outs)
-          + sum(width(o) for o in carried[m][:q]))
+  return sum(width(o) for outs in carried[:m] for o in outs) + sum(
+    width(o) for o in carried[m][:q]
+  )
 
 
 def _meta(q: QuantizedArray) -> tuple:

@@ -112,18 +112,18 @@ def _decayed(direction, param, weight_decay):
 
 
 def dual_optim_plus_leaf(
-    grads: Sequence[jax.Array],
-    mu: Sequence[jax.Array],
-    nu: Sequence[jax.Array],
-    base_mu: jax.Array,
-    base_nu: jax.Array,
-    param: Optional[jax.Array],
-    scalars: Sequence[ObjectiveScalars],
-    base_r1: jax.Array,
-    base_r2: jax.Array,
-    weight_decay: Any,
-    hyper: Hyper,
-    out_dtype,
+  grads: Sequence[jax.Array],
+  mu: Sequence[jax.Array],
+  nu: Sequence[jax.Array],
+  base_mu: jax.Array,
+  base_nu: jax.Array,
+  param: Optional[jax.Array],
+  scalars: Sequence[ObjectiveScalars],
+  base_r1: jax.Array,
+  base_r2: jax.Array,
+  weight_decay: Any,
+  hyper: Hyper,
+  out_dtype,
 ) -> LeafStep:
   r"""DualOptim+ on one leaf for the present objectives of one call.
 
@@ -163,8 +163,9 @@ def dual_optim_plus_leaf(
     v = b2 * v + (1 - b2) * (g_v * g_v - vhB)
     num = m * s.r1 + mhB
     second = jnp.abs(v * s.r2 + vhB)
-    term = s.coefficient * _decayed(_direction(num, second, hyper), param,
-                                    weight_decay)
+    term = s.coefficient * _decayed(
+      _direction(num, second, hyper), param, weight_decay
+    )
     update = term if update is None else update + term
     mus.append(m)
     nus.append(v)
@@ -172,20 +173,24 @@ def dual_optim_plus_leaf(
   g_mean = sum(g.astype(mdt) for g in grads) / n
   g2_mean = sum(jnp.square(g.astype(vdt)) for g in grads) / n
   bb1, bb2 = jnp.asarray(hyper.base_b1, mdt), jnp.asarray(hyper.base_b2, vdt)
-  return LeafStep(update.astype(out_dtype), tuple(mus), tuple(nus),
-                  bb1 * base_mu + (1 - bb1) * g_mean,
-                  bb2 * base_nu + (1 - bb2) * g2_mean)
+  return LeafStep(
+    update.astype(out_dtype),
+    tuple(mus),
+    tuple(nus),
+    bb1 * base_mu + (1 - bb1) * g_mean,
+    bb2 * base_nu + (1 - bb2) * g2_mean,
+  )
 
 
 def dual_optim_leaf(
-    grads: Sequence[jax.Array],
-    mu: Sequence[jax.Array],
-    nu: Sequence[jax.Array],
-    param: Optional[jax.Array],
-    scalars: Sequence[ObjectiveScalars],
-    weight_decay: Any,
-    hyper: Hyper,
-    out_dtype,
+  grads: Sequence[jax.Array],
+  mu: Sequence[jax.Array],
+  nu: Sequence[jax.Array],
+  param: Optional[jax.Array],
+  scalars: Sequence[ObjectiveScalars],
+  weight_decay: Any,
+  hyper: Hyper,
+  out_dtype,
 ) -> LeafStep:
   r"""DualOptim on one leaf: an Adam step per present objective, summed.
 
@@ -203,8 +208,9 @@ def dual_optim_leaf(
     g_v = g.astype(vdt)
     m = b1 * m + (1 - b1) * g.astype(mdt)
     v = b2 * v + (1 - b2) * g_v * g_v
-    term = s.coefficient * _decayed(_direction(m * s.r1, v * s.r2, hyper),
-                                    param, weight_decay)
+    term = s.coefficient * _decayed(
+      _direction(m * s.r1, v * s.r2, hyper), param, weight_decay
+    )
     update = term if update is None else update + term
     mus.append(m)
     nus.append(v)
@@ -214,16 +220,19 @@ def dual_optim_leaf(
 def init_moments(params: Any, dtype) -> Any:
   # Tree-map only, so optax.tree.map_params and sharding propagation see
   # through it.
-  return jax.tree.map(lambda p: jnp.zeros_like(p, dtype=dtype or p.dtype),
-                      params)
+  return jax.tree.map(
+    lambda p: jnp.zeros_like(p, dtype=dtype or p.dtype), params
+  )
 
 
 def init_deltas(params, objectives, mu_dtype, nu_dtype, state_type=DeltaState):
   return {
-      k: state_type(count=jnp.zeros([], jnp.int32),
-                    mu=init_moments(params, mu_dtype),
-                    nu=init_moments(params, nu_dtype))
-      for k in objectives
+    k: state_type(
+      count=jnp.zeros([], jnp.int32),
+      mu=init_moments(params, mu_dtype),
+      nu=init_moments(params, nu_dtype),
+    )
+    for k in objectives
   }
 
 
@@ -236,14 +245,14 @@ class Base(NamedTuple):
 
 
 def multi_objective_step(
-    grads: Mapping[str, Any],
-    deltas: Mapping[str, Any],
-    base: Optional[Base],
-    params: Any,
-    coefficients: Mapping[str, Any],
-    weight_decay: Any,
-    decay_flags: Sequence[bool],
-    hyper: Hyper,
+  grads: Mapping[str, Any],
+  deltas: Mapping[str, Any],
+  base: Optional[Base],
+  params: Any,
+  coefficients: Mapping[str, Any],
+  weight_decay: Any,
+  decay_flags: Sequence[bool],
+  hyper: Hyper,
 ):
   """One call of the multi-objective rule, the leaf step mapped over leaves.
 
@@ -268,16 +277,18 @@ def multi_objective_step(
   g_leaves = [flat(grads[k]) for k in names]
   m_leaves = [flat(deltas[k].mu) for k in names]
   v_leaves = [flat(deltas[k].nu) for k in names]
-  p_leaves = (flat(params) if params is not None
-              else [None] * treedef.num_leaves)
+  p_leaves = flat(params) if params is not None else [None] * treedef.num_leaves
   use_decay = _objectives.decay_enabled(weight_decay)
 
   def scalars(dtype_m, dtype_v):
-    return [ObjectiveScalars(
+    return [
+      ObjectiveScalars(
         coefficients[k],
         inverse_bias_correction(hyper.b1, deltas[k].count + 1, dtype_m),
-        inverse_bias_correction(hyper.b2, deltas[k].count + 1, dtype_v))
-            for k in names]
+        inverse_bias_correction(hyper.b2, deltas[k].count + 1, dtype_v),
+      )
+      for k in names
+    ]
 
   steps = []
   for i in range(treedef.num_leaves):
@@ -289,39 +300,65 @@ def multi_objective_step(
     param = p if use_decay and decay_flags[i] else None
     if base is not None:
       mB, vB = flat(base.mu)[i], flat(base.nu)[i]
-      steps.append(dual_optim_plus_leaf(
-          g, m, v, mB, vB, param, scalars(mB.dtype, vB.dtype),
+      steps.append(
+        dual_optim_plus_leaf(
+          g,
+          m,
+          v,
+          mB,
+          vB,
+          param,
+          scalars(mB.dtype, vB.dtype),
           inverse_bias_correction(hyper.base_b1, base.count, mB.dtype),
           inverse_bias_correction(hyper.base_b2, base.count, vB.dtype),
-          weight_decay, hyper, out_dtype))
+          weight_decay,
+          hyper,
+          out_dtype,
+        )
+      )
     else:
-      steps.append(dual_optim_leaf(
-          g, m, v, param, scalars(m[0].dtype, v[0].dtype), weight_decay,
-          hyper, out_dtype))
+      steps.append(
+        dual_optim_leaf(
+          g,
+          m,
+          v,
+          param,
+          scalars(m[0].dtype, v[0].dtype),
+          weight_decay,
+          hyper,
+          out_dtype,
+        )
+      )
 
   updates = treedef.unflatten([s.update for s in steps])
   new_deltas = {
-      k: type(deltas[k])(
-          count=optax.safe_increment(deltas[k].count),
-          mu=treedef.unflatten([s.mu[j] for s in steps]),
-          nu=treedef.unflatten([s.nu[j] for s in steps]))
-      for j, k in enumerate(names)}
+    k: type(deltas[k])(
+      count=optax.safe_increment(deltas[k].count),
+      mu=treedef.unflatten([s.mu[j] for s in steps]),
+      nu=treedef.unflatten([s.nu[j] for s in steps]),
+    )
+    for j, k in enumerate(names)
+  }
   new_base = None
   if base is not None:
-    new_base = (treedef.unflatten([s.base_mu for s in steps]),
-                treedef.unflatten([s.base_nu for s in steps]))
+    new_base = (
+      treedef.unflatten([s.base_mu for s in steps]),
+      treedef.unflatten([s.base_nu for s in steps]),
+    )
   return updates, new_deltas, new_base
 
 
-def prepare_call(grads, objectives, reference, params, weight_decay, mask,
-                 skip_nonfinite):
+def prepare_call(
+  grads, objectives, reference, params, weight_decay, mask, skip_nonfinite
+):
   """Trace-time checks of one call; returns ``(present, decay_flags, finite)``."""
   present = _objectives.present_gradients(grads, objectives, reference)
   if _objectives.decay_enabled(weight_decay) and params is None:
     raise ValueError("`params` must be passed to update when weight_decay > 0.")
   flags = _objectives.decay_mask(mask, reference if params is None else params)
-  finite = (_objectives.all_finite(list(present.values())) if skip_nonfinite
-            else None)
+  finite = (
+    _objectives.all_finite(list(present.values())) if skip_nonfinite else None
+  )
   return present, flags, finite
 
 
@@ -351,8 +388,18 @@ def count_skipped(skipped: jax.Array, finite: Optional[jax.Array]) -> jax.Array:
   return jnp.where(finite, skipped, optax.safe_increment(skipped))
 
 
-def run_step(grads, deltas, base: Optional[Base], count, params, coefficients,
-             weight_decay, decay_flags, hyper: Hyper, finite):
+def run_step(
+  grads,
+  deltas,
+  base: Optional[Base],
+  count,
+  params,
+  coefficients,
+  weight_decay,
+  decay_flags,
+  hyper: Hyper,
+  finite,
+):
   """One guarded call: the step where ``finite`` (or the guard is off), else a
   zero update with every moment and count unchanged.
 
@@ -360,20 +407,35 @@ def run_step(grads, deltas, base: Optional[Base], count, params, coefficients,
     ``(updates, new_deltas (present objectives), new_base_moments_or_None,
     new_count)``.
   """
+
   def step():
     updates, new_deltas, new_base = multi_objective_step(
-        grads, deltas, base, params, coefficients, weight_decay, decay_flags,
-        hyper)
+      grads,
+      deltas,
+      base,
+      params,
+      coefficients,
+      weight_decay,
+      decay_flags,
+      hyper,
+    )
     return updates, (new_deltas, new_base, optax.safe_increment(count))
 
-  unchanged = ({k: deltas[k] for k in grads},
-               None if base is None else (base.mu, base.nu), count)
+  unchanged = (
+    {k: deltas[k] for k in grads},
+    None if base is None else (base.mu, base.nu),
+    count,
+  )
   names = list(grads)
   # The update has the params' dtype, else the first gradient's.
   update_shapes = jax.tree.map(
-      lambda g, p: jax.ShapeDtypeStruct(
-          jnp.shape(g), jnp.result_type(p if p is not None else g)),
-      grads[names[0]], params if params is not None else grads[names[0]])
+    lambda g, p: jax.ShapeDtypeStruct(
+      jnp.shape(g), jnp.result_type(p if p is not None else g)
+    ),
+    grads[names[0]],
+    params if params is not None else grads[names[0]],
+  )
   updates, (new_deltas, new_base, new_count) = guarded(
-      finite, step, unchanged, update_shapes)
+    finite, step, unchanged, update_shapes
+  )
   return updates, new_deltas, new_base, new_count

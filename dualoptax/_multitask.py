@@ -20,23 +20,26 @@ import optax
 
 
 def check_tasks(
-    tasks: Optional[Sequence[str]], who: str
+  tasks: Optional[Sequence[str]], who: str
 ) -> Optional[tuple[str, ...]]:
   """Validates the optional task names given to a constructor."""
   if tasks is None:
     return None
   if isinstance(tasks, str):
     raise ValueError(
-        f"{who}: `tasks` must be a sequence of names, got the single string "
-        f"{tasks!r}; write ({tasks!r},) for one task.")
+      f"{who}: `tasks` must be a sequence of names, got the single string "
+      f"{tasks!r}; write ({tasks!r},) for one task."
+    )
   tasks = tuple(tasks)
   if not tasks:
     raise ValueError(
-        f"{who}: `tasks` must name at least one task (or be None).")
+      f"{who}: `tasks` must name at least one task (or be None)."
+    )
   for name in tasks:
     if not isinstance(name, str) or not name:
-      raise ValueError(f"{who}: task names must be non-empty strings, got "
-                       f"{name!r}.")
+      raise ValueError(
+        f"{who}: task names must be non-empty strings, got {name!r}."
+      )
   dupes = sorted({n for n in tasks if tasks.count(n) > 1})
   if dupes:
     raise ValueError(f"{who}: `tasks` has duplicate names: {dupes}.")
@@ -56,14 +59,16 @@ def check_positive_int(who: str, name: str, value: Any) -> int:
 
 
 def _describe(tree: Any) -> str:
-  paths = [jax.tree_util.keystr(p) for p, _ in
-           jax.tree_util.tree_flatten_with_path(tree)[0]]
+  paths = [
+    jax.tree_util.keystr(p)
+    for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+  ]
   shown = ", ".join(paths[:6]) + (", ..." if len(paths) > 6 else "")
   return f"{len(paths)} leaves [{shown}]"
 
 
 def task_gradients(
-    grads: Any, tasks: Optional[tuple[str, ...]], params: Any, who: str
+  grads: Any, tasks: Optional[tuple[str, ...]], params: Any, who: str
 ) -> tuple[tuple[str, ...], list[Any]]:
   """Validates ``{task: gradients}`` and returns the names and the trees.
 
@@ -81,9 +86,10 @@ def task_gradients(
   """
   if not isinstance(grads, collections.abc.Mapping):
     raise TypeError(
-        f"{who}: update takes a Mapping from task name to gradients, e.g. "
-        f"{{'task_a': grads_a, 'task_b': grads_b}}; got "
-        f"{type(grads).__name__}.")
+      f"{who}: update takes a Mapping from task name to gradients, e.g. "
+      f"{{'task_a': grads_a, 'task_b': grads_b}}; got "
+      f"{type(grads).__name__}."
+    )
   for name in grads:
     if not isinstance(name, str):
       raise TypeError(f"{who}: task names must be strings, got {name!r}.")
@@ -91,15 +97,17 @@ def task_gradients(
     unknown = [k for k in grads if k not in tasks]
     if unknown:
       raise ValueError(
-          f"{who}: unknown task(s) {sorted(unknown)}; this transformation was "
-          f"built for tasks {list(tasks)}.")
+        f"{who}: unknown task(s) {sorted(unknown)}; this transformation was "
+        f"built for tasks {list(tasks)}."
+      )
     names = tuple(k for k in tasks if grads.get(k) is not None)
   else:
     names = tuple(sorted(k for k, g in grads.items() if g is not None))
   if not names:
     raise ValueError(
-        f"{who}: the gradient mapping is empty; pass gradients for at least "
-        "one task.")
+      f"{who}: the gradient mapping is empty; pass gradients for at least "
+      "one task."
+    )
   trees = [grads[k] for k in names]
   ref_name, ref = (None, params) if params is not None else (names[0], trees[0])
   ref_def = jax.tree.structure(ref)
@@ -108,19 +116,22 @@ def task_gradients(
   for name, tree in zip(names, trees):
     if jax.tree.structure(tree) != ref_def:
       raise ValueError(
-          f"{who}: gradients of task {name!r} do not have the tree structure "
-          f"of {against}: got {_describe(tree)}, expected {_describe(ref)}.")
+        f"{who}: gradients of task {name!r} do not have the tree structure "
+        f"of {against}: got {_describe(tree)}, expected {_describe(ref)}."
+      )
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     for (path, leaf), shape in zip(flat, ref_shapes):
       where = jax.tree_util.keystr(path)
       if jnp.shape(leaf) != shape:
         raise ValueError(
-            f"{who}: gradient of task {name!r} at {where} has shape "
-            f"{jnp.shape(leaf)}, expected {shape} (the shape in {against}).")
+          f"{who}: gradient of task {name!r} at {where} has shape "
+          f"{jnp.shape(leaf)}, expected {shape} (the shape in {against})."
+        )
       if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
         raise TypeError(
-            f"{who}: gradient of task {name!r} at {where} has dtype "
-            f"{jnp.result_type(leaf)}; gradients must be real floating point.")
+          f"{who}: gradient of task {name!r} at {where} has dtype "
+          f"{jnp.result_type(leaf)}; gradients must be real floating point."
+        )
   return names, trees
 
 
@@ -137,15 +148,20 @@ def gram_matrix(trees: Sequence[Any], dtype: jnp.dtype) -> jax.Array:
   the gradients, so no ``K × n`` copy of the parameters is made.
   """
   k = len(trees)
-  leaves = [[jnp.asarray(x, dtype) for x in jax.tree.leaves(t)]
-            for t in trees]
+  leaves = [[jnp.asarray(x, dtype) for x in jax.tree.leaves(t)] for t in trees]
   entries = {}
   for i in range(k):
     for j in range(i, k):
-      entries[i, j] = sum((jnp.sum(a * b) for a, b in
-                           zip(leaves[i], leaves[j])), jnp.zeros((), dtype))
-  return jnp.stack([jnp.stack([entries[min(i, j), max(i, j)]
-                               for j in range(k)]) for i in range(k)])
+      entries[i, j] = sum(
+        (jnp.sum(a * b) for a, b in zip(leaves[i], leaves[j])),
+        jnp.zeros((), dtype),
+      )
+  return jnp.stack(
+    [
+      jnp.stack([entries[min(i, j), max(i, j)] for j in range(k)])
+      for i in range(k)
+    ]
+  )
 
 
 def combine(weights: jax.Array, trees: Sequence[Any]) -> optax.Updates:

@@ -53,8 +53,12 @@ def decay_enabled(weight_decay: Any) -> bool:
   return _concrete_float(weight_decay) != 0.0
 
 
-def check_hyperparameters(objectives: Sequence[str], betas: Mapping[str, Any],
-                          eps: Any, weight_decay: Any) -> tuple[str, ...]:
+def check_hyperparameters(
+  objectives: Sequence[str],
+  betas: Mapping[str, Any],
+  eps: Any,
+  weight_decay: Any,
+) -> tuple[str, ...]:
   """Validates the constructor arguments shared by the dual transformations."""
   objectives = check_objectives(objectives)
   for name, value in betas.items():
@@ -67,8 +71,9 @@ def check_hyperparameters(objectives: Sequence[str], betas: Mapping[str, Any],
 def check_objectives(objectives: Sequence[str]) -> tuple[str, ...]:
   if isinstance(objectives, str):
     raise ValueError(
-        "`objectives` must be a sequence of names, got the single string "
-        f"{objectives!r}; write ({objectives!r},) for one objective.")
+      "`objectives` must be a sequence of names, got the single string "
+      f"{objectives!r}; write ({objectives!r},) for one objective."
+    )
   objectives = tuple(objectives)
   if not objectives:
     raise ValueError("`objectives` must name at least one objective.")
@@ -82,16 +87,17 @@ def check_objectives(objectives: Sequence[str]) -> tuple[str, ...]:
 
 
 def resolve_learning_rates(
-    learning_rate: LearningRate, objectives: tuple[str, ...]
+  learning_rate: LearningRate, objectives: tuple[str, ...]
 ) -> dict[str, ScalarOrSchedule]:
   """Maps each objective to its float or schedule, validating a mapping's keys."""
   if isinstance(learning_rate, collections.abc.Mapping):
     keys = set(learning_rate.keys())
     if keys != set(objectives):
       raise ValueError(
-          "`learning_rate` mapping must have exactly the objectives as keys: "
-          f"missing {sorted(set(objectives) - keys)}, "
-          f"unknown {sorted(map(str, keys - set(objectives)))}.")
+        "`learning_rate` mapping must have exactly the objectives as keys: "
+        f"missing {sorted(set(objectives) - keys)}, "
+        f"unknown {sorted(map(str, keys - set(objectives)))}."
+      )
     lrs = {k: learning_rate[k] for k in objectives}
   else:
     lrs = {k: learning_rate for k in objectives}
@@ -113,14 +119,16 @@ def evaluate(lr: ScalarOrSchedule, count: jax.Array) -> Any:
 
 
 def _describe(tree: Any) -> str:
-  paths = [jax.tree_util.keystr(p) for p, _ in
-           jax.tree_util.tree_flatten_with_path(tree)[0]]
+  paths = [
+    jax.tree_util.keystr(p)
+    for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+  ]
   shown = ", ".join(paths[:6]) + (", ..." if len(paths) > 6 else "")
   return f"{len(paths)} leaves [{shown}]"
 
 
 def present_gradients(
-    grads: Any, objectives: tuple[str, ...], reference: Any
+  grads: Any, objectives: tuple[str, ...], reference: Any
 ) -> dict[str, Any]:
   """Validates the per-objective gradient mapping against ``reference``.
 
@@ -135,44 +143,55 @@ def present_gradients(
   """
   if not isinstance(grads, collections.abc.Mapping):
     raise TypeError(
-        "DualOptim updates take a Mapping from objective name to gradients, e.g. "
-        f"{{{objectives[0]!r}: grads}}; got {type(grads).__name__}. "
-        "Transformations that assume params-shaped input (optax.MultiSteps, "
-        "apply_if_finite, masked) cannot wrap it: see dualoptax.per_objective and "
-        "dualoptax.accumulate_objectives.")
+      "DualOptim updates take a Mapping from objective name to gradients, e.g. "
+      f"{{{objectives[0]!r}: grads}}; got {type(grads).__name__}. "
+      "Transformations that assume params-shaped input (optax.MultiSteps, "
+      "apply_if_finite, masked) cannot wrap it: see dualoptax.per_objective and "
+      "dualoptax.accumulate_objectives."
+    )
   unknown = [k for k in grads.keys() if k not in objectives]
   if unknown:
     hint = ""
     if len(unknown) == len(grads):
-      hint = (f" If these are parameter names, wrap params-shaped gradients by "
-              f"objective: {{{objectives[0]!r}: grads}}.")
+      hint = (
+        f" If these are parameter names, wrap params-shaped gradients by "
+        f"objective: {{{objectives[0]!r}: grads}}."
+      )
     raise ValueError(
-        f"Unknown objective(s) {sorted(map(str, unknown))}; this optimizer was built "
-        f"for objectives {list(objectives)}.{hint}")
-  present = {k: grads[k] for k in objectives if k in grads and grads[k] is not None}
+      f"Unknown objective(s) {sorted(map(str, unknown))}; this optimizer was built "
+      f"for objectives {list(objectives)}.{hint}"
+    )
+  present = {
+    k: grads[k] for k in objectives if k in grads and grads[k] is not None
+  }
   if not present:
     raise ValueError(
-        "The gradient mapping is empty: pass gradients for at least one of "
-        f"{list(objectives)}.")
+      "The gradient mapping is empty: pass gradients for at least one of "
+      f"{list(objectives)}."
+    )
   ref_def = jax.tree.structure(reference)
   ref_leaves = jax.tree.leaves(reference)
   for name, g in present.items():
     g_def = jax.tree.structure(g)
     if g_def != ref_def:
       raise ValueError(
-          f"Gradients for objective {name!r} do not match the params' tree "
-          f"structure: got {_describe(g)}, expected {_describe(reference)}.")
-    for (path, leaf), ref in zip(jax.tree_util.tree_flatten_with_path(g)[0],
-                                 ref_leaves):
+        f"Gradients for objective {name!r} do not match the params' tree "
+        f"structure: got {_describe(g)}, expected {_describe(reference)}."
+      )
+    for (path, leaf), ref in zip(
+      jax.tree_util.tree_flatten_with_path(g)[0], ref_leaves
+    ):
       shape = jnp.shape(leaf)
       if shape != jnp.shape(ref):
         raise ValueError(
-            f"Gradient for objective {name!r} at {jax.tree_util.keystr(path)} has "
-            f"shape {shape}, expected {jnp.shape(ref)} (the params' shape).")
+          f"Gradient for objective {name!r} at {jax.tree_util.keystr(path)} has "
+          f"shape {shape}, expected {jnp.shape(ref)} (the params' shape)."
+        )
       if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
         raise TypeError(
-            f"Gradient for objective {name!r} at {jax.tree_util.keystr(path)} has "
-            f"dtype {jnp.result_type(leaf)}; gradients must be floating point.")
+          f"Gradient for objective {name!r} at {jax.tree_util.keystr(path)} has "
+          f"dtype {jnp.result_type(leaf)}; gradients must be floating point."
+        )
   return present
 
 
@@ -183,8 +202,9 @@ def all_finite(trees: Sequence[Any]) -> jax.Array:
   ``all(isfinite(x))`` it reduces in one fused pass without a boolean temporary.
   """
   leaves = [x for t in trees for x in jax.tree.leaves(t)]
-  total = sum(jnp.sum(x * jnp.zeros((), x.dtype), dtype=jnp.float32)
-              for x in leaves)
+  total = sum(
+    jnp.sum(x * jnp.zeros((), x.dtype), dtype=jnp.float32) for x in leaves
+  )
   return jnp.isfinite(total)
 
 
@@ -197,9 +217,9 @@ def decay_mask(mask: MaskOrFn, params: Any) -> list[bool]:
   flags = jax.tree.leaves(tree)
   if jax.tree.structure(tree) != jax.tree.structure(params):
     raise ValueError(
-        "`mask` must have the params' tree structure (a bool per leaf); got "
-        f"{_describe(tree)}, expected {_describe(params)}.")
+      "`mask` must have the params' tree structure (a bool per leaf); got "
+      f"{_describe(tree)}, expected {_describe(params)}."
+    )
   if any(isinstance(f, jax.core.Tracer) for f in flags):
     raise TypeError("`mask` leaves must be Python bools, not traced arrays.")
   return [bool(f) for f in flags]
-

@@ -25,6 +25,7 @@ class CAGradState(NamedTuple):
   Attributes:
     count: updates taken (int32).
   """
+
   count: jax.Array
 
 
@@ -48,8 +49,9 @@ def _line_search(lin, p, q, r, s):
   return jnp.clip(a, 0.0, 1.0)
 
 
-def cagrad_weights(gram: jax.Array, c: float = 0.5,
-                   iterations: int = 250) -> jax.Array:
+def cagrad_weights(
+  gram: jax.Array, c: float = 0.5, iterations: int = 250
+) -> jax.Array:
   r"""Weights :math:`v` with the CAGrad direction :math:`\sum_k v_k g_k`.
 
   Solves the dual :math:`\min_{w \in \Delta} F(w) = w^\top G \bar 1 +
@@ -92,11 +94,11 @@ def cagrad_weights(gram: jax.Array, c: float = 0.5,
 
 
 def cagrad(
-    tasks: Optional[Sequence[str]] = None,
-    *,
-    c: float = 0.5,
-    rescale: bool = True,
-    iterations: int = 250,
+  tasks: Optional[Sequence[str]] = None,
+  *,
+  c: float = 0.5,
+  rescale: bool = True,
+  iterations: int = 250,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Conflict-averse gradient descent (CAGrad).
 
@@ -164,8 +166,11 @@ def cagrad(
     Optimization Variants", NeurIPS 2015 (the pairwise variant).
   """
   tasks = _multitask.check_tasks(tasks, _WHO)
-  if (isinstance(c, bool) or not isinstance(c, numbers.Real)
-      or not 0.0 <= float(c) < 1.0):
+  if (
+    isinstance(c, bool)
+    or not isinstance(c, numbers.Real)
+    or not 0.0 <= float(c) < 1.0
+  ):
     raise ValueError(f"{_WHO}: `c` must be a number in [0, 1), got {c!r}.")
   c_value = float(c)
   rescale = _multitask.check_bool(_WHO, "rescale", rescale)
@@ -178,8 +183,7 @@ def cagrad(
   def update_fn(grads, state, params=None, **extra_args):
     del extra_args
     _, trees = _multitask.task_gradients(grads, tasks, params, _WHO)
-    gram = _multitask.gram_matrix(
-        trees, _multitask.accumulation_dtype(trees))
+    gram = _multitask.gram_matrix(trees, _multitask.accumulation_dtype(trees))
     weights = cagrad_weights(gram, c_value, iterations)
     if rescale:
       weights = weights / (1.0 + c_value**2)

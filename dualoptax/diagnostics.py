@@ -32,9 +32,11 @@ def _finish(sq: dict[str, jax.Array], names: list[str]) -> dict[str, jax.Array]:
   out = {"base_norm": norm["base"]}
   for k in names:
     out[f"{k}_norm"] = norm[k]
+
   def cos(dot, a, b):
     den = norm[a] * norm[b]
     return jnp.where(den > 0, dot / jnp.where(den > 0, den, 1.0), 0.0)
+
   for k in names:
     out[f"cos_{k}_vs_base"] = cos(sq[f"{k}.base"], k, "base")
   for a, b in itertools.combinations(names, 2):
@@ -42,7 +44,9 @@ def _finish(sq: dict[str, jax.Array], names: list[str]) -> dict[str, jax.Array]:
   return out
 
 
-def bridging_stats(state: DualOptimPlusState, *, per_leaf: bool = False) -> dict:
+def bridging_stats(
+  state: DualOptimPlusState, *, per_leaf: bool = False
+) -> dict:
   r"""Norms and cosine similarities of DualOptim+'s base and delta moments.
 
   For each moment kind (``"mu"``: first moments, ``"nu"``: second moments) it reports
@@ -65,23 +69,28 @@ def bridging_stats(state: DualOptimPlusState, *, per_leaf: bool = False) -> dict
   """
   if not isinstance(state, DualOptimPlusState):
     raise TypeError(
-        f"bridging_stats takes a DualOptimPlusState, got {type(state).__name__}.")
+      f"bridging_stats takes a DualOptimPlusState, got {type(state).__name__}."
+    )
   names = list(state.deltas)
   result: dict[str, Any] = {}
   leaf_results: dict[str, Any] = {}
   for kind, base_tree in (("mu", state.base_mu), ("nu", state.base_nu)):
     paths_leaves = jax.tree_util.tree_flatten_with_path(base_tree)[0]
     treedef = jax.tree.structure(base_tree)
-    delta_leaves = {k: treedef.flatten_up_to(getattr(state.deltas[k], kind))
-                    for k in names}
-    per = [_leaf_stats(leaf, {k: delta_leaves[k][i] for k in names})
-           for i, (_, leaf) in enumerate(paths_leaves)]
+    delta_leaves = {
+      k: treedef.flatten_up_to(getattr(state.deltas[k], kind)) for k in names
+    }
+    per = [
+      _leaf_stats(leaf, {k: delta_leaves[k][i] for k in names})
+      for i, (_, leaf) in enumerate(paths_leaves)
+    ]
     totals = {key: sum(p[key] for p in per) for key in per[0]}
     result[kind] = _finish(totals, names)
     if per_leaf:
       for (path, _), p in zip(paths_leaves, per):
         leaf_results.setdefault(jax.tree_util.keystr(path), {})[kind] = _finish(
-            p, names)
+          p, names
+        )
   if per_leaf:
     result["per_leaf"] = leaf_results
   return result

@@ -7,14 +7,13 @@ Separate ``m_k, v_k`` and counters per objective, no shared base
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from dualoptax import _engine
-from dualoptax import _objectives
+from dualoptax import _engine, _objectives
 from dualoptax._engine import AdamMoments
 from dualoptax.dual_optim_plus import DEFAULT_OBJECTIVES
 
@@ -27,21 +26,22 @@ class DualOptimState(NamedTuple):
     deltas: ``{objective: AdamMoments}``, each a plain Adam state (``nu >= 0``).
     skipped: calls skipped because a gradient held NaN or Inf (int32).
   """
+
   count: jax.Array
   deltas: dict[str, AdamMoments]
   skipped: jax.Array
 
 
 def dual_optim(
-    learning_rate: _objectives.LearningRate,
-    *,
-    objectives: Sequence[str] = DEFAULT_OBJECTIVES,
-    b1: float = 0.9,
-    b2: float = 0.95,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    mask: _objectives.MaskOrFn = None,
-    skip_nonfinite: bool = True,
+  learning_rate: _objectives.LearningRate,
+  *,
+  objectives: Sequence[str] = DEFAULT_OBJECTIVES,
+  b1: float = 0.9,
+  b2: float = 0.95,
+  eps: float = 1e-8,
+  weight_decay: float = 0.0,
+  mask: _objectives.MaskOrFn = None,
+  skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""DualOptim: decoupled Adam states, one per objective.
 
@@ -81,28 +81,45 @@ def dual_optim(
     with Dual Optimizers" (arXiv 2504.15827).
   """
   objectives = _objectives.check_hyperparameters(
-      objectives, dict(b1=b1, b2=b2), eps, weight_decay)
+    objectives, dict(b1=b1, b2=b2), eps, weight_decay
+  )
   lrs = _objectives.resolve_learning_rates(learning_rate, objectives)
   hyper = _engine.Hyper(b1, b2, None, None, eps, stable=False)
 
   def init_fn(params):
     return DualOptimState(
-        count=jnp.zeros([], jnp.int32),
-        deltas=_engine.init_deltas(params, objectives, None, None,
-                                  _engine.AdamMoments),
-        skipped=jnp.zeros([], jnp.int32),
+      count=jnp.zeros([], jnp.int32),
+      deltas=_engine.init_deltas(
+        params, objectives, None, None, _engine.AdamMoments
+      ),
+      skipped=jnp.zeros([], jnp.int32),
     )
 
   def update_fn(grads, state, params=None, **extra_args):
     del extra_args
     reference = state.deltas[objectives[0]].mu
     present, flags, finite = _engine.prepare_call(
-        grads, objectives, reference, params, weight_decay, mask, skip_nonfinite)
-    coefficients = {k: -_objectives.evaluate(lrs[k], state.count) for k in present}
+      grads, objectives, reference, params, weight_decay, mask, skip_nonfinite
+    )
+    coefficients = {
+      k: -_objectives.evaluate(lrs[k], state.count) for k in present
+    }
     updates, deltas, _, count = _engine.run_step(
-        present, state.deltas, None, state.count, params, coefficients,
-        weight_decay, flags, hyper, finite)
-    return updates, DualOptimState(count, {**state.deltas, **deltas},
-                                   _engine.count_skipped(state.skipped, finite))
+      present,
+      state.deltas,
+      None,
+      state.count,
+      params,
+      coefficients,
+      weight_decay,
+      flags,
+      hyper,
+      finite,
+    )
+    return updates, DualOptimState(
+      count,
+      {**state.deltas, **deltas},
+      _engine.count_skipped(state.skipped, finite),
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

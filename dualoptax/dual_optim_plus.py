@@ -14,9 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dualoptax import _engine
-from dualoptax import _objectives
-from dualoptax import quantized_state
+from dualoptax import _engine, _objectives, quantized_state
 from dualoptax._engine import DeltaState
 
 DEFAULT_OBJECTIVES = ("forget", "retain")
@@ -33,6 +31,7 @@ class DualOptimPlusState(NamedTuple):
       ``m_k`` and ``v_k`` (``v_k`` is a signed correction to ``v_B``).
     skipped: calls skipped because a gradient held NaN or Inf (int32).
   """
+
   count: jax.Array
   base_mu: optax.Updates
   base_nu: optax.Updates
@@ -44,55 +43,87 @@ class DualOptimPlusState(NamedTuple):
 
 
 def _dual_optim_plus_transform(
-    coefficients_fn, weight_decay, mask, objectives, b1, b2, base_b1, base_b2, eps,
-    stable, mu_dtype, nu_dtype, skip_nonfinite,
+  coefficients_fn,
+  weight_decay,
+  mask,
+  objectives,
+  b1,
+  b2,
+  base_b1,
+  base_b2,
+  eps,
+  stable,
+  mu_dtype,
+  nu_dtype,
+  skip_nonfinite,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds the transformation ``Δθ = Σ_k c_k(T) (u_k + wd·θ)``."""
   objectives = _objectives.check_hyperparameters(
-      objectives, dict(b1=b1, b2=b2, base_b1=base_b1, base_b2=base_b2), eps,
-      weight_decay)
+    objectives,
+    dict(b1=b1, b2=b2, base_b1=base_b1, base_b2=base_b2),
+    eps,
+    weight_decay,
+  )
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
   nu_dtype = None if nu_dtype is None else jnp.dtype(nu_dtype)
   hyper = _engine.Hyper(b1, b2, base_b1, base_b2, eps, stable)
 
   def init_fn(params):
     return DualOptimPlusState(
-        count=jnp.zeros([], jnp.int32),
-        base_mu=_engine.init_moments(params, mu_dtype),
-        base_nu=_engine.init_moments(params, nu_dtype),
-        deltas=_engine.init_deltas(params, objectives, mu_dtype, nu_dtype),
-        skipped=jnp.zeros([], jnp.int32),
+      count=jnp.zeros([], jnp.int32),
+      base_mu=_engine.init_moments(params, mu_dtype),
+      base_nu=_engine.init_moments(params, nu_dtype),
+      deltas=_engine.init_deltas(params, objectives, mu_dtype, nu_dtype),
+      skipped=jnp.zeros([], jnp.int32),
     )
 
   def update_fn(grads, state, params=None, **extra_args):
     del extra_args
     present, flags, finite = _engine.prepare_call(
-        grads, objectives, state.base_mu, params,
-        weight_decay, mask, skip_nonfinite)
+      grads,
+      objectives,
+      state.base_mu,
+      params,
+      weight_decay,
+      mask,
+      skip_nonfinite,
+    )
     coefficients = coefficients_fn(present, state.count)
     updates, deltas, (base_mu, base_nu), count = _engine.run_step(
-        present, state.deltas,
-        _engine.Base(state.base_mu, state.base_nu, state.count), state.count,
-        params, coefficients, weight_decay, flags, hyper, finite)
+      present,
+      state.deltas,
+      _engine.Base(state.base_mu, state.base_nu, state.count),
+      state.count,
+      params,
+      coefficients,
+      weight_decay,
+      flags,
+      hyper,
+      finite,
+    )
     return updates, DualOptimPlusState(
-        count, base_mu, base_nu, {**state.deltas, **deltas},
-        _engine.count_skipped(state.skipped, finite))
+      count,
+      base_mu,
+      base_nu,
+      {**state.deltas, **deltas},
+      _engine.count_skipped(state.skipped, finite),
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def scale_by_dual_optim_plus(
-    objectives: Sequence[str] = DEFAULT_OBJECTIVES,
-    b1: float = 0.9,
-    b2: float = 0.95,
-    base_b1: float = 0.9,
-    base_b2: float = 0.95,
-    eps: float = 1e-8,
-    *,
-    stable: bool = True,
-    mu_dtype: Optional[chex.ArrayDType] = None,
-    nu_dtype: Optional[chex.ArrayDType] = None,
-    skip_nonfinite: bool = True,
+  objectives: Sequence[str] = DEFAULT_OBJECTIVES,
+  b1: float = 0.9,
+  b2: float = 0.95,
+  base_b1: float = 0.9,
+  base_b2: float = 0.95,
+  eps: float = 1e-8,
+  *,
+  stable: bool = True,
+  mu_dtype: Optional[chex.ArrayDType] = None,
+  nu_dtype: Optional[chex.ArrayDType] = None,
+  skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales per-objective gradients with DualOptim+'s base and delta moments.
 
@@ -152,25 +183,37 @@ def scale_by_dual_optim_plus(
     Zhong, Li, Guo, Liu, "DualOptim+", ICML 2026 (arXiv 2605.21539).
   """
   return _dual_optim_plus_transform(
-      lambda present, count: {k: 1.0 for k in present}, 0.0, None, objectives,
-      b1, b2, base_b1, base_b2, eps, stable, mu_dtype, nu_dtype, skip_nonfinite)
+    lambda present, count: {k: 1.0 for k in present},
+    0.0,
+    None,
+    objectives,
+    b1,
+    b2,
+    base_b1,
+    base_b2,
+    eps,
+    stable,
+    mu_dtype,
+    nu_dtype,
+    skip_nonfinite,
+  )
 
 
 def dual_optim_plus(
-    learning_rate: _objectives.LearningRate,
-    *,
-    objectives: Sequence[str] = DEFAULT_OBJECTIVES,
-    b1: float = 0.9,
-    b2: float = 0.95,
-    base_b1: float = 0.9,
-    base_b2: float = 0.95,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    mask: _objectives.MaskOrFn = None,
-    stable: bool = True,
-    mu_dtype: Optional[chex.ArrayDType] = None,
-    nu_dtype: Optional[chex.ArrayDType] = None,
-    skip_nonfinite: bool = True,
+  learning_rate: _objectives.LearningRate,
+  *,
+  objectives: Sequence[str] = DEFAULT_OBJECTIVES,
+  b1: float = 0.9,
+  b2: float = 0.95,
+  base_b1: float = 0.9,
+  base_b2: float = 0.95,
+  eps: float = 1e-8,
+  weight_decay: float = 0.0,
+  mask: _objectives.MaskOrFn = None,
+  stable: bool = True,
+  mu_dtype: Optional[chex.ArrayDType] = None,
+  nu_dtype: Optional[chex.ArrayDType] = None,
+  skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""DualOptim+ with per-objective learning rates and decoupled weight decay.
 
@@ -224,12 +267,24 @@ def dual_optim_plus(
     return {k: -_objectives.evaluate(lrs[k], count) for k in present}
 
   return _dual_optim_plus_transform(
-      coefficients, weight_decay, mask, objectives, b1, b2, base_b1, base_b2, eps,
-      stable, mu_dtype, nu_dtype, skip_nonfinite)
+    coefficients,
+    weight_decay,
+    mask,
+    objectives,
+    b1,
+    b2,
+    base_b1,
+    base_b2,
+    eps,
+    stable,
+    mu_dtype,
+    nu_dtype,
+    skip_nonfinite,
+  )
 
 
 def _skip_nonfinite(
-    tx: optax.GradientTransformationExtraArgs, objectives: tuple[str, ...]
+  tx: optax.GradientTransformationExtraArgs, objectives: tuple[str, ...]
 ) -> optax.GradientTransformationExtraArgs:
   """Skips (and counts in ``state.skipped``) calls with NaN or Inf gradients.
 
@@ -240,7 +295,8 @@ def _skip_nonfinite(
 
   def update_fn(grads, state, params=None, **extra_args):
     present = _objectives.present_gradients(
-        grads, objectives, quantized_state.shape_tree(state.base_mu))
+      grads, objectives, quantized_state.shape_tree(state.base_mu)
+    )
     finite = _objectives.all_finite(list(present.values()))
 
     def step():
@@ -249,10 +305,11 @@ def _skip_nonfinite(
     def skip():
       first = next(iter(present.values()))
       zeros = jax.tree.map(
-          lambda g, p: jnp.zeros(jnp.shape(g), jnp.result_type(p)), first,
-          first if params is None else params)
-      return zeros, state._replace(
-          skipped=optax.safe_increment(state.skipped))
+        lambda g, p: jnp.zeros(jnp.shape(g), jnp.result_type(p)),
+        first,
+        first if params is None else params,
+      )
+      return zeros, state._replace(skipped=optax.safe_increment(state.skipped))
 
     return jax.lax.cond(finite, step, skip)
 
@@ -260,16 +317,16 @@ def _skip_nonfinite(
 
 
 def dual_optim_plus_8bit(
-    learning_rate: _objectives.LearningRate,
-    *,
-    quantize_base: bool = True,
-    quantize_delta: bool = True,
-    block_size: int = 256,
-    min_size: int = 4096,
-    exclude: quantized_state.Exclude = (),
-    chunk_size: Optional[int] = quantized_state.DEFAULT_CHUNK_SIZE,
-    skip_nonfinite: bool = True,
-    **kwargs,
+  learning_rate: _objectives.LearningRate,
+  *,
+  quantize_base: bool = True,
+  quantize_delta: bool = True,
+  block_size: int = 256,
+  min_size: int = 4096,
+  exclude: quantized_state.Exclude = (),
+  chunk_size: Optional[int] = quantized_state.DEFAULT_CHUNK_SIZE,
+  skip_nonfinite: bool = True,
+  **kwargs,
 ) -> optax.GradientTransformationExtraArgs:
   r"""DualOptim+ with 8-bit moments (the release's three 8-bit variants).
 
@@ -317,21 +374,27 @@ def dual_optim_plus_8bit(
     >>> type(state.deltas["forget"].mu["w"]).__name__
     'ArrayImpl'
   """
-  for name, value in (("quantize_base", quantize_base),
-                      ("quantize_delta", quantize_delta),
-                      ("skip_nonfinite", skip_nonfinite)):
+  for name, value in (
+    ("quantize_base", quantize_base),
+    ("quantize_delta", quantize_delta),
+    ("skip_nonfinite", skip_nonfinite),
+  ):
     if not isinstance(value, bool):
       raise ValueError(f"{name} must be a bool, got {value!r}")
   if "skip_nonfinite" in kwargs:
     raise TypeError("skip_nonfinite was given twice")
   inner = dual_optim_plus(learning_rate, skip_nonfinite=False, **kwargs)
-  groups = tuple(g for g, on in (("base", quantize_base),
-                                 ("delta", quantize_delta)) if on)
+  groups = tuple(
+    g for g, on in (("base", quantize_base), ("delta", quantize_delta)) if on
+  )
 
   def select(path: str, leaf) -> bool:
     del leaf
-    group = "base" if path.startswith((".base_mu", ".base_nu")) else (
-        "delta" if path.startswith(".deltas") else None)
+    group = (
+      "base"
+      if path.startswith((".base_mu", ".base_nu"))
+      else ("delta" if path.startswith(".deltas") else None)
+    )
     return group in groups
 
   def signed(path: str, leaf) -> bool:
@@ -339,10 +402,17 @@ def dual_optim_plus_8bit(
     return not path.startswith(".base_nu")  # v_B >= 0; v_k is signed
 
   tx = quantized_state.quantize_state(
-      inner, block_size=block_size, min_size=min_size, exclude=exclude,
-      signed=signed, select=select, chunk_size=chunk_size)
+    inner,
+    block_size=block_size,
+    min_size=min_size,
+    exclude=exclude,
+    signed=signed,
+    select=select,
+    chunk_size=chunk_size,
+  )
   if not skip_nonfinite:
     return tx
   objectives = _objectives.check_objectives(
-      kwargs.get("objectives", DEFAULT_OBJECTIVES))
+    kwargs.get("objectives", DEFAULT_OBJECTIVES)
+  )
   return _skip_nonfinite(tx, objectives)

@@ -24,6 +24,7 @@ class MGDAState(NamedTuple):
   Attributes:
     count: updates taken (int32).
   """
+
   count: jax.Array
 
 
@@ -33,10 +34,12 @@ def _pair(g11, g12, g22):
   :math:`\min_{\gamma \in [0, 1]} \|\gamma u + (1-\gamma) v\|^2` from
   :math:`u \cdot u, u \cdot v, v \cdot v`; equal points give 1/2.
   """
-  gamma = jnp.clip(_multitask.safe_divide(g22 - g12, g11 + g22 - 2 * g12, 0.5),
-                   0.0, 1.0)
-  sq_norm = (gamma**2 * g11 + 2 * gamma * (1 - gamma) * g12
-             + (1 - gamma)**2 * g22)
+  gamma = jnp.clip(
+    _multitask.safe_divide(g22 - g12, g11 + g22 - 2 * g12, 0.5), 0.0, 1.0
+  )
+  sq_norm = (
+    gamma**2 * g11 + 2 * gamma * (1 - gamma) * g12 + (1 - gamma) ** 2 * g22
+  )
   return gamma, sq_norm
 
 
@@ -88,10 +91,10 @@ def min_norm_weights(gram: jax.Array, iterations: int = 250) -> jax.Array:
 
 
 def mgda(
-    tasks: Optional[Sequence[str]] = None,
-    *,
-    normalize: bool = False,
-    iterations: int = 250,
+  tasks: Optional[Sequence[str]] = None,
+  *,
+  normalize: bool = False,
+  iterations: int = 250,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Multiple-gradient descent: the min-norm convex combination of gradients.
 
@@ -176,8 +179,7 @@ def mgda(
   def update_fn(grads, state, params=None, **extra_args):
     del extra_args
     _, trees = _multitask.task_gradients(grads, tasks, params, _WHO)
-    gram = _multitask.gram_matrix(
-        trees, _multitask.accumulation_dtype(trees))
+    gram = _multitask.gram_matrix(trees, _multitask.accumulation_dtype(trees))
     if normalize:
       inv = _multitask.safe_divide(1.0, jnp.sqrt(jnp.diagonal(gram)))
       gram = gram * inv[:, None] * inv[None, :]

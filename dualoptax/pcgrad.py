@@ -25,6 +25,7 @@ class PCGradState(NamedTuple):
     count: updates taken (int32).
     key: the PRNG key the next update splits to draw its task orders.
   """
+
   count: jax.Array
   key: jax.Array
 
@@ -33,21 +34,27 @@ def _check_key(key, seed) -> jax.Array:
   if key is not None and seed is not None:
     raise ValueError(f"{_WHO}: pass either `key` or `seed`, not both.")
   if key is None:
-    if seed is not None and (isinstance(seed, bool)
-                             or not isinstance(seed, (int, np.integer))):
+    if seed is not None and (
+      isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+    ):
       raise TypeError(f"{_WHO}: `seed` must be an int, got {seed!r}.")
     return jax.random.PRNGKey(0 if seed is None else int(seed))
   if not isinstance(key, jax.Array):
-    raise TypeError(f"{_WHO}: `key` must be a JAX PRNG key (from "
-                    f"jax.random.key or PRNGKey), got {type(key).__name__}.")
+    raise TypeError(
+      f"{_WHO}: `key` must be a JAX PRNG key (from "
+      f"jax.random.key or PRNGKey), got {type(key).__name__}."
+    )
   typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
   if not typed and key.dtype != jnp.uint32:
-    raise TypeError(f"{_WHO}: `key` must be a JAX PRNG key (from "
-                    f"jax.random.key or PRNGKey), got an array of dtype "
-                    f"{key.dtype}.")
+    raise TypeError(
+      f"{_WHO}: `key` must be a JAX PRNG key (from "
+      f"jax.random.key or PRNGKey), got an array of dtype "
+      f"{key.dtype}."
+    )
   if typed and key.shape != ():
-    raise ValueError(f"{_WHO}: `key` must be a single key, got shape "
-                     f"{key.shape}.")
+    raise ValueError(
+      f"{_WHO}: `key` must be a single key, got shape {key.shape}."
+    )
   return key
 
 
@@ -85,11 +92,11 @@ def _projection_weights(gram: jax.Array, orders: jax.Array) -> jax.Array:
 
 
 def pcgrad(
-    tasks: Optional[Sequence[str]] = None,
-    *,
-    key: Optional[jax.Array] = None,
-    seed: Optional[int] = None,
-    shuffle: bool = True,
+  tasks: Optional[Sequence[str]] = None,
+  *,
+  key: Optional[jax.Array] = None,
+  seed: Optional[int] = None,
+  shuffle: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Projecting conflicting gradients (PCGrad).
 
@@ -180,11 +187,11 @@ def pcgrad(
     next_key, step_key = jax.random.split(state.key)
     if shuffle:  # row i: a uniformly random permutation of 0..K-1
       orders = jnp.argsort(
-          jax.random.bits(step_key, (k, k), jnp.uint32), axis=1)
+        jax.random.bits(step_key, (k, k), jnp.uint32), axis=1
+      )
     else:
       orders = jnp.broadcast_to(jnp.arange(k), (k, k))
-    weights = _projection_weights(
-        _multitask.gram_matrix(trees, dtype), orders)
+    weights = _projection_weights(_multitask.gram_matrix(trees, dtype), orders)
     direction = _multitask.combine(weights, trees)
     return direction, PCGradState(optax.safe_increment(state.count), next_key)
 

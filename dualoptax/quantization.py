@@ -58,11 +58,11 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "QuantizedArray",
-    "block_layout",
-    "dynamic_code_map",
-    "quantize_blockwise",
-    "dequantize_blockwise",
+  "QuantizedArray",
+  "block_layout",
+  "dynamic_code_map",
+  "quantize_blockwise",
+  "dequantize_blockwise",
 ]
 
 _NUM_DECADES = 7  # decades 1e-7..1e-6, ..., 1e-1..1
@@ -73,7 +73,7 @@ _NUM_DECADES = 7  # decades 1e-7..1e-6, ..., 1e-1..1
 # ---------------------------------------------------------------------------
 def _decade_sizes(signed: bool) -> list[int]:
   # Signed: 2^i positive codes in decade i (+ their negatives); unsigned: 2^(i+1).
-  return [2 ** i if signed else 2 ** (i + 1) for i in range(_NUM_DECADES)]
+  return [2**i if signed else 2 ** (i + 1) for i in range(_NUM_DECADES)]
 
 
 def _code_map_np(signed: bool) -> np.ndarray:
@@ -135,9 +135,13 @@ def _magnitude_thresholds_np(signed: bool) -> np.ndarray:
   """``T[u]``: threshold between the ``u-1``-th and ``u``-th positive code (``T[0]``:
   between 0 and the smallest positive code); ``T[128] = inf``. Shape ``(129,)``."""
   c = _CODE_MAPS[signed]
-  pos = c[(128 if signed else 1):].astype(np.float64)  # 128 positive codes, 1.0 last
+  pos = c[(128 if signed else 1) :].astype(
+    np.float64
+  )  # 128 positive codes, 1.0 last
   prev = np.concatenate([[0.0], pos[:-1]])
-  return np.concatenate([((prev + pos) / 2).astype(np.float32), [np.inf]]).astype(np.float32)
+  return np.concatenate(
+    [((prev + pos) / 2).astype(np.float32), [np.inf]]
+  ).astype(np.float32)
 
 
 def _encoder_constants(signed: bool):
@@ -151,12 +155,14 @@ def _encoder_constants(signed: bool):
   consts = []
   offset = 0
   for i, n in enumerate(sizes):
-    consts.append((
+    consts.append(
+      (
         float(10.0 ** (6 - i) * n / 0.9),  # s_i
         float(0.1 * n / 0.9),  # o_i
         float(offset),  # first non-negative-code index of the decade
         float(offset + n - 1),  # last one
-    ))
+      )
+    )
     offset += n
   return consts
 
@@ -165,17 +171,22 @@ def _encoder_constants(signed: bool):
 # Layout.
 # ---------------------------------------------------------------------------
 def _check_block_size(block_size: Any) -> int:
-  if (isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer))
-      or block_size <= 0 or (block_size & (block_size - 1)) != 0):
+  if (
+    isinstance(block_size, bool)
+    or not isinstance(block_size, (int, np.integer))
+    or block_size <= 0
+    or (block_size & (block_size - 1)) != 0
+  ):
     raise ValueError(
-        f"block_size must be a positive power of two, got {block_size!r}")
+      f"block_size must be a positive power of two, got {block_size!r}"
+    )
   return int(block_size)
 
 
 def block_layout(
-    shape: tuple[int, ...],
-    block_size: int = 256,
-    local_last_dim: Optional[int] = None,
+  shape: tuple[int, ...],
+  block_size: int = 256,
+  local_last_dim: Optional[int] = None,
 ) -> Optional[tuple[int, int]]:
   """The block length and last-axis padding used for an array.
 
@@ -240,9 +251,9 @@ class QuantizedArray:
 
 
 jax.tree_util.register_dataclass(
-    QuantizedArray,
-    data_fields=["codes", "absmax"],
-    meta_fields=["shape", "dtype", "signed", "pad", "block_size"],
+  QuantizedArray,
+  data_fields=["codes", "absmax"],
+  meta_fields=["shape", "dtype", "signed", "pad", "block_size"],
 )
 
 
@@ -267,7 +278,9 @@ def _encode_normalized(xn: jax.Array, signed: bool) -> jax.Array:
     lo = jnp.where(in_decade, jnp.float32(loi), lo)
     hi = jnp.where(in_decade, jnp.float32(hii), hi)
   r = a * s - o  # position in the decade, in bins
-  u = jnp.clip(jnp.floor(r) + lo, lo, hi)  # candidate index among positive codes
+  u = jnp.clip(
+    jnp.floor(r) + lo, lo, hi
+  )  # candidate index among positive codes
   # The nearest code is u-1, u or u+1; the half of the bin that |x| falls in tells
   # which single threshold can move it, so one table look-up fixes rounding at bin
   # edges, decade edges, 0 and 1.0.
@@ -302,15 +315,17 @@ def _padded(x: jax.Array, pad: int) -> jax.Array:
 
 def _per_value(a: jax.Array, b: int) -> jax.Array:
   """``[..., nb] -> [..., nb * b]``: each block's scalar repeated over its values."""
-  return jnp.broadcast_to(a[..., None], (*a.shape, b)).reshape(*a.shape[:-1], -1)
+  return jnp.broadcast_to(a[..., None], (*a.shape, b)).reshape(
+    *a.shape[:-1], -1
+  )
 
 
 def quantize_blockwise(
-    x: jax.Array,
-    *,
-    signed: bool,
-    block_size: int = 256,
-    local_last_dim: Optional[int] = None,
+  x: jax.Array,
+  *,
+  signed: bool,
+  block_size: int = 256,
+  local_last_dim: Optional[int] = None,
 ) -> QuantizedArray:
   r"""Quantizes ``x`` to 8 bits, block-wise along its last axis.
 
@@ -360,32 +375,44 @@ def quantize_blockwise(
   layout = block_layout(shape if shape else (1,), block_size, local_last_dim)
   if layout is None:
     raise ValueError(
-        f"local_last_dim={local_last_dim} cannot hold whole blocks of an array of "
-        f"shape {shape} (block_size={block_size}) without padding a sharded axis")
+      f"local_last_dim={local_last_dim} cannot hold whole blocks of an array of "
+      f"shape {shape} (block_size={block_size}) without padding a sharded axis"
+    )
   return _quantize_with_layout(x, signed, *layout)
 
 
-def _quantize_with_layout(x: jax.Array, signed: bool, b: int, pad: int) -> QuantizedArray:
+def _quantize_with_layout(
+  x: jax.Array, signed: bool, b: int, pad: int
+) -> QuantizedArray:
   """Encodes ``x`` with a given layout (the update path reuses the init layout)."""
   shape = tuple(x.shape)
   xp = _padded(x.astype(jnp.float32), pad)
   blocks = xp.reshape(*xp.shape[:-1], xp.shape[-1] // b, b)
   # A NaN or Inf counts as +inf, so the block's max is +inf exactly when the
   # block holds one (a vectorized max may drop a NaN, never an inf).
-  m = jnp.max(jnp.where(jnp.isfinite(blocks), jnp.abs(blocks), jnp.inf), axis=-1)
+  m = jnp.max(
+    jnp.where(jnp.isfinite(blocks), jnp.abs(blocks), jnp.inf), axis=-1
+  )
   finite = m < jnp.inf
   absmax = jnp.where(finite, m, jnp.float32(jnp.nan))
   # One reciprocal per block, then a multiply per value (as the bitsandbytes
   # kernel); a zero or non-finite block gets 0, so its codes are the zero code.
   inv = jnp.where(finite & (m > 0), 1.0 / jnp.where(finite, m, 1.0), 0.0)
   xn = (jnp.where(finite[..., None], blocks, 0.0) * inv[..., None]).reshape(
-      xp.shape)
+    xp.shape
+  )
   if not signed:
     xn = jnp.maximum(xn, 0.0)
   codes = _encode_normalized(xn, signed)
-  return QuantizedArray(codes=codes, absmax=absmax, shape=shape,
-                        dtype=jnp.dtype(x.dtype).name, signed=bool(signed), pad=int(pad),
-                        block_size=int(b))
+  return QuantizedArray(
+    codes=codes,
+    absmax=absmax,
+    shape=shape,
+    dtype=jnp.dtype(x.dtype).name,
+    signed=bool(signed),
+    pad=int(pad),
+    block_size=int(b),
+  )
 
 
 def dequantize_blockwise(q: QuantizedArray) -> jax.Array:

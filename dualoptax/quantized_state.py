@@ -43,19 +43,20 @@ Exclude = Union[Sequence[str], Callable[[Any], Any], None]
 # ---------------------------------------------------------------------------
 class _Tag(NamedTuple):
   """What the state's types say about one leaf (a Python leaf, not a pytree)."""
+
   nonneg: bool  # a second moment of optax's, never negative
 
 
 def _optax_nonneg_fields() -> dict[type, frozenset]:
   table = {
-      "ScaleByAdamState": ("nu",),
-      "ScaleByAmsgradState": ("nu", "nu_max"),
-      "ScaleByRmsState": ("nu",),
-      "ScaleByBeliefState": ("nu",),
-      "ScaleByAdaDeltaState": ("e_g", "e_x"),
-      "ScaleByRssState": ("sum_of_squares",),
-      "ScaleByAdanState": ("n",),
-      "ScaleByAdamaxState": ("nu",),  # infinity norm, >= 0
+    "ScaleByAdamState": ("nu",),
+    "ScaleByAmsgradState": ("nu", "nu_max"),
+    "ScaleByRmsState": ("nu",),
+    "ScaleByBeliefState": ("nu",),
+    "ScaleByAdaDeltaState": ("e_g", "e_x"),
+    "ScaleByRssState": ("sum_of_squares",),
+    "ScaleByAdanState": ("n",),
+    "ScaleByAdamaxState": ("nu",),  # infinity norm, >= 0
   }
   out = {}
   for name, fields in table.items():
@@ -78,11 +79,17 @@ def _tag_state(node, ctx: bool = False):
     return None
   if _is_namedtuple(node):
     nonneg_fields = _NONNEG_FIELDS.get(type(node)) or frozenset(
-        getattr(type(node), "nonnegative_fields", ()))
-    return type(node)(*(
+      getattr(type(node), "nonnegative_fields", ())
+    )
+    return type(node)(
+      *(
         _tag_state(getattr(node, field), ctx or field in nonneg_fields)
-        for field in node._fields))
-  children, treedef = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
+        for field in node._fields
+      )
+    )
+  children, treedef = jax.tree_util.tree_flatten(
+    node, is_leaf=lambda x: x is not node
+  )
   if treedef.num_nodes == 1 and treedef.num_leaves == 1:  # a leaf
     return _Tag(ctx)
   return treedef.unflatten([_tag_state(c, ctx) for c in children])
@@ -108,10 +115,12 @@ def _path_names(path) -> tuple[str, ...]:
 
 def _contains(path: tuple[str, ...], part: tuple[str, ...]) -> bool:
   n = len(part)
-  return any(path[i:i + n] == part for i in range(len(path) - n + 1))
+  return any(path[i : i + n] == part for i in range(len(path) - n + 1))
 
 
-def _excluded_param_paths(exclude: Exclude, params) -> list[tuple[tuple[str, ...], tuple]]:
+def _excluded_param_paths(
+  exclude: Exclude, params
+) -> list[tuple[tuple[str, ...], tuple]]:
   """``[(param path names, shape)]`` of the parameters whose state stays unquantized."""
   if exclude is None:
     return []
@@ -123,21 +132,25 @@ def _excluded_param_paths(exclude: Exclude, params) -> list[tuple[tuple[str, ...
       flags = jax.tree.structure(params).flatten_up_to(mask)
     except (ValueError, TypeError) as e:
       raise ValueError(
-          "exclude: the callable must return a bool tree shaped like params") from e
+        "exclude: the callable must return a bool tree shaped like params"
+      ) from e
     return [e for e, f in zip(entries, flags) if bool(f)]
   if isinstance(exclude, str):
     exclude = (exclude,)
   out = []
   for name in exclude:
     if not isinstance(name, str) or not name.strip("/"):
-      raise ValueError(f"exclude: entries must be non-empty strings, got {name!r}")
+      raise ValueError(
+        f"exclude: entries must be non-empty strings, got {name!r}"
+      )
     part = tuple(name.strip("/").split("/"))
     hits = [e for e in entries if _contains(e[0], part)]
     if not hits:
       known = ", ".join("/".join(p) for p, _ in entries[:8])
       raise ValueError(
-          f"exclude: no parameter named {name!r} (parameters: {known}"
-          f"{', ...' if len(entries) > 8 else ''})")
+        f"exclude: no parameter named {name!r} (parameters: {known}"
+        f"{', ...' if len(entries) > 8 else ''})"
+      )
     out.extend(hits)
   return out
 
@@ -174,7 +187,8 @@ def _place(q: QuantizedArray, sharding) -> QuantizedArray:
   if not isinstance(sharding, jax.sharding.NamedSharding) or not q.shape:
     return q
   spec = jax.sharding.PartitionSpec(
-      *(tuple(sharding.spec) + (None,) * (len(q.shape) - len(sharding.spec))))
+    *(tuple(sharding.spec) + (None,) * (len(q.shape) - len(sharding.spec)))
+  )
   codes_s = absmax_s = jax.sharding.NamedSharding(sharding.mesh, spec)
   if isinstance(q.codes, jax.core.Tracer):
     codes = jax.lax.with_sharding_constraint(q.codes, codes_s)
@@ -182,7 +196,9 @@ def _place(q: QuantizedArray, sharding) -> QuantizedArray:
   else:
     codes = jax.device_put(q.codes, codes_s)
     absmax = jax.device_put(q.absmax, absmax_s)
-  return QuantizedArray(codes, absmax, q.shape, q.dtype, q.signed, q.pad, q.block_size)
+  return QuantizedArray(
+    codes, absmax, q.shape, q.dtype, q.signed, q.pad, q.block_size
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -192,8 +208,11 @@ DEFAULT_CHUNK_SIZE = 2**22
 
 
 def _check_min_size(min_size) -> int:
-  if (isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer))
-      or min_size < 0):
+  if (
+    isinstance(min_size, bool)
+    or not isinstance(min_size, (int, np.integer))
+    or min_size < 0
+  ):
     raise ValueError(f"min_size must be a non-negative int, got {min_size!r}")
   return int(min_size)
 
@@ -201,10 +220,14 @@ def _check_min_size(min_size) -> int:
 def _check_chunk_size(chunk_size) -> Optional[int]:
   if chunk_size is None:
     return None
-  if (isinstance(chunk_size, bool)
-      or not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0):
+  if (
+    isinstance(chunk_size, bool)
+    or not isinstance(chunk_size, (int, np.integer))
+    or chunk_size <= 0
+  ):
     raise ValueError(
-        f"chunk_size must be a positive int or None, got {chunk_size!r}")
+      f"chunk_size must be a positive int or None, got {chunk_size!r}"
+    )
   return int(chunk_size)
 
 
@@ -214,18 +237,19 @@ def _is_q(x) -> bool:
 
 def _requantize(x: jax.Array, like: QuantizedArray) -> QuantizedArray:
   return _q._quantize_with_layout(  # pylint: disable=protected-access
-      x, like.signed, like.block_size, like.pad)
+    x, like.signed, like.block_size, like.pad
+  )
 
 
 def quantize_state(
-    inner: optax.GradientTransformation,
-    *,
-    block_size: int = 256,
-    min_size: int = 4096,
-    exclude: Exclude = (),
-    signed: SignedOverride = None,
-    select: Optional[Callable[[str, Any], bool]] = None,
-    chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
+  inner: optax.GradientTransformation,
+  *,
+  block_size: int = 256,
+  min_size: int = 4096,
+  exclude: Exclude = (),
+  signed: SignedOverride = None,
+  select: Optional[Callable[[str, Any], bool]] = None,
+  chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Keeps the floating-point state of ``inner`` in 8 bits between steps.
 
@@ -324,14 +348,19 @@ def quantize_state(
   chunk_size = _check_chunk_size(chunk_size)
   if not (signed is None or isinstance(signed, bool) or callable(signed)):
     raise ValueError(
-        f"signed must be None, a bool or a callable, got {signed!r}")
+      f"signed must be None, a bool or a callable, got {signed!r}"
+    )
   if select is not None and not callable(select):
     raise ValueError(f"select must be None or a callable, got {select!r}")
-  if not (exclude is None or callable(exclude)
-          or isinstance(exclude, (str, list, tuple))):
+  if not (
+    exclude is None
+    or callable(exclude)
+    or isinstance(exclude, (str, list, tuple))
+  ):
     raise ValueError(
-        "exclude must be a sequence of parameter names or a callable, got "
-        f"{exclude!r}")
+      "exclude must be a sequence of parameter names or a callable, got "
+      f"{exclude!r}"
+    )
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -348,15 +377,20 @@ def quantize_state(
   def _maybe_quantize(path, leaf, tag, excluded):
     if not hasattr(leaf, "dtype") or not hasattr(leaf, "shape"):
       return leaf
-    if (not jnp.issubdtype(leaf.dtype, jnp.floating) or leaf.ndim == 0
-        or math.prod(leaf.shape) < max(min_size, 1)):
+    if (
+      not jnp.issubdtype(leaf.dtype, jnp.floating)
+      or leaf.ndim == 0
+      or math.prod(leaf.shape) < max(min_size, 1)
+    ):
       return leaf
     key = jax.tree_util.keystr(path)
     if select is not None and not select(key, leaf):
       return leaf
     names = _path_names(path)
     shape = tuple(leaf.shape)
-    if any(s == shape and len(p) and names[-len(p):] == p for p, s in excluded):
+    if any(
+      s == shape and len(p) and names[-len(p) :] == p for p, s in excluded
+    ):
       return leaf
     is_signed = not tag.nonneg
     if isinstance(signed, bool):
@@ -370,9 +404,11 @@ def quantize_state(
     layout = _q.block_layout(shape, block_size, local)
     if layout is None:
       warnings.warn(
-          f"quantize_state: state leaf {key} of shape {shape} keeps "
-          f"{leaf.dtype}: its shards (last axis {local}) cannot hold whole "
-          f"blocks of {block_size} without a collective.", stacklevel=3)
+        f"quantize_state: state leaf {key} of shape {shape} keeps "
+        f"{leaf.dtype}: its shards (last axis {local}) cannot hold whole "
+        f"blocks of {block_size} without a collective.",
+        stacklevel=3,
+      )
       return leaf
     q = _q._quantize_with_layout(jnp.asarray(leaf), is_signed, *layout)  # pylint: disable=protected-access
     return _place(q, sharding)
@@ -380,8 +416,9 @@ def quantize_state(
   def whole_update(updates, state, params, extra_args):
     leaves, treedef = jax.tree.flatten(state, is_leaf=_is_q)
     decoded = [_q.dequantize_blockwise(x) if _is_q(x) else x for x in leaves]
-    updates, new_inner = inner.update(updates, treedef.unflatten(decoded),
-                                      params, **extra_args)
+    updates, new_inner = inner.update(
+      updates, treedef.unflatten(decoded), params, **extra_args
+    )
     new_leaves = _state_leaves(new_inner, treedef)
     out = []
     for old, dec, new in zip(leaves, decoded, new_leaves):
@@ -405,22 +442,26 @@ def quantize_state(
 
     def flat_update(*xs):
       upd = u_def.unflatten(xs[:n_u])
-      st = st_def.unflatten(xs[n_u:n_u + n_s])
-      prm = p_def.unflatten(xs[n_u + n_s:n_u + n_s + n_p])
-      ext = e_def.unflatten(xs[n_u + n_s + n_p:])
+      st = st_def.unflatten(xs[n_u : n_u + n_s])
+      prm = p_def.unflatten(xs[n_u + n_s : n_u + n_s + n_p])
+      ext = e_def.unflatten(xs[n_u + n_s + n_p :])
       new_u, new_s = inner.update(upd, st, prm, **ext)
       new_u_leaves, u_out_def = jax.tree.flatten(new_u)
       out_def[:] = [u_out_def]
       return _state_leaves(new_s, st_def) + new_u_leaves
 
-    paths = [jax.tree_util.keystr(p) for p, _ in
-             jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_q)[0]]
+    paths = [
+      jax.tree_util.keystr(p)
+      for p, _ in jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_q)[0]
+    ]
     results = _chunked.apply_in_chunks(
-        flat_update, u_leaves + st_leaves + p_leaves + e_leaves,
-        {s: n_u + s for s in range(n_s)}, chunk_size=chunk_size,
-        describe=lambda i: "state" + paths[i - n_u])
-    return out_def[0].unflatten(results[n_s:]), st_def.unflatten(
-        results[:n_s])
+      flat_update,
+      u_leaves + st_leaves + p_leaves + e_leaves,
+      {s: n_u + s for s in range(n_s)},
+      chunk_size=chunk_size,
+      describe=lambda i: "state" + paths[i - n_u],
+    )
+    return out_def[0].unflatten(results[n_s:]), st_def.unflatten(results[:n_s])
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -429,8 +470,9 @@ def _state_leaves(new_inner, treedef) -> list:
   new_leaves, new_treedef = jax.tree.flatten(new_inner)
   if new_treedef != treedef:
     raise ValueError(
-        "quantize_state: the inner transformation changed its state structure "
-        f"from {treedef} to {new_treedef}")
+      "quantize_state: the inner transformation changed its state structure "
+      f"from {treedef} to {new_treedef}"
+    )
   return new_leaves
 
 
@@ -438,8 +480,12 @@ def shape_tree(tree: Any) -> Any:
   """``tree`` with each :class:`QuantizedArray` replaced by the
   ``jax.ShapeDtypeStruct`` of the array it stands for."""
   return jax.tree.map(
-      lambda x: (jax.ShapeDtypeStruct(x.shape, jnp.dtype(x.dtype)) if _is_q(x)
-                 else x), tree, is_leaf=_is_q)
+    lambda x: (
+      jax.ShapeDtypeStruct(x.shape, jnp.dtype(x.dtype)) if _is_q(x) else x
+    ),
+    tree,
+    is_leaf=_is_q,
+  )
 
 
 def state_nbytes(state: Any) -> int:
@@ -448,5 +494,7 @@ def state_nbytes(state: Any) -> int:
   Works on the output of ``jax.eval_shape(tx.init, params)``, so the memory of a
   large model's state can be measured without allocating it.
   """
-  return sum(int(math.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
-             for x in jax.tree.leaves(state))
+  return sum(
+    int(math.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+    for x in jax.tree.leaves(state)
+  )

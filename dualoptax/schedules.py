@@ -11,7 +11,9 @@ T = TypeVar("T")
 Step = Union[int, jax.Array]
 
 
-def alternating_index(step: Step, forget_freq: int = 1, retain_freq: int = 5) -> Step:
+def alternating_index(
+  step: Step, forget_freq: int = 1, retain_freq: int = 5
+) -> Step:
   r"""Index of the objective to step at 0-based global step ``step``.
 
   The authors alternate ``forget_freq`` steps of the first objective with
@@ -31,7 +33,10 @@ def alternating_index(step: Step, forget_freq: int = 1, retain_freq: int = 5) ->
     >>> [alternating_index(s, 1, 5) for s in range(7)]
     [0, 1, 1, 1, 1, 1, 0]
   """
-  for name, value in (("forget_freq", forget_freq), ("retain_freq", retain_freq)):
+  for name, value in (
+    ("forget_freq", forget_freq),
+    ("retain_freq", retain_freq),
+  ):
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
   period = forget_freq + retain_freq
@@ -46,7 +51,7 @@ def alternating_index(step: Step, forget_freq: int = 1, retain_freq: int = 5) ->
 
 
 def switch_objective(
-    index: Step, objectives: Sequence[str], fn: Callable[[str], T]
+  index: Step, objectives: Sequence[str], fn: Callable[[str], T]
 ) -> T:
   """Runs ``fn(objectives[index])`` for a Python or traced ``index``.
 

@@ -22,12 +22,13 @@ from dualoptax.dual_optim_plus import DEFAULT_OBJECTIVES
 
 class PerObjectiveState(NamedTuple):
   """State of :func:`per_objective`: the inner state of every objective."""
+
   inner_states: dict[str, Any]
 
 
 def per_objective(
-    inner: optax.GradientTransformation,
-    objectives: Sequence[str] = DEFAULT_OBJECTIVES,
+  inner: optax.GradientTransformation,
+  objectives: Sequence[str] = DEFAULT_OBJECTIVES,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Applies ``inner`` to each objective's gradients separately.
 
@@ -85,6 +86,7 @@ class AccumulateState(NamedTuple):
     sizes: per objective, how many micro-batches ``sums`` holds (int32).
     inner_state: the wrapped transformation's state.
   """
+
   count: jax.Array
   sums: dict[str, Any]
   sizes: dict[str, jax.Array]
@@ -92,9 +94,9 @@ class AccumulateState(NamedTuple):
 
 
 def accumulate_objectives(
-    inner: optax.GradientTransformation,
-    every_k: int,
-    objectives: Sequence[str] = DEFAULT_OBJECTIVES,
+  inner: optax.GradientTransformation,
+  every_k: int,
+  objectives: Sequence[str] = DEFAULT_OBJECTIVES,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Gradient accumulation over micro-batches, per objective (``MultiSteps``' role).
 
@@ -129,10 +131,10 @@ def accumulate_objectives(
 
   def init_fn(params):
     return AccumulateState(
-        count=jnp.zeros([], jnp.int32),
-        sums={k: jax.tree.map(jnp.zeros_like, params) for k in objectives},
-        sizes={k: jnp.zeros([], jnp.int32) for k in objectives},
-        inner_state=inner.init(params),
+      count=jnp.zeros([], jnp.int32),
+      sums={k: jax.tree.map(jnp.zeros_like, params) for k in objectives},
+      sizes={k: jnp.zeros([], jnp.int32) for k in objectives},
+      inner_state=inner.init(params),
     )
 
   def update_fn(grads, state, params=None, **extra_args):
@@ -146,9 +148,13 @@ def accumulate_objectives(
 
     def emit(operand):
       sums, sizes, inner_state = operand
-      means = {k: jax.tree.map(lambda s, n=sizes[k]: s / n.astype(s.dtype), sums[k])
-               for k in present}
-      updates, inner_state = inner.update(means, inner_state, params, **extra_args)
+      means = {
+        k: jax.tree.map(lambda s, n=sizes[k]: s / n.astype(s.dtype), sums[k])
+        for k in present
+      }
+      updates, inner_state = inner.update(
+        means, inner_state, params, **extra_args
+      )
       for k in present:
         sums[k] = jax.tree.map(jnp.zeros_like, sums[k])
         sizes[k] = jnp.zeros_like(sizes[k])
@@ -162,7 +168,8 @@ def accumulate_objectives(
       return zeros, operand
 
     updates, (sums, sizes, inner_state) = jax.lax.cond(
-        count % every_k == 0, emit, hold, operand)
+      count % every_k == 0, emit, hold, operand
+    )
     return updates, AccumulateState(count, sums, sizes, inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

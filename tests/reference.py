@@ -11,12 +11,29 @@ import numpy as np
 class DualOptimPlusRef:
   """DualOptim+, including "several objectives in one call" (section 1.4)."""
 
-  def __init__(self, shapes, objectives=("forget", "retain"), b1=0.9, b2=0.95,
-               base_b1=0.9, base_b2=0.95, eps=1e-8, wd=0.0, lr=1e-3,
-               stable=False, dtype=np.float64):
+  def __init__(
+    self,
+    shapes,
+    objectives=("forget", "retain"),
+    b1=0.9,
+    b2=0.95,
+    base_b1=0.9,
+    base_b2=0.95,
+    eps=1e-8,
+    wd=0.0,
+    lr=1e-3,
+    stable=False,
+    dtype=np.float64,
+  ):
     self.objectives, self.stable = objectives, stable
     self.b1, self.b2, self.bb1, self.bb2, self.eps, self.wd = (
-        b1, b2, base_b1, base_b2, eps, wd)
+      b1,
+      b2,
+      base_b1,
+      base_b2,
+      eps,
+      wd,
+    )
     self.lr = lr if isinstance(lr, dict) else {k: lr for k in objectives}
     z = lambda: {n: np.zeros(s, dtype) for n, s in shapes.items()}
     self.mB, self.vB = z(), z()
@@ -46,7 +63,9 @@ class DualOptimPlusRef:
           vhB = self.vB[n] / (1 - self.bb2 ** (self.T - 1))
         # Step 3.
         self.m[k][n] = self.b1 * self.m[k][n] + (1 - self.b1) * (g[n] - mhB)
-        self.v[k][n] = self.b2 * self.v[k][n] + (1 - self.b2) * (g[n] ** 2 - vhB)
+        self.v[k][n] = self.b2 * self.v[k][n] + (1 - self.b2) * (
+          g[n] ** 2 - vhB
+        )
         # Step 4.
         mhk = self.m[k][n] / (1 - self.b1 ** self.t[k])
         vhk = self.v[k][n] / (1 - self.b2 ** self.t[k])
@@ -54,7 +73,7 @@ class DualOptimPlusRef:
         num = mhk + mhB
         den2 = np.abs(vhk + vhB)
         if self.stable:
-          den2 = np.maximum(den2, num ** 2)
+          den2 = np.maximum(den2, num**2)
         u = num / (np.sqrt(den2) + self.eps)
         # Step 6.
         delta[n] -= lr * (u + self.wd * params[n])
@@ -63,15 +82,25 @@ class DualOptimPlusRef:
       gs = [grads[k][n] for k in grads]
       self.mB[n] = self.bb1 * self.mB[n] + (1 - self.bb1) * np.mean(gs, axis=0)
       self.vB[n] = self.bb2 * self.vB[n] + (1 - self.bb2) * np.mean(
-          [x ** 2 for x in gs], axis=0)
+        [x**2 for x in gs], axis=0
+      )
     return {n: params[n] + delta[n] for n in params}, delta
 
 
 class DualOptimRef:
   """DualOptim: one Adam per objective; lr schedules read the call count."""
 
-  def __init__(self, shapes, objectives=("forget", "retain"), b1=0.9, b2=0.95,
-               eps=1e-8, wd=0.0, lr=1e-3, dtype=np.float64):
+  def __init__(
+    self,
+    shapes,
+    objectives=("forget", "retain"),
+    b1=0.9,
+    b2=0.95,
+    eps=1e-8,
+    wd=0.0,
+    lr=1e-3,
+    dtype=np.float64,
+  ):
     self.b1, self.b2, self.eps, self.wd = b1, b2, eps, wd
     self.lr = lr if isinstance(lr, dict) else {k: lr for k in objectives}
     z = lambda: {n: np.zeros(s, dtype) for n, s in shapes.items()}

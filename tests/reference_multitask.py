@@ -24,7 +24,8 @@ import numpy as np
 def flatten(tree_leaves) -> np.ndarray:
   """Concatenates a list of arrays into one float64 vector."""
   return np.concatenate(
-      [np.asarray(x, np.float64).ravel() for x in tree_leaves])
+    [np.asarray(x, np.float64).ravel() for x in tree_leaves]
+  )
 
 
 def pcgrad(grads: list[np.ndarray], orders: list[list[int]]) -> np.ndarray:
@@ -73,8 +74,9 @@ def min_norm_point(grads: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
   return best_w, best_w @ a
 
 
-def cagrad(grads: list[np.ndarray], c: float = 0.5,
-           rescale: bool = True) -> np.ndarray:
+def cagrad(
+  grads: list[np.ndarray], c: float = 0.5, rescale: bool = True
+) -> np.ndarray:
   """CAGrad direction, the dual solved exactly face by face."""
   a = np.stack([np.asarray(g, np.float64) for g in grads])  # [K, n]
   k = len(grads)

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dualoptax
 from benchmarks import stress
@@ -55,10 +56,12 @@ def test_opposed_streams_base_vanishes():
 
 def test_stress_problem_stable_vs_published():
   kw = dict(n=8192, steps=150, lr=1e-2)
-  published, *_ = stress.run(dualoptax.dual_optim_plus(1e-2, stable=False), **kw)
+  published, *_ = stress.run(
+    dualoptax.dual_optim_plus(1e-2, stable=False), **kw
+  )
   stable, _, retain_loss = stress.run(dualoptax.dual_optim_plus(1e-2), **kw)
-  assert published > 50, published      # the hazard: steps of many × lr
-  assert stable <= 1.0 + 1e-6, stable    # |u| < 1: no element moves more than lr
+  assert published > 50, published  # the hazard: steps of many × lr
+  assert stable <= 1.0 + 1e-6, stable  # |u| < 1: no element moves more than lr
   assert np.isfinite(retain_loss)
 
 
@@ -67,7 +70,10 @@ def test_stable_bound_only_touches_overshooting_elements():
   # inactive and the result is bit-identical; elsewhere it caps |Δθ| at lr.
   rng = np.random.default_rng(2)
   params = jnp.zeros(256)
-  a, b = dualoptax.dual_optim_plus(1e-3), dualoptax.dual_optim_plus(1e-3, stable=False)
+  a, b = (
+    dualoptax.dual_optim_plus(1e-3),
+    dualoptax.dual_optim_plus(1e-3, stable=False),
+  )
   state = a.init(params)
   a_update, b_update = jax.jit(a.update), jax.jit(b.update)
   touched = untouched = 0
@@ -77,7 +83,9 @@ def test_stable_bound_only_touches_overshooting_elements():
     ub, _ = b_update({name: g}, state, params)  # same state: compare one step
     ua, state = a_update({name: g}, state, params)
     inside = np.abs(np.asarray(ub)) < 0.999e-3
-    np.testing.assert_array_equal(np.asarray(ua)[inside], np.asarray(ub)[inside])
+    np.testing.assert_array_equal(
+      np.asarray(ua)[inside], np.asarray(ub)[inside]
+    )
     assert np.all(np.abs(np.asarray(ua)) <= 1e-3)
     touched += int((~inside).sum())
     untouched += int(inside.sum())
@@ -86,12 +94,21 @@ def test_stable_bound_only_touches_overshooting_elements():
 
 # ----------------------------------------------------------------------------- errors
 
-@pytest.mark.parametrize("kwargs, needle", [
-    (dict(b1=1.0), "`b1`"), (dict(b2=-0.1), "`b2`"), (dict(base_b1=1.5), "`base_b1`"),
-    (dict(base_b2=1.0), "`base_b2`"), (dict(eps=-1e-8), "`eps`"),
-    (dict(weight_decay=-0.1), "`weight_decay`"), (dict(objectives=()), "`objectives`"),
-    (dict(objectives=("a", "a")), "duplicate"), (dict(objectives="forget"), "`objectives`"),
-])
+
+@pytest.mark.parametrize(
+  "kwargs, needle",
+  [
+    (dict(b1=1.0), "`b1`"),
+    (dict(b2=-0.1), "`b2`"),
+    (dict(base_b1=1.5), "`base_b1`"),
+    (dict(base_b2=1.0), "`base_b2`"),
+    (dict(eps=-1e-8), "`eps`"),
+    (dict(weight_decay=-0.1), "`weight_decay`"),
+    (dict(objectives=()), "`objectives`"),
+    (dict(objectives=("a", "a")), "duplicate"),
+    (dict(objectives="forget"), "`objectives`"),
+  ],
+)
 def test_constructor_errors(kwargs, needle):
   with pytest.raises(ValueError, match=needle):
     dualoptax.dual_optim_plus(1e-3, **kwargs)
@@ -122,7 +139,9 @@ def test_update_errors(jit):
   with pytest.raises(ValueError, match=r"\['w'\] has shape \(2, 3\)"):
     update({"forget": {"w": jnp.ones((2, 3)), "b": g["b"]}}, state, params)
   with pytest.raises(TypeError, match="floating point"):
-    update({"forget": {"w": jnp.ones((3, 2), jnp.int32), "b": g["b"]}}, state, params)
+    update(
+      {"forget": {"w": jnp.ones((3, 2), jnp.int32), "b": g["b"]}}, state, params
+    )
   with pytest.raises(ValueError, match="wrap params-shaped gradients"):
     update(g, state, params)
   with pytest.raises(TypeError, match="Mapping"):
@@ -138,7 +157,10 @@ def test_weight_decay_needs_params():
 
 # ------------------------------------------------------------------- non-finite skipping
 
-@pytest.mark.parametrize("make", [dualoptax.dual_optim_plus, dualoptax.dual_optim])
+
+@pytest.mark.parametrize(
+  "make", [dualoptax.dual_optim_plus, dualoptax.dual_optim]
+)
 def test_nonfinite_step_is_skipped_and_counted(make):
   params = {"w": jnp.arange(4.0)}
   tx = make(1e-2, weight_decay=0.1)
@@ -152,8 +174,10 @@ def test_nonfinite_step_is_skipped_and_counted(make):
     g_bad = {"w": jnp.ones(4).at[2].set(bad)}
     u, state = update({"forget": good, "retain": g_bad}, state, params)
     np.testing.assert_array_equal(u["w"], jnp.zeros(4))
-    for x, y in zip(jax.tree.leaves(before._replace(skipped=0)),
-                    jax.tree.leaves(state._replace(skipped=0))):
+    for x, y in zip(
+      jax.tree.leaves(before._replace(skipped=0)),
+      jax.tree.leaves(state._replace(skipped=0)),
+    ):
       np.testing.assert_array_equal(x, y)
   assert int(state.skipped) == 2
   u, state2 = update({"retain": good}, state, params)
@@ -163,10 +187,12 @@ def test_nonfinite_step_is_skipped_and_counted(make):
 
 # ------------------------------------------------------------------------------ dtypes
 
+
 def test_bf16_params_with_float32_moments():
   params = {"w": jnp.ones((4, 8), jnp.bfloat16)}
-  tx = dualoptax.dual_optim_plus(1e-2, mu_dtype=jnp.float32, nu_dtype=jnp.float32,
-                                 weight_decay=0.01)
+  tx = dualoptax.dual_optim_plus(
+    1e-2, mu_dtype=jnp.float32, nu_dtype=jnp.float32, weight_decay=0.01
+  )
   state = tx.init(params)
   assert state.base_mu["w"].dtype == jnp.float32
   assert state.deltas["forget"].nu["w"].dtype == jnp.float32
@@ -175,7 +201,9 @@ def test_bf16_params_with_float32_moments():
   assert u["w"].dtype == jnp.bfloat16
   assert state.deltas["forget"].mu["w"].dtype == jnp.float32
   # First step: m̂ = g, v̂ = g², so u = 1 and Δθ = -lr (1 + wd θ).
-  np.testing.assert_allclose(np.asarray(u["w"], np.float32), -1e-2 * 1.01, rtol=1e-2)
+  np.testing.assert_allclose(
+    np.asarray(u["w"], np.float32), -1e-2 * 1.01, rtol=1e-2
+  )
 
 
 def test_default_moment_dtype_follows_params():
@@ -185,10 +213,13 @@ def test_default_moment_dtype_follows_params():
 
 # ------------------------------------------------------------------------ lax.scan loop
 
+
 def test_scan_alternating_equals_python_loop():
   rng = np.random.default_rng(4)
-  targets = {k: jnp.asarray(rng.standard_normal(16), jnp.float32)
-             for k in ("forget", "retain")}
+  targets = {
+    k: jnp.asarray(rng.standard_normal(16), jnp.float32)
+    for k in ("forget", "retain")
+  }
   tx = dualoptax.dual_optim_plus(1e-2, weight_decay=0.01)
 
   def grad_of(name, theta):
@@ -205,19 +236,29 @@ def test_scan_alternating_equals_python_loop():
     th, st = carry
     idx = dualoptax.alternating_index(s, 2, 3)
     u, st = dualoptax.switch_objective(
-        idx, ("forget", "retain"), lambda n: tx.update({n: grad_of(n, th)}, st, th))
+      idx,
+      ("forget", "retain"),
+      lambda n: tx.update({n: grad_of(n, th)}, st, th),
+    )
     return (th + u, st), None
 
-  (theta_scan, state_scan), _ = jax.jit(lambda: jax.lax.scan(
-      step, (jnp.zeros(16), tx.init(jnp.zeros(16))), jnp.arange(12)))()
+  (theta_scan, state_scan), _ = jax.jit(
+    lambda: jax.lax.scan(
+      step, (jnp.zeros(16), tx.init(jnp.zeros(16))), jnp.arange(12)
+    )
+  )()
   np.testing.assert_allclose(theta_scan, theta, rtol=1e-5, atol=1e-7)
-  assert int(state_scan.deltas["forget"].count) == int(state.deltas["forget"].count)
+  assert int(state_scan.deltas["forget"].count) == int(
+    state.deltas["forget"].count
+  )
 
 
 def test_alternating_index_python_and_traced():
   py = [dualoptax.alternating_index(s, 2, 3) for s in range(10)]
   assert py == [0, 0, 1, 1, 1, 0, 0, 1, 1, 1]
-  traced = jax.jit(lambda s: dualoptax.alternating_index(s, 2, 3))(jnp.arange(10))
+  traced = jax.jit(lambda s: dualoptax.alternating_index(s, 2, 3))(
+    jnp.arange(10)
+  )
   np.testing.assert_array_equal(traced, py)
   with pytest.raises(ValueError, match="retain_freq"):
     dualoptax.alternating_index(0, 1, 0)
@@ -225,57 +266,100 @@ def test_alternating_index_python_and_traced():
 
 # ------------------------------------------------------------------------- diagnostics
 
+
 def test_bridging_stats_against_numpy():
   rng = np.random.default_rng(5)
   params = {"a": jnp.zeros((3, 4)), "b": jnp.zeros(5)}
   tx = dualoptax.dual_optim_plus(1e-3)
   state = tx.init(params)
   for name in ("forget", "retain", "retain", "forget"):
-    g = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32),
-                     params)
+    g = jax.tree.map(
+      lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params
+    )
     _, state = tx.update({name: g}, state, params)
   stats = jax.jit(lambda s: dualoptax.bridging_stats(s, per_leaf=True))(state)
   flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
-  b, f, r = (flat(state.base_mu), flat(state.deltas["forget"].mu),
-             flat(state.deltas["retain"].mu))
+  b, f, r = (
+    flat(state.base_mu),
+    flat(state.deltas["forget"].mu),
+    flat(state.deltas["retain"].mu),
+  )
   cos = lambda x, y: x @ y / np.linalg.norm(x) / np.linalg.norm(y)
-  np.testing.assert_allclose(stats["mu"]["base_norm"], np.linalg.norm(b), rtol=1e-5)
-  np.testing.assert_allclose(stats["mu"]["cos_forget_vs_base"], cos(f, b), rtol=1e-4)
-  np.testing.assert_allclose(stats["mu"]["cos_forget_vs_retain"], cos(f, r),
-                             rtol=1e-4)
+  np.testing.assert_allclose(
+    stats["mu"]["base_norm"], np.linalg.norm(b), rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    stats["mu"]["cos_forget_vs_base"], cos(f, b), rtol=1e-4
+  )
+  np.testing.assert_allclose(
+    stats["mu"]["cos_forget_vs_retain"], cos(f, r), rtol=1e-4
+  )
   leaf = stats["per_leaf"]["['b']"]["mu"]
   np.testing.assert_allclose(
-      leaf["retain_norm"], np.linalg.norm(state.deltas["retain"].mu["b"]), rtol=1e-5)
+    leaf["retain_norm"],
+    np.linalg.norm(state.deltas["retain"].mu["b"]),
+    rtol=1e-5,
+  )
 
 
 # ---------------------------------------------------------------------- property tests
 
-@settings(max_examples=12, deadline=None, derandomize=True)  # reproducible in CI
-@given(shape=st.lists(st.integers(1, 4), min_size=0, max_size=3),
-       b1=st.floats(0.0, 0.99), b2=st.floats(0.5, 0.999),
-       base_b1=st.floats(0.0, 0.99), base_b2=st.floats(0.5, 0.999),
-       subsets=st.lists(st.sets(st.sampled_from(["x", "y", "z"]), min_size=1),
-                        min_size=1, max_size=4),
-       stable=st.booleans(), seed=st.integers(0, 2**16))
-def test_matches_reference_property(shape, b1, b2, base_b1, base_b2, subsets, stable,
-                                    seed):
+
+@settings(
+  max_examples=12, deadline=None, derandomize=True
+)  # reproducible in CI
+@given(
+  shape=st.lists(st.integers(1, 4), min_size=0, max_size=3),
+  b1=st.floats(0.0, 0.99),
+  b2=st.floats(0.5, 0.999),
+  base_b1=st.floats(0.0, 0.99),
+  base_b2=st.floats(0.5, 0.999),
+  subsets=st.lists(
+    st.sets(st.sampled_from(["x", "y", "z"]), min_size=1),
+    min_size=1,
+    max_size=4,
+  ),
+  stable=st.booleans(),
+  seed=st.integers(0, 2**16),
+)
+def test_matches_reference_property(
+  shape, b1, b2, base_b1, base_b2, subsets, stable, seed
+):
   names = ("x", "y", "z")
   rng = np.random.default_rng(seed)
   shape = tuple(shape)
-  tx = dualoptax.dual_optim_plus(1e-2, objectives=names, b1=b1, b2=b2,
-                                 base_b1=base_b1, base_b2=base_b2, stable=stable)
-  ref = DualOptimPlusRef({"w": shape}, objectives=names, b1=b1, b2=b2,
-                         base_b1=base_b1, base_b2=base_b2, lr=1e-2, stable=stable)
+  tx = dualoptax.dual_optim_plus(
+    1e-2,
+    objectives=names,
+    b1=b1,
+    b2=b2,
+    base_b1=base_b1,
+    base_b2=base_b2,
+    stable=stable,
+  )
+  ref = DualOptimPlusRef(
+    {"w": shape},
+    objectives=names,
+    b1=b1,
+    b2=b2,
+    base_b1=base_b1,
+    base_b2=base_b2,
+    lr=1e-2,
+    stable=stable,
+  )
   params = {"w": jnp.zeros(shape)}
   ref_params = {"w": np.zeros(shape)}
   state = tx.init(params)
   for subset in subsets:
     # Well-conditioned: a shared positive mean keeps denominators away from zero.
-    g = {k: {"w": (1.0 + 0.2 * rng.standard_normal(shape)).astype(np.float32)}
-         for k in sorted(subset)}
+    g = {
+      k: {"w": (1.0 + 0.2 * rng.standard_normal(shape)).astype(np.float32)}
+      for k in sorted(subset)
+    }
     u, state = tx.update(jax.tree.map(jnp.asarray, g), state, params)
     params = optax.apply_updates(params, u)
-    ref_params, _ = ref.step({k: {"w": v["w"].astype(np.float64)}
-                              for k, v in g.items()}, ref_params)
+    ref_params, _ = ref.step(
+      {k: {"w": v["w"].astype(np.float64)} for k, v in g.items()}, ref_params
+    )
   np.testing.assert_allclose(params["w"], ref_params["w"], rtol=1e-4, atol=1e-6)
   assert int(state.count) == len(subsets)

@@ -13,8 +13,13 @@ from dualoptax import QuantizedArray
 from dualoptax._chunked import num_chunks
 
 # Leaves of two shapes (two of one), one below min_size, one 1-d.
-SHAPES = {"a": (48, 512), "a2": (48, 512), "c": (30, 256), "small": (8, 8),
-          "vec": (5000,)}
+SHAPES = {
+  "a": (48, 512),
+  "a2": (48, 512),
+  "c": (30, 256),
+  "small": (8, 8),
+  "vec": (5000,),
+}
 
 
 def _params():
@@ -23,21 +28,39 @@ def _params():
 
 
 def _grads(step, params):
-  return jax.tree.map(lambda p: jnp.sin(p * (step + 1.5)) * (1 + 0.1 * step),
-                      params)
+  return jax.tree.map(
+    lambda p: jnp.sin(p * (step + 1.5)) * (1 + 0.1 * step), params
+  )
 
 
 CASES = {
-    "adamw": (lambda cs: dualoptax.quantize_state(
-        optax.adamw(1e-2, weight_decay=0.1), chunk_size=cs), False),
-    "inject_hyperparams": (lambda cs: dualoptax.quantize_state(
-        optax.inject_hyperparams(optax.adam)(
-            learning_rate=optax.linear_schedule(1e-2, 1e-3, 10)),
-        chunk_size=cs), False),
-    "dual_optim_plus_8bit": (lambda cs: dualoptax.dual_optim_plus_8bit(
-        1e-2, weight_decay=0.1, chunk_size=cs), True),
-    "dual_optim_plus_8bit_base_only": (lambda cs: dualoptax.dual_optim_plus_8bit(
-        1e-2, quantize_delta=False, chunk_size=cs), True),
+  "adamw": (
+    lambda cs: dualoptax.quantize_state(
+      optax.adamw(1e-2, weight_decay=0.1), chunk_size=cs
+    ),
+    False,
+  ),
+  "inject_hyperparams": (
+    lambda cs: dualoptax.quantize_state(
+      optax.inject_hyperparams(optax.adam)(
+        learning_rate=optax.linear_schedule(1e-2, 1e-3, 10)
+      ),
+      chunk_size=cs,
+    ),
+    False,
+  ),
+  "dual_optim_plus_8bit": (
+    lambda cs: dualoptax.dual_optim_plus_8bit(
+      1e-2, weight_decay=0.1, chunk_size=cs
+    ),
+    True,
+  ),
+  "dual_optim_plus_8bit_base_only": (
+    lambda cs: dualoptax.dual_optim_plus_8bit(
+      1e-2, quantize_delta=False, chunk_size=cs
+    ),
+    True,
+  ),
 }
 
 
@@ -84,8 +107,9 @@ def test_chunked_step_equals_whole_step(name):
 def _temp_bytes(tx, params, multi):
   state = jax.eval_shape(tx.init, params)
   update = jax.jit(
-      lambda p, s, g: tx.update({"forget": g} if multi else g, s, p),
-      donate_argnums=1)
+    lambda p, s, g: tx.update({"forget": g} if multi else g, s, p),
+    donate_argnums=1,
+  )
   compiled = update.lower(params, state, params).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
@@ -93,8 +117,9 @@ def _temp_bytes(tx, params, multi):
 @pytest.mark.parametrize("name", ["adamw", "dual_optim_plus_8bit"])
 def test_chunked_step_temporaries_are_a_fraction_of_whole(name):
   make, multi = CASES[name]
-  params = {f"w{i}": jax.ShapeDtypeStruct((512, 1024), jnp.float32)
-            for i in range(4)}
+  params = {
+    f"w{i}": jax.ShapeDtypeStruct((512, 1024), jnp.float32) for i in range(4)
+  }
   whole = _temp_bytes(make(None), params, multi)
   chunked = _temp_bytes(make(2**16), params, multi)
   n = 4 * 512 * 1024
@@ -110,8 +135,9 @@ def test_coupled_inner_update_warns_and_stays_exact():
 
   def make(cs):
     return dualoptax.quantize_state(
-        optax.chain(optax.clip_by_global_norm(0.1), optax.adam(1e-2)),
-        chunk_size=cs)
+      optax.chain(optax.clip_by_global_norm(0.1), optax.adam(1e-2)),
+      chunk_size=cs,
+    )
 
   g = _grads(0, params)
   tx_whole, tx_chunk = make(None), make(4096)
@@ -120,8 +146,9 @@ def test_coupled_inner_update_warns_and_stays_exact():
     u2, s2 = tx_chunk.update(g, s, params)
   u1, s1 = tx_whole.update(g, s, params)
   for a, b in zip(jax.tree.leaves((u1, s1)), jax.tree.leaves((u2, s2))):
-    np.testing.assert_allclose(np.asarray(a, np.float64),
-                               np.asarray(b, np.float64), rtol=2e-6, atol=1e-9)
+    np.testing.assert_allclose(
+      np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=2e-6, atol=1e-9
+    )
 
 
 def test_elementwise_inner_update_does_not_warn():
@@ -139,14 +166,17 @@ def test_chunk_size_is_validated():
       dualoptax.quantize_state(optax.adam(1e-3), chunk_size=bad)
 
 
-@pytest.mark.parametrize("shape,chunk,devices,expected", [
+@pytest.mark.parametrize(
+  "shape,chunk,devices,expected",
+  [
     ((48, 512), 4096, 1, 6),  # 48 rows of 512: 8 rows per chunk
     ((48, 512), 2**22, 1, 2),  # fits in one chunk: still two (a real loop)
     ((64, 2048), 2**14, 8, 8),  # 64 / 8 devices = 8 rows per shard
     ((8, 2048), 16, 8, 1),  # one row per shard: no split keeps shards whole
     ((50257, 768), 2**22, 1, 29),  # GPT-2's embedding: 50257 = 29 * 1733
     ((5000,), 16, 1, 1),  # 1-d leaves are not split
-])
+  ],
+)
 def test_num_chunks(shape, chunk, devices, expected):
   k = num_chunks(shape, chunk, devices)
   assert k == expected
@@ -157,38 +187,55 @@ def test_num_chunks(shape, chunk, devices, expected):
 
 
 def _quantized_leaves(state):
-  return [x for x in jax.tree.leaves(
-      state, is_leaf=lambda x: isinstance(x, QuantizedArray))
-          if isinstance(x, QuantizedArray)]
+  return [
+    x
+    for x in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, QuantizedArray)
+    )
+    if isinstance(x, QuantizedArray)
+  ]
 
 
 @pytest.mark.parametrize("chunk_size", [None, 4096])
 def test_idle_objective_and_skipped_call_keep_every_code(chunk_size):
   params = _params()
-  tx = dualoptax.dual_optim_plus_8bit(1e-2, weight_decay=0.1,
-                                      chunk_size=chunk_size)
+  tx = dualoptax.dual_optim_plus_8bit(
+    1e-2, weight_decay=0.1, chunk_size=chunk_size
+  )
   update = jax.jit(tx.update)
   state = tx.init(params)
   for t in range(2):
-    _, state = update({"forget": _grads(t, params),
-                       "retain": _grads(t + 5, params)}, state, params)
+    _, state = update(
+      {"forget": _grads(t, params), "retain": _grads(t + 5, params)},
+      state,
+      params,
+    )
   # A retain-only call leaves the forget moments' codes as they were.
   _, after = update({"retain": _grads(3, params)}, state, params)
-  for a, b in zip(_quantized_leaves(state.deltas["forget"]),
-                  _quantized_leaves(after.deltas["forget"])):
+  for a, b in zip(
+    _quantized_leaves(state.deltas["forget"]),
+    _quantized_leaves(after.deltas["forget"]),
+  ):
     np.testing.assert_array_equal(a.codes, b.codes)
     np.testing.assert_array_equal(a.absmax, b.absmax)
-  changed = [not np.array_equal(a.codes, b.codes) for a, b in zip(
+  changed = [
+    not np.array_equal(a.codes, b.codes)
+    for a, b in zip(
       _quantized_leaves(state.deltas["retain"]),
-      _quantized_leaves(after.deltas["retain"]))]
+      _quantized_leaves(after.deltas["retain"]),
+    )
+  ]
   assert all(changed)
   # A NaN anywhere skips the call: zero update, every code and count kept.
   bad = _grads(4, params)
   bad["c"] = bad["c"].at[3, 5].set(jnp.nan)
-  u, skipped = update({"forget": _grads(4, params), "retain": bad}, after,
-                      params)
+  u, skipped = update(
+    {"forget": _grads(4, params), "retain": bad}, after, params
+  )
   assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(u))
   assert int(skipped.skipped) == int(after.skipped) + 1
-  for a, b in zip(jax.tree.leaves(after._replace(skipped=0)),
-                  jax.tree.leaves(skipped._replace(skipped=0))):
+  for a, b in zip(
+    jax.tree.leaves(after._replace(skipped=0)),
+    jax.tree.leaves(skipped._replace(skipped=0)),
+  ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -14,14 +14,17 @@ PARAMS = {"dense": {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)}}
 def grads(seed, params=PARAMS):
   rng = np.random.default_rng(seed)
   return jax.tree.map(
-      lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
+    lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params
+  )
 
 
 def run(tx, calls, params=PARAMS):
   state = tx.init(params)
   update = jax.jit(tx.update)
   for i, call in enumerate(calls):
-    u, state = update({k: grads(10 * i + j) for j, k in enumerate(call)}, state, params)
+    u, state = update(
+      {k: grads(10 * i + j) for j, k in enumerate(call)}, state, params
+    )
     params = optax.apply_updates(params, u)
   return params, state
 
@@ -33,17 +36,23 @@ def test_chain_after_equals_scale_by_then_lr():
   # scale_by_dual_optim_plus + scale_by_learning_rate == the alias (one objective/call).
   calls = [("forget",), ("retain",), ("retain",), ("forget",)]
   a, _ = run(dualoptax.dual_optim_plus(1e-2), calls)
-  b, _ = run(optax.chain(dualoptax.scale_by_dual_optim_plus(),
-                         optax.scale_by_learning_rate(1e-2)), calls)
+  b, _ = run(
+    optax.chain(
+      dualoptax.scale_by_dual_optim_plus(), optax.scale_by_learning_rate(1e-2)
+    ),
+    calls,
+  )
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), a, b)
 
 
 def test_chain_clip_schedule_and_decay_after():
   sched = optax.linear_schedule(1e-2, 1e-3, 4)
-  tx = optax.chain(dualoptax.scale_by_dual_optim_plus(),
-                   optax.clip_by_global_norm(0.5),
-                   optax.add_decayed_weights(0.01),
-                   optax.scale_by_learning_rate(sched))
+  tx = optax.chain(
+    dualoptax.scale_by_dual_optim_plus(),
+    optax.clip_by_global_norm(0.5),
+    optax.add_decayed_weights(0.01),
+    optax.scale_by_learning_rate(sched),
+  )
   state = tx.init(PARAMS)
   u, state = jax.jit(tx.update)({"forget": grads(0)}, state, PARAMS)
   # The merged direction was clipped to norm 0.5 before decay and lr.
@@ -52,34 +61,43 @@ def test_chain_clip_schedule_and_decay_after():
 
 
 def test_per_objective_clipping_before():
-  tx = optax.chain(dualoptax.per_objective(optax.clip_by_global_norm(1e-3)),
-                   dualoptax.scale_by_dual_optim_plus(stable=False))
+  tx = optax.chain(
+    dualoptax.per_objective(optax.clip_by_global_norm(1e-3)),
+    dualoptax.scale_by_dual_optim_plus(stable=False),
+  )
   big = jax.tree.map(lambda g: 1e3 * g, grads(1))
   state = tx.init(PARAMS)
   _, state = tx.update({"forget": big}, state, PARAMS)
   dual_state = state[1]
   # First step: m_forget = (1 - b1) * clipped g, so its norm is 0.1 * 1e-3.
-  np.testing.assert_allclose(optax.tree.norm(dual_state.deltas["forget"].mu), 1e-4,
-                             rtol=1e-4)
+  np.testing.assert_allclose(
+    optax.tree.norm(dual_state.deltas["forget"].mu), 1e-4, rtol=1e-4
+  )
   with pytest.raises(ValueError, match="Unknown objective"):
     tx.update({"other": big}, state, PARAMS)
 
 
 def test_inject_hyperparams_changes_lr_and_betas_at_run_time():
   tx = optax.inject_hyperparams(dualoptax.dual_optim_plus)(
-      learning_rate=1e-2, b1=0.9, base_b2=0.95)
+    learning_rate=1e-2, b1=0.9, base_b2=0.95
+  )
   state = tx.init(PARAMS)
   update = jax.jit(tx.update)
   u1, _ = update({"forget": grads(0)}, state, PARAMS)
   state.hyperparams["learning_rate"] = jnp.asarray(2e-2)
   u2, state2 = update({"forget": grads(0)}, state, PARAMS)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(2 * a, b, rtol=1e-6), u1, u2)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(2 * a, b, rtol=1e-6), u1, u2
+  )
   state2.hyperparams["b1"] = jnp.asarray(0.5)
   _, state3 = update({"forget": grads(1)}, state2, PARAMS)
   ref = dualoptax.dual_optim_plus(2e-2, b1=0.5)
   _, r = ref.update({"forget": grads(1)}, state2.inner_state, PARAMS)
-  np.testing.assert_allclose(state3.inner_state.deltas["forget"].mu["dense"]["bias"],
-                             r.deltas["forget"].mu["dense"]["bias"], rtol=1e-6)
+  np.testing.assert_allclose(
+    state3.inner_state.deltas["forget"].mu["dense"]["bias"],
+    r.deltas["forget"].mu["dense"]["bias"],
+    rtol=1e-6,
+  )
 
 
 def test_accumulate_objectives_equals_mean_gradient_step():
@@ -94,7 +112,9 @@ def test_accumulate_objectives_equals_mean_gradient_step():
     if i < 3:
       assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(u))
   u_ref, s_ref = inner.update({"retain": mean}, inner.init(PARAMS), PARAMS)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), u, u_ref)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), u, u_ref
+  )
   assert int(state.inner_state.count) == 1
   assert int(state.sizes["retain"]) == 0
   with pytest.raises(ValueError, match="every_k"):
@@ -111,8 +131,10 @@ def test_multisteps_cannot_wrap_and_error_says_why():
 def test_apply_if_finite_alongside():
   # The built-in guard skips non-finite calls inside DualOptim+; apply_if_finite
   # after it guards the merged update and tracks consecutive errors.
-  tx = optax.chain(dualoptax.dual_optim_plus(1e-2),
-                   optax.apply_if_finite(optax.identity(), max_consecutive_errors=3))
+  tx = optax.chain(
+    dualoptax.dual_optim_plus(1e-2),
+    optax.apply_if_finite(optax.identity(), max_consecutive_errors=3),
+  )
   state = tx.init(PARAMS)
   bad = jax.tree.map(lambda g: g.at[0].set(jnp.nan), grads(0))
   u, state = jax.jit(tx.update)({"forget": bad}, state, PARAMS)
@@ -125,14 +147,19 @@ def test_apply_if_finite_alongside():
 
 def test_flax_train_state():
   from flax.training import train_state
-  ts = train_state.TrainState.create(apply_fn=None, params=PARAMS,
-                                     tx=dualoptax.dual_optim_plus(1e-2))
-  ts = jax.jit(lambda ts, g: ts.apply_gradients(grads={"forget": g}))(ts, grads(0))
+
+  ts = train_state.TrainState.create(
+    apply_fn=None, params=PARAMS, tx=dualoptax.dual_optim_plus(1e-2)
+  )
+  ts = jax.jit(lambda ts, g: ts.apply_gradients(grads={"forget": g}))(
+    ts, grads(0)
+  )
   assert int(ts.opt_state.count) == 1 and int(ts.step) == 1
 
 
 def test_flax_nnx_optimizer():
   from flax import nnx
+
   model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
   opt = nnx.Optimizer(model, dualoptax.dual_optim_plus(1e-2), wrt=nnx.Param)
   x, y = jnp.ones((4, 3)), jnp.zeros((4, 2))
@@ -153,8 +180,11 @@ def test_tree_map_params():
   tx = dualoptax.dual_optim_plus(1e-2)
   state = tx.init(PARAMS)
   shapes = optax.tree.map_params(
-      tx, lambda p: jax.ShapeDtypeStruct(p.shape, jnp.bfloat16), state,
-      transform_non_params=lambda x: x)
+    tx,
+    lambda p: jax.ShapeDtypeStruct(p.shape, jnp.bfloat16),
+    state,
+    transform_non_params=lambda x: x,
+  )
   assert shapes.base_mu["dense"]["kernel"].dtype == jnp.bfloat16
   assert shapes.deltas["retain"].nu["dense"]["bias"].dtype == jnp.bfloat16
   assert shapes.count.dtype == jnp.int32
@@ -162,18 +192,24 @@ def test_tree_map_params():
 
 def test_dual_optim_same_calling_convention():
   p, s = run(dualoptax.dual_optim({"forget": 1e-2, "retain": 5e-3}), CALLS)
-  assert int(s.deltas["forget"].count) == 2 and int(s.deltas["retain"].count) == 3
+  assert (
+    int(s.deltas["forget"].count) == 2 and int(s.deltas["retain"].count) == 3
+  )
   assert int(s.count) == 4
 
 
 def test_orbax_checkpoint_restores_exactly_and_resumes(tmp_path):
   import orbax.checkpoint as ocp
-  tx = dualoptax.dual_optim_plus({"forget": 1e-2, "retain": 5e-3}, weight_decay=0.01)
+
+  tx = dualoptax.dual_optim_plus(
+    {"forget": 1e-2, "retain": 5e-3}, weight_decay=0.01
+  )
   params, state = run(tx, CALLS)
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(tmp_path / "ckpt", {"params": params, "opt_state": state})
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                        {"params": params, "opt_state": state})
+  target = jax.tree.map(
+    ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": state}
+  )
   with ocp.StandardCheckpointer() as ckpt:
     restored = ckpt.restore(tmp_path / "ckpt", target)
   assert isinstance(restored["opt_state"], dualoptax.DualOptimPlusState)
@@ -184,5 +220,7 @@ def test_orbax_checkpoint_restores_exactly_and_resumes(tmp_path):
     np.testing.assert_array_equal(a, b)
   update = jax.jit(tx.update)
   u1, _ = update({"retain": grads(99)}, state, params)
-  u2, _ = update({"retain": grads(99)}, restored["opt_state"], restored["params"])
+  u2, _ = update(
+    {"retain": grads(99)}, restored["opt_state"], restored["params"]
+  )
   jax.tree.map(np.testing.assert_array_equal, u1, u2)

@@ -86,6 +86,7 @@ class Case:
     merged: ``update`` returns one params-shaped tree (False: one per objective,
       as ``per_objective`` does).
   """
+
   make: Callable[..., Any]
   kind: str
   has_lr: bool = True
@@ -115,14 +116,18 @@ def _ref_plus(stable=True):
 
 def _ref_scale_by():
   # scale_by returns +u: the reference's step with lr = -1 and no decay.
-  return (dualoptax.scale_by_dual_optim_plus(),
-          DualOptimPlusRef(parity.SHAPES, lr=-1.0, stable=True))
+  return (
+    dualoptax.scale_by_dual_optim_plus(),
+    DualOptimPlusRef(parity.SHAPES, lr=-1.0, stable=True),
+  )
 
 
 def _ref_dual_optim():
   lrs = {"forget": 2e-3, "retain": optax.exponential_decay(1e-3, 10, 0.9)}
-  return (dualoptax.dual_optim(lrs, weight_decay=WD),
-          DualOptimRef(parity.SHAPES, lr=lrs, wd=WD))
+  return (
+    dualoptax.dual_optim(lrs, weight_decay=WD),
+    DualOptimRef(parity.SHAPES, lr=lrs, wd=WD),
+  )
 
 
 def _ref_accumulate():
@@ -132,42 +137,72 @@ def _ref_accumulate():
 
 
 CASES = {
-    "dual_optim_plus": Case(
-        lambda learning_rate=LR: dualoptax.dual_optim_plus(
-            learning_rate, weight_decay=WD, mask=_decays),
-        "objectives", reference=_ref_plus),
-    "scale_by_dual_optim_plus": Case(
-        lambda learning_rate=LR: dualoptax.scale_by_dual_optim_plus(),
-        "objectives", has_lr=False, reference=_ref_scale_by),
-    "dual_optim": Case(
-        lambda learning_rate=LR: dualoptax.dual_optim(
-            learning_rate, weight_decay=WD, mask=_decays),
-        "objectives", reference=_ref_dual_optim),
-    # Chunks of 4096 values: the 64 x 256 moments are stepped 16 rows at a
-    # time (the default chunk holds these leaves whole; the next case uses it).
-    "dual_optim_plus_8bit": Case(
-        lambda learning_rate=LR: dualoptax.dual_optim_plus_8bit(
-            learning_rate, weight_decay=WD, chunk_size=4096),
-        "objectives"),
-    "quantize_state_adamw": Case(
-        lambda learning_rate=LR: dualoptax.quantize_state(
-            optax.adamw(learning_rate, weight_decay=WD)),
-        "params"),
-    "per_objective_adamw": Case(
-        lambda learning_rate=LR: dualoptax.per_objective(
-            optax.adamw(learning_rate, weight_decay=WD)),
-        "objectives", merged=False),
-    "accumulate_objectives": Case(
-        lambda learning_rate=LR: dualoptax.accumulate_objectives(
-            dualoptax.dual_optim_plus(learning_rate, weight_decay=WD),
-            every_k=2),
-        "objectives", reference=_ref_accumulate),
-    "pcgrad": Case(lambda learning_rate=LR: _multitask("pcgrad"), "tasks",
-                   has_lr=False, names=TASKS),
-    "mgda": Case(lambda learning_rate=LR: _multitask("mgda"), "tasks",
-                 has_lr=False, names=TASKS),
-    "cagrad": Case(lambda learning_rate=LR: _multitask("cagrad"), "tasks",
-                   has_lr=False, names=TASKS),
+  "dual_optim_plus": Case(
+    lambda learning_rate=LR: dualoptax.dual_optim_plus(
+      learning_rate, weight_decay=WD, mask=_decays
+    ),
+    "objectives",
+    reference=_ref_plus,
+  ),
+  "scale_by_dual_optim_plus": Case(
+    lambda learning_rate=LR: dualoptax.scale_by_dual_optim_plus(),
+    "objectives",
+    has_lr=False,
+    reference=_ref_scale_by,
+  ),
+  "dual_optim": Case(
+    lambda learning_rate=LR: dualoptax.dual_optim(
+      learning_rate, weight_decay=WD, mask=_decays
+    ),
+    "objectives",
+    reference=_ref_dual_optim,
+  ),
+  # Chunks of 4096 values: the 64 x 256 moments are stepped 16 rows at a
+  # time (the default chunk holds these leaves whole; the next case uses it).
+  "dual_optim_plus_8bit": Case(
+    lambda learning_rate=LR: dualoptax.dual_optim_plus_8bit(
+      learning_rate, weight_decay=WD, chunk_size=4096
+    ),
+    "objectives",
+  ),
+  "quantize_state_adamw": Case(
+    lambda learning_rate=LR: dualoptax.quantize_state(
+      optax.adamw(learning_rate, weight_decay=WD)
+    ),
+    "params",
+  ),
+  "per_objective_adamw": Case(
+    lambda learning_rate=LR: dualoptax.per_objective(
+      optax.adamw(learning_rate, weight_decay=WD)
+    ),
+    "objectives",
+    merged=False,
+  ),
+  "accumulate_objectives": Case(
+    lambda learning_rate=LR: dualoptax.accumulate_objectives(
+      dualoptax.dual_optim_plus(learning_rate, weight_decay=WD), every_k=2
+    ),
+    "objectives",
+    reference=_ref_accumulate,
+  ),
+  "pcgrad": Case(
+    lambda learning_rate=LR: _multitask("pcgrad"),
+    "tasks",
+    has_lr=False,
+    names=TASKS,
+  ),
+  "mgda": Case(
+    lambda learning_rate=LR: _multitask("mgda"),
+    "tasks",
+    has_lr=False,
+    names=TASKS,
+  ),
+  "cagrad": Case(
+    lambda learning_rate=LR: _multitask("cagrad"),
+    "tasks",
+    has_lr=False,
+    names=TASKS,
+  ),
 }
 
 
@@ -176,15 +211,17 @@ CASES = {
 # ---------------------------------------------------------------------------
 def _params(dtype=jnp.float32, shapes=None, seed=0):
   rng = np.random.default_rng(seed)
-  return {n: jnp.asarray(rng.standard_normal(s), dtype)
-          for n, s in (shapes or SHAPES).items()}
+  return {
+    n: jnp.asarray(rng.standard_normal(s), dtype)
+    for n, s in (shapes or SHAPES).items()
+  }
 
 
 def _noise(params, seed, mean):
   rng = np.random.default_rng(seed)
   return jax.tree.map(
-      lambda p: jnp.asarray(mean + rng.standard_normal(p.shape), p.dtype),
-      params)
+    lambda p: jnp.asarray(mean + rng.standard_normal(p.shape), p.dtype), params
+  )
 
 
 def _names(case, step):
@@ -202,8 +239,11 @@ def _input(case, params, step, names=None):
   if case.kind == "params":
     return _noise(params, 1000 * step, 0.1)
   names = _names(case, step) if names is None else names
-  return {k: _noise(params, 1000 * step + i + 1, 0.5 * (-1) ** i)
-          for i, k in enumerate(case.names) if k in names}
+  return {
+    k: _noise(params, 1000 * step + i + 1, 0.5 * (-1) ** i)
+    for i, k in enumerate(case.names)
+    if k in names
+  }
 
 
 def _run(case, tx, params, steps=STEPS, update=None):
@@ -243,7 +283,12 @@ def _assert_close(got, want, ulp=_ULP, what=""):
     where = f"{what} leaf {i}"
     if _is_q(b):
       assert (a.shape, a.dtype, a.signed, a.pad, a.block_size) == (
-          b.shape, b.dtype, b.signed, b.pad, b.block_size), where
+        b.shape,
+        b.dtype,
+        b.signed,
+        b.pad,
+        b.block_size,
+      ), where
       codes_a = np.asarray(a.codes, np.int32)
       codes_b = np.asarray(b.codes, np.int32)
       assert np.max(np.abs(codes_a - codes_b), initial=0) <= 1, where
@@ -263,8 +308,9 @@ def _assert_float_close(a, b, ulp, where):
   a = np.asarray(a, np.float64)
   b = np.asarray(b, np.float64)
   scale = np.max(np.abs(b), initial=0.0)
-  np.testing.assert_allclose(a, b, rtol=0, atol=ulp * eps * scale,
-                             err_msg=where)
+  np.testing.assert_allclose(
+    a, b, rtol=0, atol=ulp * eps * scale, err_msg=where
+  )
 
 
 _BUILT = {}
@@ -298,6 +344,7 @@ def _x64():
   if enable is not None:
     return enable(True)
   from jax.experimental import enable_x64  # pylint: disable=g-import-not-at-top
+
   return enable_x64()
 
 
@@ -343,16 +390,19 @@ def test_scan_matches_python_loop(name):
     if not switch:
       return tx.update(inputs, state, p)
     return dualoptax.switch_objective(
-        dualoptax.alternating_index(s, 1, 2), case.names,
-        lambda k: tx.update({k: inputs[k]}, state, p))
+      dualoptax.alternating_index(s, 1, 2),
+      case.names,
+      lambda k: tx.update({k: inputs[k]}, state, p),
+    )
 
   def body(carry, xs):
     p, state = carry
     u, state = call(xs[0], xs[1], state, p)
     return (_apply(case, p, u), state), u
 
-  (p_scan, s_scan), u_scan = jax.jit(lambda p, s, xs: jax.lax.scan(
-      body, (p, s), xs))(params, tx.init(params), (jnp.arange(n), stacked))
+  (p_scan, s_scan), u_scan = jax.jit(
+    lambda p, s, xs: jax.lax.scan(body, (p, s), xs)
+  )(params, tx.init(params), (jnp.arange(n), stacked))
   update = _jit(tx)
   p_loop, s_loop = params, tx.init(params)
   for s in range(n):
@@ -362,8 +412,9 @@ def test_scan_matches_python_loop(name):
       inputs = {k: inputs[k]}
     u, s_loop = update(inputs, s_loop, p_loop)
     p_loop = _apply(case, p_loop, u)
-    _assert_close(jax.tree.map(lambda x, s=s: x[s], u_scan), u,
-                  what=f"update {s}")
+    _assert_close(
+      jax.tree.map(lambda x, s=s: x[s], u_scan), u, what=f"update {s}"
+    )
   _assert_close(p_scan, p_loop, what="params")
   _assert_close(s_scan, s_loop, what="state")
 
@@ -395,7 +446,8 @@ def test_chain_then_scale_is_half_the_update(name):
   case, tx = _case(name)
   chained = optax.chain(tx, optax.scale(0.5))
   (plain, chain), (s_plain, s_chain) = _same_params_run(
-      case, [tx, chained], _params())
+    case, [tx, chained], _params()
+  )
   for i, (a, b) in enumerate(zip(chain, plain)):
     _assert_close(a, jax.tree.map(lambda x: 0.5 * x, b), what=f"update {i}")
   _assert_close(s_chain[0], s_plain, what="state")
@@ -419,8 +471,12 @@ def test_inject_hyperparams_learning_rate(name):
     u, s_plain = _jit(plain)(inputs, s_plain, params)
     # The same state with the injected lr doubled: the update doubles and the
     # moments do not depend on the lr.
-    doubled = s_inj._replace(hyperparams={
-        **s_inj.hyperparams, "learning_rate": jnp.asarray(2 * LR, jnp.float32)})
+    doubled = s_inj._replace(
+      hyperparams={
+        **s_inj.hyperparams,
+        "learning_rate": jnp.asarray(2 * LR, jnp.float32),
+      }
+    )
     u2, s2 = update(inputs, doubled, params)
     u1, s_inj = update(inputs, s_inj, params)
     _assert_close(u1, u, what=f"update {s}")
@@ -444,8 +500,9 @@ def test_update_dtype_follows_params(name, dtype):
     # that is no longer zero.
     update, state, updates = _jit(tx), tx.init(params), []
     for s in range(2):
-      u, state = update(_input(case, params, s, names=case.names), state,
-                        params)
+      u, state = update(
+        _input(case, params, s, names=case.names), state, params
+      )
       params = _apply(case, params, u)
       updates.append(u)
     for i, u in enumerate(updates):
@@ -516,7 +573,8 @@ def test_parity_with_numpy_reference_float64(name):
   with _x64():
     tx, ref = CASES[name].reference()
     worst, state, _ = parity.run_parity(
-        tx, ref, _parity_schedule(OBJECTIVES), np.float64)
+      tx, ref, _parity_schedule(OBJECTIVES), np.float64
+    )
     # float64 rounding over these 60 steps: at most 1.1e-12 measured (the
     # scale_by case, whose unit steps move the params most).
     assert worst <= 1e-10, worst
@@ -527,18 +585,21 @@ def test_parity_with_numpy_reference_float64(name):
       for k in OBJECTIVES:
         assert int(state.deltas[k].count) == ref.t[k]
         for n in parity.SHAPES:
-          np.testing.assert_allclose(state.deltas[k].mu[n], ref.m[k][n],
-                                     rtol=1e-10, atol=1e-12)
-          np.testing.assert_allclose(state.deltas[k].nu[n], ref.v[k][n],
-                                     rtol=1e-10, atol=1e-12)
+          np.testing.assert_allclose(
+            state.deltas[k].mu[n], ref.m[k][n], rtol=1e-10, atol=1e-12
+          )
+          np.testing.assert_allclose(
+            state.deltas[k].nu[n], ref.v[k][n], rtol=1e-10, atol=1e-12
+          )
 
 
 # ---------------------------------------------------------------------------
 # Sharded update: no array-sized collective in the compiled HLO.
 # ---------------------------------------------------------------------------
 _COLLECTIVE = re.compile(
-    r"=\s*([^=]+?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all"
-    r"|collective-permute)(-start)?\(")
+  r"=\s*([^=]+?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all"
+  r"|collective-permute)(-start)?\("
+)
 _ARRAY_TYPE = re.compile(r"\b[a-z]+[0-9]*\[([0-9,]*)\]")
 # The largest all-reduce allowed, in elements: a few scalars (the finiteness
 # flag) or a task Gram matrix; a shard of a leaf here holds 16384.
@@ -556,8 +617,10 @@ def _collectives(hlo_text):
 
 
 def _is_tiny_all_reduce(result_type, op):
-  sizes = [math.prod(int(d) for d in dims.split(",") if d)
-           for dims in _ARRAY_TYPE.findall(result_type)]
+  sizes = [
+    math.prod(int(d) for d in dims.split(",") if d)
+    for dims in _ARRAY_TYPE.findall(result_type)
+  ]
   return op == "all-reduce" and bool(sizes) and max(sizes) <= _TINY
 
 
@@ -604,16 +667,28 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 def sharded_report():
   """Every case compiled once on 8 simulated devices, in one subprocess (the
   device count must be set before JAX starts; this process keeps one)."""
-  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                 os.environ.get("XLA_FLAGS", ""))
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=8"}
-  result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env,
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+  flags = re.sub(
+    r"--xla_force_host_platform_device_count=\d+",
+    "",
+    os.environ.get("XLA_FLAGS", ""),
+  )
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=8",
+  }
+  result = subprocess.run(
+    [sys.executable, "-c", _SHARDED_SCRIPT],
+    env=env,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-4000:]
   line = [x for x in result.stdout.splitlines() if x.startswith("RESULT ")]
   assert line, result.stdout[-2000:] + result.stderr[-2000:]
-  report = json.loads(line[-1][len("RESULT "):])
+  report = json.loads(line[-1][len("RESULT ") :])
   assert report["__devices__"] == 8
   return report
 
@@ -638,10 +713,12 @@ def test_sharded_update_has_no_array_sized_collectives(name, sharded_report):
   if "skip" in report:
     pytest.skip(report["skip"])
   if "error" in report:
-    pytest.fail(f"in the 8-device subprocess:\n{report['error']}",
-                pytrace=False)
+    pytest.fail(
+      f"in the 8-device subprocess:\n{report['error']}", pytrace=False
+    )
   # init on sharded params gives state sharded like them.
   assert report["unsharded_state"] == [], report["unsharded_state"]
-  bad = [(t, op) for t, op in report["collectives"]
-         if not _is_tiny_all_reduce(t, op)]
+  bad = [
+    (t, op) for t, op in report["collectives"] if not _is_tiny_all_reduce(t, op)
+  ]
   assert not bad, bad

@@ -13,8 +13,16 @@ import sys
 import pytest
 
 # Top-level modules that only the examples (or optional paths) may import.
-OPTIONAL = ("flax", "orbax", "sklearn", "scipy", "matplotlib", "tqdm",
-            "rouge_score", "nltk")
+OPTIONAL = (
+  "flax",
+  "orbax",
+  "sklearn",
+  "scipy",
+  "matplotlib",
+  "tqdm",
+  "rouge_score",
+  "nltk",
+)
 # numba is forbidden too. Its only user is the compiled CPU kernels
 # (dualoptax/_cpu_kernel*.py), which are being removed; while they exist they
 # import numba lazily, so this passes today and guards that no import path
@@ -24,12 +32,20 @@ NUMBA = ("numba",)
 
 def _loaded_top_level_modules() -> set[str]:
   """Top-level names in ``sys.modules`` after a fresh ``import dualoptax``."""
-  code = ("import json, sys\n"
-          "import dualoptax, dualoptax.unlearning\n"
-          "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n")
+  code = (
+    "import json, sys\n"
+    "import dualoptax, dualoptax.unlearning\n"
+    "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
+  )
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
-                       capture_output=True, text=True, timeout=300)
+  out = subprocess.run(
+    [sys.executable, "-c", code],
+    env=env,
+    check=True,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   return set(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
@@ -50,6 +66,7 @@ def test_import_loads_no_numba(loaded):
 def test_applications_are_not_in_the_package():
   import dualoptax
   import dualoptax.unlearning as u
+
   for name in ("lm", "loop", "models"):
     assert not hasattr(u, name), name
   with pytest.raises(ImportError):

@@ -39,11 +39,12 @@ def x64():
 
 def tree_from_flat(flat, dtype):
   leaves, treedef = jax.tree.flatten(
-      SHAPES, is_leaf=lambda x: isinstance(x, tuple))
+    SHAPES, is_leaf=lambda x: isinstance(x, tuple)
+  )
   out, start = [], 0
   for shape in leaves:
     size = int(np.prod(shape))
-    out.append(jnp.asarray(flat[start:start + size].reshape(shape), dtype))
+    out.append(jnp.asarray(flat[start : start + size].reshape(shape), dtype))
     start += size
   return jax.tree.unflatten(treedef, out)
 
@@ -89,13 +90,15 @@ def direction(tx, grads, params=None):
   """One update from a fresh state (eager: op compiles are cached across
   tests, a jit of each new transformation would compile again)."""
   if params is None:
-    params = jax.tree.map(jnp.zeros_like,
-                          next(g for g in grads.values() if g is not None))
+    params = jax.tree.map(
+      jnp.zeros_like, next(g for g in grads.values() if g is not None)
+    )
   out, _ = tx.update(grads, tx.init(params), params)
   return out
 
 
 # --- PCGrad -----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("k", [2, 3])
 @pytest.mark.parametrize("conflict", [True, False])
@@ -125,14 +128,19 @@ def test_pcgrad_projects_off_original_gradients():
 
 
 def test_pcgrad_random_order_is_one_of_the_orders_and_varies():
-  flats = [np.array([1.0, 0.0, 0.2]), np.array([-0.8, 0.6, 0.1]),
-           np.array([-0.3, -1.0, 0.4])]
+  flats = [
+    np.array([1.0, 0.0, 0.2]),
+    np.array([-0.8, 0.6, 0.1]),
+    np.array([-0.3, -1.0, 0.4]),
+  ]
   k = len(flats)
   others = [[j for j in range(k) if j != i] for i in range(k)]
   candidates = [
-      ref.pcgrad(flats, [list(o) for o in combo])
-      for combo in itertools.product(
-          *[list(itertools.permutations(o)) for o in others])]
+    ref.pcgrad(flats, [list(o) for o in combo])
+    for combo in itertools.product(
+      *[list(itertools.permutations(o)) for o in others]
+    )
+  ]
   with x64():
     trees = {n: {"w": jnp.asarray(f)} for n, f in zip(NAMES3, flats)}
     tx = dualoptax.pcgrad(seed=0)
@@ -158,9 +166,11 @@ def test_pcgrad_key_in_state_is_deterministic():
   @jax.jit
   def run(key):  # 5 updates from a transformation built on `key`
     tx = dualoptax.pcgrad(key=key)
+
     def body(state, _):
       d, state = tx.update(trees, state, params)
       return state, jnp.concatenate([x.ravel() for x in jax.tree.leaves(d)])
+
     return jax.lax.scan(body, tx.init(params), None, length=5)
 
   state_a, a = run(jax.random.PRNGKey(3))
@@ -171,13 +181,15 @@ def test_pcgrad_key_in_state_is_deterministic():
   assert isinstance(state_a, dualoptax.PCGradState)
   assert state_a._fields[:2] == ("count", "key")
   assert int(state_a.count) == 5
-  assert not np.array_equal(np.asarray(state_a.key),
-                            np.asarray(jax.random.PRNGKey(3)))
+  assert not np.array_equal(
+    np.asarray(state_a.key), np.asarray(jax.random.PRNGKey(3))
+  )
   # `seed` is PRNGKey(seed); typed keys work too.
   init = dualoptax.pcgrad(seed=3).init(params)
   np.testing.assert_array_equal(init.key, jax.random.PRNGKey(3))
   d, state = dualoptax.pcgrad(key=jax.random.key(3)).update(
-      trees, dualoptax.pcgrad(key=jax.random.key(3)).init(params), params)
+    trees, dualoptax.pcgrad(key=jax.random.key(3)).init(params), params
+  )
   assert jnp.issubdtype(state.key.dtype, jax.dtypes.prng_key)
   assert np.all(np.isfinite(flat_of(d)))
 
@@ -193,19 +205,23 @@ def test_canonical_order_ignores_mapping_order_and_jit():
   np.testing.assert_allclose(a, c, rtol=RTOL32, atol=RTOL32 * np.abs(a).max())
   # With `tasks`, their order is the canonical one: c meets a before b.
   flats = [flat_of(trees[n]) for n in ("c", "a", "b")]
-  with_tasks = flat_of(direction(dualoptax.pcgrad(("c", "a", "b"),
-                                                  shuffle=False), trees))
+  with_tasks = flat_of(
+    direction(dualoptax.pcgrad(("c", "a", "b"), shuffle=False), trees)
+  )
   want = ref.pcgrad(flats, [[1, 2], [0, 2], [0, 1]])
-  np.testing.assert_allclose(with_tasks, want, rtol=RTOL32,
-                             atol=RTOL32 * np.abs(want).max())
+  np.testing.assert_allclose(
+    with_tasks, want, rtol=RTOL32, atol=RTOL32 * np.abs(want).max()
+  )
 
 
 # --- MGDA -------------------------------------------------------------------
 
+
 def simplex_grid(k, n):
   """Every point of the simplex with coordinates in multiples of 1/n."""
-  pts = [c for c in itertools.product(range(n + 1), repeat=k - 1)
-         if sum(c) <= n]
+  pts = [
+    c for c in itertools.product(range(n + 1), repeat=k - 1) if sum(c) <= n
+  ]
   pts = np.array([list(c) + [n - sum(c)] for c in pts], np.float64) / n
   return pts
 
@@ -214,12 +230,12 @@ def simplex_grid(k, n):
 @pytest.mark.parametrize("conflict", [True, False])
 def test_mgda_is_min_norm_point_float64(k, conflict):
   with x64():
-    flats, trees = random_grads(10 + k, k, conflict=conflict,
-                                dtype=jnp.float64)
+    flats, trees = random_grads(10 + k, k, conflict=conflict, dtype=jnp.float64)
     got = flat_of(direction(dualoptax.mgda(), trees))
   _, want = ref.min_norm_point(flats)
-  np.testing.assert_allclose(got, want, rtol=RTOL64,
-                             atol=RTOL64 * np.abs(want).max())
+  np.testing.assert_allclose(
+    got, want, rtol=RTOL64, atol=RTOL64 * np.abs(want).max()
+  )
   # No point of a fine simplex grid is closer to the origin.
   a = np.stack(flats)
   grid = simplex_grid(k, 300 if k == 2 else 120)
@@ -235,14 +251,18 @@ def test_mgda_two_task_closed_form():
   alpha1 = np.clip(((g2 - g1) @ g2) / ((g1 - g2) @ (g1 - g2)), 0, 1)
   want = alpha1 * g1 + (1 - alpha1) * g2
   with x64():
-    got = direction(dualoptax.mgda(), {"a": {"w": jnp.asarray(g1)},
-                                       "b": {"w": jnp.asarray(g2)}})["w"]
+    got = direction(
+      dualoptax.mgda(),
+      {"a": {"w": jnp.asarray(g1)}, "b": {"w": jnp.asarray(g2)}},
+    )["w"]
   np.testing.assert_allclose(got, want, rtol=RTOL64)
   # A gradient inside the other's "shadow" is the answer itself (clip at 1).
   g3 = np.array([0.5, 0.0])
   with x64():
-    got = direction(dualoptax.mgda(), {"a": {"w": jnp.asarray(g1)},
-                                       "b": {"w": jnp.asarray(g3)}})["w"]
+    got = direction(
+      dualoptax.mgda(),
+      {"a": {"w": jnp.asarray(g1)}, "b": {"w": jnp.asarray(g3)}},
+    )["w"]
   np.testing.assert_allclose(got, g3, rtol=RTOL64)
 
 
@@ -254,8 +274,9 @@ def test_min_norm_weights_many_tasks(k):
     alpha = np.asarray(min_norm_weights(jnp.asarray(a @ a.T)))
   _, want = ref.min_norm_point(list(a))
   assert np.all(alpha >= 0) and abs(alpha.sum() - 1) < RTOL64
-  np.testing.assert_allclose(alpha @ a, want, rtol=RTOL64,
-                             atol=RTOL64 * np.abs(a).max())
+  np.testing.assert_allclose(
+    alpha @ a, want, rtol=RTOL64, atol=RTOL64 * np.abs(a).max()
+  )
 
 
 def test_mgda_normalize():
@@ -263,28 +284,30 @@ def test_mgda_normalize():
   with x64():
     trees = jax.tree.map(lambda x: x.astype(jnp.float64), trees)
     got = flat_of(direction(dualoptax.mgda(normalize=True), trees))
-  unit = [f / np.linalg.norm(f) for f in
-          (flat_of(trees[n]) for n in NAMES3)]
+  unit = [f / np.linalg.norm(f) for f in (flat_of(trees[n]) for n in NAMES3)]
   _, want = ref.min_norm_point(unit)
-  np.testing.assert_allclose(got, want, rtol=RTOL64,
-                             atol=RTOL64 * np.abs(want).max())
+  np.testing.assert_allclose(
+    got, want, rtol=RTOL64, atol=RTOL64 * np.abs(want).max()
+  )
 
 
 # --- CAGrad -----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("k", [2, 3])
 @pytest.mark.parametrize("conflict", [True, False])
 def test_cagrad_matches_reference_float64(k, conflict):
   with x64():
-    flats, trees = random_grads(20 + k, k, conflict=conflict,
-                                dtype=jnp.float64)
+    flats, trees = random_grads(20 + k, k, conflict=conflict, dtype=jnp.float64)
     got = flat_of(direction(dualoptax.cagrad(c=0.5), trees))
     raw = flat_of(direction(dualoptax.cagrad(c=0.5, rescale=False), trees))
   want = ref.cagrad(flats, 0.5)
-  np.testing.assert_allclose(got, want, rtol=RTOL64,
-                             atol=RTOL64 * np.abs(want).max())
-  np.testing.assert_allclose(raw, want * 1.25, rtol=RTOL64,
-                             atol=RTOL64 * np.abs(want).max())
+  np.testing.assert_allclose(
+    got, want, rtol=RTOL64, atol=RTOL64 * np.abs(want).max()
+  )
+  np.testing.assert_allclose(
+    raw, want * 1.25, rtol=RTOL64, atol=RTOL64 * np.abs(want).max()
+  )
   # The primal: raw lies on the ball |d - g0| <= c|g0| and no point of the
   # ball does better on the worst task (random points on its boundary).
   a = np.stack(flats)
@@ -295,15 +318,17 @@ def test_cagrad_matches_reference_float64(k, conflict):
   u = rng.standard_normal((2000, a.shape[1]))
   ball = g0 + radius * u / np.linalg.norm(u, axis=1, keepdims=True)
   assert np.min(a @ raw) >= np.max(np.min(ball @ a.T, axis=1)) - RTOL64 * (
-      np.abs(a @ g0).max())
+    np.abs(a @ g0).max()
+  )
 
 
 def test_cagrad_c0_is_mean():
   flats, trees = random_grads(7, 3, conflict=True)
   got = flat_of(direction(dualoptax.cagrad(c=0.0), trees))
   want = np.mean(flats, 0)
-  np.testing.assert_allclose(got, want, rtol=RTOL32,
-                             atol=RTOL32 * np.abs(want).max())
+  np.testing.assert_allclose(
+    got, want, rtol=RTOL32, atol=RTOL32 * np.abs(want).max()
+  )
 
 
 def test_cagrad_weights_many_tasks():
@@ -311,16 +336,20 @@ def test_cagrad_weights_many_tasks():
   a = rng.standard_normal((6, 9)) + rng.standard_normal(9)
   with x64():
     v = np.asarray(cagrad_weights(jnp.asarray(a @ a.T), 0.5))
-  np.testing.assert_allclose(v @ a / 1.25, ref.cagrad(list(a), 0.5),
-                             rtol=RTOL64, atol=RTOL64 * np.abs(a).max())
+  np.testing.assert_allclose(
+    v @ a / 1.25,
+    ref.cagrad(list(a), 0.5),
+    rtol=RTOL64,
+    atol=RTOL64 * np.abs(a).max(),
+  )
 
 
 # --- shared behaviour ---------------------------------------------------------
 
 METHODS = {
-    "pcgrad": lambda **kw: dualoptax.pcgrad(**kw),
-    "mgda": lambda **kw: dualoptax.mgda(**kw),
-    "cagrad": lambda **kw: dualoptax.cagrad(**kw),
+  "pcgrad": lambda **kw: dualoptax.pcgrad(**kw),
+  "mgda": lambda **kw: dualoptax.mgda(**kw),
+  "cagrad": lambda **kw: dualoptax.cagrad(**kw),
 }
 
 
@@ -331,8 +360,9 @@ def test_chain_with_adam_jit_and_scan(name):
   targets = {"a": jnp.array([1.0, -1.0, 0.5]), "b": jnp.array([-1.0, 0.5, 1.0])}
 
   def loss(params, task):
-    return (jnp.sum((params["w"] - targets[task]) ** 2)
-            + jnp.sum((params[f"head_{task}"] - 1.0) ** 2))
+    return jnp.sum((params["w"] - targets[task]) ** 2) + jnp.sum(
+      (params[f"head_{task}"] - 1.0) ** 2
+    )
 
   params = {"w": jnp.zeros(3), "head_a": jnp.zeros(2), "head_b": jnp.zeros(2)}
   tx = optax.chain(METHODS[name](), optax.adam(3e-2))
@@ -353,16 +383,23 @@ def test_chain_with_adam_jit_and_scan(name):
   d = direction(first, grads_of(params), params)
   adam = optax.adam(3e-2)
   u_ref, _ = adam.update(d, adam.init(params), params)
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=RTOL32),
-               p_one, optax.apply_updates(params, u_ref))
+  jax.tree.map(
+    lambda x, y: np.testing.assert_allclose(x, y, rtol=RTOL32),
+    p_one,
+    optax.apply_updates(params, u_ref),
+  )
 
   (p_scan, s_scan), _ = jax.jit(
-      lambda c: jax.lax.scan(step, c, None, length=100))((params, state))
+    lambda c: jax.lax.scan(step, c, None, length=100)
+  )((params, state))
   p_loop, s_loop = params, state
   for _ in range(100):
     p_loop, s_loop = jstep((p_loop, s_loop))
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(
-      x, y, rtol=1e-4, atol=1e-5), p_scan, p_loop)
+  jax.tree.map(
+    lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5),
+    p_scan,
+    p_loop,
+  )
   assert int(s_scan[0].count) == 100
   start = sum(loss(params, t) for t in targets)
   end = sum(loss(p_scan, t) for t in targets)
@@ -380,8 +417,9 @@ def test_vmap_over_batches_of_problems(name):
   for i, t in enumerate(trees):
     one = flat_of(direction(tx, t, params))
     row = flat_of(jax.tree.map(lambda x, i=i: x[i], batched))
-    np.testing.assert_allclose(row, one, rtol=RTOL32,
-                               atol=RTOL32 * np.abs(one).max())
+    np.testing.assert_allclose(
+      row, one, rtol=RTOL32, atol=RTOL32 * np.abs(one).max()
+    )
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -397,14 +435,19 @@ def test_zero_gradients_are_finite(name):
   assert np.all(flat_of(direction(tx, all_zero)) == 0)
   out = flat_of(direction(tx, one_zero))
   if name == "pcgrad":  # a zero gradient conflicts with nothing
-    want = ref.pcgrad([flat_of(trees["a"]), np.zeros(N_PARAMS),
-                       flat_of(trees["c"])], [[2, 1], [0, 2], [0, 1]])
-    alt = ref.pcgrad([flat_of(trees["a"]), np.zeros(N_PARAMS),
-                      flat_of(trees["c"])], [[1, 2], [0, 2], [1, 0]])
+    want = ref.pcgrad(
+      [flat_of(trees["a"]), np.zeros(N_PARAMS), flat_of(trees["c"])],
+      [[2, 1], [0, 2], [0, 1]],
+    )
+    alt = ref.pcgrad(
+      [flat_of(trees["a"]), np.zeros(N_PARAMS), flat_of(trees["c"])],
+      [[1, 2], [0, 2], [1, 0]],
+    )
     # a and c only meet each other: the order of the zero one is immaterial.
     np.testing.assert_allclose(want, alt)
-    np.testing.assert_allclose(out, want, rtol=RTOL32,
-                               atol=RTOL32 * np.abs(want).max())
+    np.testing.assert_allclose(
+      out, want, rtol=RTOL32, atol=RTOL32 * np.abs(want).max()
+    )
   elif name == "mgda":  # the origin is in the hull
     np.testing.assert_array_equal(out, 0.0)
   if name == "mgda":
@@ -427,8 +470,7 @@ def test_single_task_and_subsets(name):
   b = flat_of(direction(METHODS[name](tasks=("a", "c"), **kw), sub))
   np.testing.assert_allclose(a, b, rtol=RTOL32)
   # None values mean absent.
-  c = flat_of(direction(METHODS[name](tasks=NAMES3, **kw),
-                        {**sub, "b": None}))
+  c = flat_of(direction(METHODS[name](tasks=NAMES3, **kw), {**sub, "b": None}))
   np.testing.assert_allclose(a, c, rtol=RTOL32)
 
 
@@ -436,18 +478,22 @@ def test_single_task_and_subsets(name):
 def test_heads_only_gradients(name):
   # Disjoint supports (each task touches only its own head): nothing
   # conflicts, every cross dot product is zero.
-  g = {"a": {"ha": jnp.array([3.0, 4.0]), "hb": jnp.zeros(2)},
-       "b": {"ha": jnp.zeros(2), "hb": jnp.array([0.0, 1.0])}}
+  g = {
+    "a": {"ha": jnp.array([3.0, 4.0]), "hb": jnp.zeros(2)},
+    "b": {"ha": jnp.zeros(2), "hb": jnp.array([0.0, 1.0])},
+  }
   d = direction(METHODS[name](), g)
   if name == "pcgrad":  # the plain sum
     np.testing.assert_allclose(d["ha"], [3.0, 4.0])
     np.testing.assert_allclose(d["hb"], [0.0, 1.0])
   elif name == "mgda":  # orthogonal: alpha_k proportional to 1/|g_k|^2
     alpha = np.array([1 / 25, 1.0]) / (1 / 25 + 1.0)
-    np.testing.assert_allclose(d["ha"], alpha[0] * np.array([3.0, 4.0]),
-                               rtol=RTOL32)
-    np.testing.assert_allclose(d["hb"], alpha[1] * np.array([0.0, 1.0]),
-                               rtol=RTOL32)
+    np.testing.assert_allclose(
+      d["ha"], alpha[0] * np.array([3.0, 4.0]), rtol=RTOL32
+    )
+    np.testing.assert_allclose(
+      d["hb"], alpha[1] * np.array([0.0, 1.0]), rtol=RTOL32
+    )
   else:
     want = ref.cagrad([np.array([3.0, 4.0, 0, 0]), np.array([0, 0, 0, 1.0])])
     got = np.concatenate([d["ha"], d["hb"]])
@@ -461,15 +507,17 @@ def test_low_precision_and_other_mappings(name):
   full = flat_of(direction(tx, trees))
   half = direction(tx, jax.tree.map(lambda x: x.astype(jnp.bfloat16), trees))
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(half))
-  np.testing.assert_allclose(flat_of(half), full, rtol=0.05,
-                             atol=0.02 * np.abs(full).max())  # bf16: 8 bits
+  np.testing.assert_allclose(
+    flat_of(half), full, rtol=0.05, atol=0.02 * np.abs(full).max()
+  )  # bf16: 8 bits
 
   # Any Mapping is accepted (eager calls: jit would need a registered pytree).
   params = jax.tree.map(jnp.zeros_like, trees["a"])
   for mapping in (types.MappingProxyType(dict(trees)), Frozen(trees)):
     out, _ = tx.update(mapping, tx.init(params), params)
-    np.testing.assert_allclose(flat_of(out), full, rtol=RTOL32,
-                               atol=RTOL32 * np.abs(full).max())
+    np.testing.assert_allclose(
+      flat_of(out), full, rtol=RTOL32, atol=RTOL32 * np.abs(full).max()
+    )
 
 
 class Frozen(collections.abc.Mapping):
@@ -489,6 +537,7 @@ class Frozen(collections.abc.Mapping):
 
 
 # --- errors -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", METHODS)
 def test_bad_inputs(name):
@@ -511,8 +560,7 @@ def test_bad_inputs(name):
   bad_structure = {"a": trees["a"], "b": {"trunk": trees["b"]["trunk"]}}
   with pytest.raises(ValueError, match="'b'.*tree structure"):
     tx.update(bad_structure, state)
-  bad_shape = {"a": trees["a"],
-               "b": {**trees["b"], "head": jnp.zeros(6)}}
+  bad_shape = {"a": trees["a"], "b": {**trees["b"], "head": jnp.zeros(6)}}
   with pytest.raises(ValueError, match=r"'b'.*\['head'\].*shape \(6,\)"):
     tx.update(bad_shape, state)
   with pytest.raises(ValueError, match="params"):
@@ -520,8 +568,12 @@ def test_bad_inputs(name):
   ints = {"a": jax.tree.map(lambda x: x.astype(jnp.int32), trees["a"])}
   with pytest.raises(TypeError, match="floating"):
     tx.update(ints, state)
-  for tasks, err in (("ab", ValueError), ((), ValueError),
-                     (("a", "a"), ValueError), (("a", 1), ValueError)):
+  for tasks, err in (
+    ("ab", ValueError),
+    ((), ValueError),
+    (("a", "a"), ValueError),
+    (("a", 1), ValueError),
+  ):
     with pytest.raises(err, match="task"):
       METHODS[name](tasks=tasks)
 

@@ -18,7 +18,7 @@ def _bnb_dynamic_map(signed):
   """
   data = []
   for i in range(7):
-    n = 2 ** i if signed else 2 ** (i + 1)
+    n = 2**i if signed else 2 ** (i + 1)
     edges = np.linspace(0.1, 1, n + 1, dtype=np.float32)
     means = ((edges[:-1] + edges[1:]) / np.float32(2.0)).astype(np.float32)
     data += [10 ** (i - 6) * float(m) for m in means]
@@ -41,13 +41,18 @@ def _reference_codes(x, signed, block_size=256):
   if not signed:
     xn = np.maximum(xn, 0)
   mids = qz._midpoints_np(signed)
-  codes = np.where(xn < 0, np.searchsorted(mids, xn, side="left"),
-                   np.searchsorted(mids, xn, side="right"))
+  codes = np.where(
+    xn < 0,
+    np.searchsorted(mids, xn, side="left"),
+    np.searchsorted(mids, xn, side="right"),
+  )
   return codes, absmax[:, 0]
 
 
-_quantize = jax.jit(qz.quantize_blockwise,
-                    static_argnames=("signed", "block_size", "local_last_dim"))
+_quantize = jax.jit(
+  qz.quantize_blockwise,
+  static_argnames=("signed", "block_size", "local_last_dim"),
+)
 _dequantize = jax.jit(qz.dequantize_blockwise)
 
 
@@ -78,8 +83,11 @@ def test_codes_equal_searchsorted_reference_on_1m_values(signed):
   np.testing.assert_array_equal(np.asarray(q.absmax), ref_absmax)
   err = np.abs(np.asarray(_dequantize(q)) - data)
   ref_err = np.abs(
-      (dualoptax.dynamic_code_map(signed)[ref_codes] * ref_absmax[:, None]).ravel()
-      - data)
+    (
+      dualoptax.dynamic_code_map(signed)[ref_codes] * ref_absmax[:, None]
+    ).ravel()
+    - data
+  )
   assert err.mean() == pytest.approx(ref_err.mean(), rel=1e-6)
   # bitsandbytes (blocksize 256, GPU): mean 8.53e-3 / 6.82e-3 on its own draw.
   bnb_mean, bnb_max = (8.53e-3, 3.35e-2) if signed else (6.82e-3, 8.42e-2)
@@ -98,13 +106,21 @@ def test_codes_exact_over_wide_range_and_at_every_boundary(signed):
   # Every code value and both float32 neighbours of every midpoint.
   table = dualoptax.dynamic_code_map(signed)
   mids = qz._midpoints_np(signed)
-  edges = np.concatenate([table, mids, np.nextafter(mids, np.float32(-2)),
-                          np.nextafter(mids, np.float32(2))]).astype(np.float32)
+  edges = np.concatenate(
+    [
+      table,
+      mids,
+      np.nextafter(mids, np.float32(-2)),
+      np.nextafter(mids, np.float32(2)),
+    ]
+  ).astype(np.float32)
   edges = np.concatenate([edges, np.ones(256 - len(edges) % 256, np.float32)])
   for data in (wide, edges):
     q = _quantize(data.reshape(-1, 256), signed=signed)
     ref_codes, _ = _reference_codes(data, signed)
-    np.testing.assert_array_equal(np.asarray(q.codes).reshape(-1, 256), ref_codes)
+    np.testing.assert_array_equal(
+      np.asarray(q.codes).reshape(-1, 256), ref_codes
+    )
   # Code values themselves (absmax 1) encode to their own index.
   q = _quantize(edges[:256].reshape(1, 256), signed=signed)
   np.testing.assert_array_equal(np.asarray(q.codes).ravel(), np.arange(256))
@@ -120,7 +136,9 @@ def test_zero_blocks_and_zeros_decode_exactly():
   assert out[1, 300] == np.float32(2.5) * dualoptax.dynamic_code_map(True)[0]
   assert np.all(out[x == 0] == 0)
   q = _quantize(np.zeros((256,), np.float32), signed=False)
-  assert np.all(np.asarray(q.absmax) == 0) and np.all(np.asarray(_dequantize(q)) == 0)
+  assert np.all(np.asarray(q.absmax) == 0) and np.all(
+    np.asarray(_dequantize(q)) == 0
+  )
 
 
 @pytest.mark.parametrize("width", [256, 1000])  # blocks of 256, and of 250
@@ -132,7 +150,9 @@ def test_nonfinite_values_poison_only_their_block(width):
   for signed in (True, False):
     q = _quantize(x, signed=signed)
     out = np.asarray(_dequantize(q))
-    assert np.all(np.isnan(out[:2, :b])), "a non-finite block must decode to NaN"
+    assert np.all(np.isnan(out[:2, :b])), (
+      "a non-finite block must decode to NaN"
+    )
     np.testing.assert_array_equal(out[:2, b:], 1.0)
     np.testing.assert_array_equal(out[2:], 1.0)
     assert np.isnan(np.asarray(q.absmax)).sum() == 2
@@ -141,11 +161,11 @@ def test_nonfinite_values_poison_only_their_block(width):
 def test_shapes_dtypes_and_layouts():
   rng = np.random.default_rng(2)
   cases = [
-      ((), 256, None),  # 0-d: one block of one value
-      ((1000,), 256, (250, 0)),  # largest divisor <= 256
-      ((3, 5, 512), 256, (256, 0)),
-      ((7, 100), 256, (100, 0)),  # short last axis: one block per row
-      ((4, 526), 256, (256, 242)),  # no divisor >= 32: padded locally
+    ((), 256, None),  # 0-d: one block of one value
+    ((1000,), 256, (250, 0)),  # largest divisor <= 256
+    ((3, 5, 512), 256, (256, 0)),
+    ((7, 100), 256, (100, 0)),  # short last axis: one block per row
+    ((4, 526), 256, (256, 242)),  # no divisor >= 32: padded locally
   ]
   q = _quantize(np.ones((4, 526), np.float32), signed=False)
   assert q.codes.shape == (4, 768) and q.absmax.shape == (4, 3) and q.pad == 242
@@ -166,14 +186,17 @@ def test_shapes_dtypes_and_layouts():
   assert qz.block_layout((4, 8 * 526), 256, local_last_dim=526) is None
   assert qz.block_layout((0, 256), 256) is None
   with pytest.raises(ValueError, match="local_last_dim"):
-    qz.quantize_blockwise(np.ones((4, 8 * 526), np.float32), signed=True,
-                          local_last_dim=526)
+    qz.quantize_blockwise(
+      np.ones((4, 8 * 526), np.float32), signed=True, local_last_dim=526
+    )
 
 
 @pytest.mark.parametrize("bad", [0, 3, -256, 100, 2.0, True, "256"])
 def test_block_size_must_be_positive_power_of_two(bad):
   with pytest.raises(ValueError, match="block_size"):
-    qz.quantize_blockwise(np.ones((256,), np.float32), signed=True, block_size=bad)
+    qz.quantize_blockwise(
+      np.ones((256,), np.float32), signed=True, block_size=bad
+    )
 
 
 def test_bad_inputs_are_type_errors():
@@ -187,7 +210,10 @@ def test_bad_inputs_are_type_errors():
 
 def test_codec_is_vmap_friendly():
   x = jax.random.normal(jax.random.key(0), (3, 2, 256))
-  out = jax.jit(jax.vmap(lambda v: qz.dequantize_blockwise(
-      qz.quantize_blockwise(v, signed=True))))(x)
+  out = jax.jit(
+    jax.vmap(
+      lambda v: qz.dequantize_blockwise(qz.quantize_blockwise(v, signed=True))
+    )
+  )(x)
   direct = _dequantize(_quantize(x, signed=True))
   np.testing.assert_array_equal(np.asarray(out), np.asarray(direct))

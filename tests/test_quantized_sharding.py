@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import dualoptax
 from dualoptax import QuantizedArray
@@ -28,13 +29,14 @@ from dualoptax import QuantizedArray
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _COLLECTIVE = re.compile(
-    r"=\s*([^=]+?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all"
-    r"|collective-permute)(-start)?\(")
+  r"=\s*([^=]+?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all"
+  r"|collective-permute)(-start)?\("
+)
 
 LAYOUTS = {
-    "fsdp_rows": ((8,), ("data",), P("data", None)),
-    "fsdp_cols": ((8,), ("model",), P(None, "model")),
-    "mesh_2d": ((2, 4), ("data", "model"), P("data", "model")),
+  "fsdp_rows": ((8,), ("data",), P("data", None)),
+  "fsdp_cols": ((8,), ("model",), P(None, "model")),
+  "mesh_2d": ((2, 4), ("data", "model"), P("data", "model")),
 }
 
 
@@ -46,9 +48,12 @@ def _mesh(layout):
 
 
 def _params(sharding, shape=(64, 2048)):
-  ps = {"a": jnp.linspace(-1, 1, shape[0] * shape[1]).reshape(shape),
-        "b": jnp.cos(jnp.arange(shape[0] * shape[1],
-                                dtype=jnp.float32)).reshape(shape)}
+  ps = {
+    "a": jnp.linspace(-1, 1, shape[0] * shape[1]).reshape(shape),
+    "b": jnp.cos(jnp.arange(shape[0] * shape[1], dtype=jnp.float32)).reshape(
+      shape
+    ),
+  }
   return jax.device_put(ps, sharding)
 
 
@@ -56,6 +61,7 @@ def _compiled_step(tx, params, state, multi):
   def step(p, s, g):
     u, s = tx.update({"forget": g} if multi else g, s, p)
     return optax.apply_updates(p, u), s
+
   lowered = jax.jit(step).lower(params, state, params)
   return lowered.compile()
 
@@ -72,8 +78,11 @@ def _collectives(compiled):
 
 def _check_state_sharding(state, param_sharding):
   is_q = lambda x: isinstance(x, QuantizedArray)
-  qs = [x for x in jax.tree.leaves(state, is_leaf=is_q)
-        if isinstance(x, QuantizedArray)]
+  qs = [
+    x
+    for x in jax.tree.leaves(state, is_leaf=is_q)
+    if isinstance(x, QuantizedArray)
+  ]
   assert qs
   spec = tuple(param_sharding.spec)
   for q in qs:
@@ -81,7 +90,8 @@ def _check_state_sharding(state, param_sharding):
     # split the same way (each shard holds the absmax of its own blocks).
     assert q.codes.sharding.is_equivalent_to(param_sharding, q.codes.ndim)
     assert q.absmax.sharding.is_equivalent_to(
-        NamedSharding(param_sharding.mesh, P(*spec)), q.absmax.ndim)
+      NamedSharding(param_sharding.mesh, P(*spec)), q.absmax.ndim
+    )
   return qs
 
 
@@ -106,13 +116,16 @@ def _check_adam_8bit_update_has_no_collectives(layout):
   assert new_p["a"].sharding.is_equivalent_to(sharding, 2)
   # And it computes what the unsharded wrapper computes.
   host = jax.tree.map(np.asarray, params)
+
   def step(p, s, g):
     u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s
+
   p1, s1 = jax.jit(step)(host, tx.init(host), host)
   for x, y in zip(jax.tree.leaves((new_p, new_s)), jax.tree.leaves((p1, s1))):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6,
-                               atol=1e-7)
+    np.testing.assert_allclose(
+      np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7
+    )
 
 
 def _check_dual_optim_plus_8bit_sharded(layout):
@@ -132,8 +145,9 @@ def _check_dual_optim_plus_8bit_sharded(layout):
   for result_type, op in colls:
     assert op == "all-reduce", colls
     # Tuples of scalars such as (f32[], f32[]) or pred[]: no array is moved.
-    assert re.fullmatch(r"\(?((f32|pred|s32)\[\](\{\})?,?\s*)+\)?",
-                        result_type), colls
+    assert re.fullmatch(
+      r"\(?((f32|pred|s32)\[\](\{\})?,?\s*)+\)?", result_type
+    ), colls
 
 
 def _check_shards_smaller_than_a_block_use_a_shard_sized_block():
@@ -156,8 +170,12 @@ def _check_shards_without_a_whole_block_stay_float32_with_a_warning():
   tx = dualoptax.quantize_state(optax.adam(1e-3))
   with pytest.warns(UserWarning, match="cannot hold whole blocks"):
     state = tx.init(params)
-  assert not any(isinstance(x, QuantizedArray) for x in jax.tree.leaves(
-      state, is_leaf=lambda x: isinstance(x, QuantizedArray)))
+  assert not any(
+    isinstance(x, QuantizedArray)
+    for x in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, QuantizedArray)
+    )
+  )
   assert _collectives(_compiled_step(tx, params, state, multi=False)) == []
   # Unsharded, the same shape is padded locally to whole blocks instead.
   host = jax.tree.map(np.asarray, params)
@@ -173,11 +191,16 @@ def _check_shards_without_a_whole_block_stay_float32_with_a_warning():
 # Running the checks on 8 simulated devices.
 # ---------------------------------------------------------------------------
 CHECKS = (
-    [("_check_adam_8bit_update_has_no_collectives", (layout,))
-     for layout in LAYOUTS]
-    + [("_check_dual_optim_plus_8bit_sharded", (layout,)) for layout in LAYOUTS]
-    + [("_check_shards_smaller_than_a_block_use_a_shard_sized_block", ()),
-       ("_check_shards_without_a_whole_block_stay_float32_with_a_warning", ())])
+  [
+    ("_check_adam_8bit_update_has_no_collectives", (layout,))
+    for layout in LAYOUTS
+  ]
+  + [("_check_dual_optim_plus_8bit_sharded", (layout,)) for layout in LAYOUTS]
+  + [
+    ("_check_shards_smaller_than_a_block_use_a_shard_sized_block", ()),
+    ("_check_shards_without_a_whole_block_stay_float32_with_a_warning", ()),
+  ]
+)
 
 
 def _key(fn, args):
@@ -203,16 +226,28 @@ _SCRIPT = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def report():
   """Outcome of every check, from one 8-device subprocess."""
-  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                 os.environ.get("XLA_FLAGS", ""))
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=8"}
-  result = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+  flags = re.sub(
+    r"--xla_force_host_platform_device_count=\d+",
+    "",
+    os.environ.get("XLA_FLAGS", ""),
+  )
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=8",
+  }
+  result = subprocess.run(
+    [sys.executable, "-c", _SCRIPT],
+    env=env,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-4000:]
   lines = [x for x in result.stdout.splitlines() if x.startswith("RESULT ")]
   assert lines, result.stdout[-2000:] + result.stderr[-2000:]
-  out = json.loads(lines[-1][len("RESULT "):])
+  out = json.loads(lines[-1][len("RESULT ") :])
   assert out.pop("__devices__") == 8
   assert sorted(out) == sorted(_key(fn, args) for fn, args in CHECKS)
   return out
@@ -243,5 +278,6 @@ def test_shards_smaller_than_a_block_use_a_shard_sized_block(report):
 
 def test_shards_without_a_whole_block_stay_float32_with_a_warning(report):
   """Shards with no whole block keep float32 (warned); unsharded: padded."""
-  _outcome(report,
-           "_check_shards_without_a_whole_block_stay_float32_with_a_warning")
+  _outcome(
+    report, "_check_shards_without_a_whole_block_stay_float32_with_a_warning"
+  )

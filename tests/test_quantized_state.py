@@ -22,42 +22,101 @@ def _quantized(state):
   return {jax.tree_util.keystr(p): x for p, x in flat if _is_q(x)}
 
 
-PARAMS = {"w": jnp.ones((16, 512)) * 0.5, "emb": jnp.ones((64, 128)), "b": jnp.zeros((512,))}
+PARAMS = {
+  "w": jnp.ones((16, 512)) * 0.5,
+  "emb": jnp.ones((64, 128)),
+  "b": jnp.zeros((512,)),
+}
 
 
 def _grads(scale=1.0):
-  return jax.tree.map(lambda p: scale * jnp.cos(jnp.arange(p.size, dtype=jnp.float32)
-                                                 ).reshape(p.shape), PARAMS)
+  return jax.tree.map(
+    lambda p: (
+      scale * jnp.cos(jnp.arange(p.size, dtype=jnp.float32)).reshape(p.shape)
+    ),
+    PARAMS,
+  )
 
 
 # Expected (quantized path, signed) per wrapped optimizer; everything else stays put.
 CASES = {
-    "adam": (lambda: optax.adam(1e-2), False,
-             {"[0].mu['w']": True, "[0].nu['w']": False,
-              "[0].mu['emb']": True, "[0].nu['emb']": False}),
-    "adamw": (lambda: optax.adamw(1e-2, weight_decay=0.1), False,
-              {"[0].mu['w']": True, "[0].nu['w']": False,
-               "[0].mu['emb']": True, "[0].nu['emb']": False}),
-    "sgd_momentum": (lambda: optax.sgd(1e-2, momentum=0.9), False,
-                     {"[0].trace['w']": True, "[0].trace['emb']": True}),
-    "lion": (lambda: optax.lion(1e-3), False,
-             {"[0].mu['w']": True, "[0].mu['emb']": True}),
-    "chain": (lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2)),
-              False, {"[1][0].mu['w']": True, "[1][0].nu['w']": False,
-                      "[1][0].mu['emb']": True, "[1][0].nu['emb']": False}),
-    "inject_hyperparams": (
-        lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1e-2), False,
-        {".inner_state[0].mu['w']": True, ".inner_state[0].nu['w']": False,
-         ".inner_state[0].mu['emb']": True, ".inner_state[0].nu['emb']": False}),
-    "dual_optim": (lambda: dualoptax.dual_optim(1e-2), True,
-                   {f".deltas['{k}'].{f}['{p}']": f == "mu"
-                    for k in ("forget", "retain") for f in ("mu", "nu")
-                    for p in ("w", "emb")}),
-    "dual_optim_plus": (
-        lambda: dualoptax.dual_optim_plus(1e-2), True,
-        {**{f".base_{f}['{p}']": f == "mu" for f in ("mu", "nu") for p in ("w", "emb")},
-         **{f".deltas['{k}'].{f}['{p}']": True for k in ("forget", "retain")
-            for f in ("mu", "nu") for p in ("w", "emb")}}),
+  "adam": (
+    lambda: optax.adam(1e-2),
+    False,
+    {
+      "[0].mu['w']": True,
+      "[0].nu['w']": False,
+      "[0].mu['emb']": True,
+      "[0].nu['emb']": False,
+    },
+  ),
+  "adamw": (
+    lambda: optax.adamw(1e-2, weight_decay=0.1),
+    False,
+    {
+      "[0].mu['w']": True,
+      "[0].nu['w']": False,
+      "[0].mu['emb']": True,
+      "[0].nu['emb']": False,
+    },
+  ),
+  "sgd_momentum": (
+    lambda: optax.sgd(1e-2, momentum=0.9),
+    False,
+    {"[0].trace['w']": True, "[0].trace['emb']": True},
+  ),
+  "lion": (
+    lambda: optax.lion(1e-3),
+    False,
+    {"[0].mu['w']": True, "[0].mu['emb']": True},
+  ),
+  "chain": (
+    lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2)),
+    False,
+    {
+      "[1][0].mu['w']": True,
+      "[1][0].nu['w']": False,
+      "[1][0].mu['emb']": True,
+      "[1][0].nu['emb']": False,
+    },
+  ),
+  "inject_hyperparams": (
+    lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1e-2),
+    False,
+    {
+      ".inner_state[0].mu['w']": True,
+      ".inner_state[0].nu['w']": False,
+      ".inner_state[0].mu['emb']": True,
+      ".inner_state[0].nu['emb']": False,
+    },
+  ),
+  "dual_optim": (
+    lambda: dualoptax.dual_optim(1e-2),
+    True,
+    {
+      f".deltas['{k}'].{f}['{p}']": f == "mu"
+      for k in ("forget", "retain")
+      for f in ("mu", "nu")
+      for p in ("w", "emb")
+    },
+  ),
+  "dual_optim_plus": (
+    lambda: dualoptax.dual_optim_plus(1e-2),
+    True,
+    {
+      **{
+        f".base_{f}['{p}']": f == "mu"
+        for f in ("mu", "nu")
+        for p in ("w", "emb")
+      },
+      **{
+        f".deltas['{k}'].{f}['{p}']": True
+        for k in ("forget", "retain")
+        for f in ("mu", "nu")
+        for p in ("w", "emb")
+      },
+    },
+  ),
 }
 
 
@@ -72,7 +131,9 @@ def test_every_wrapped_optimizer_runs_and_tracks_float32(name):
   # Nothing else changed: counters stay int32, small leaves stay float32 arrays.
   for leaf in jax.tree.leaves(s8, is_leaf=_is_q):
     if not _is_q(leaf):
-      assert not (jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.size >= 4096)
+      assert not (
+        jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.size >= 4096
+      )
 
   def run(tx, state):
     def step(carry, i):
@@ -81,11 +142,13 @@ def test_every_wrapped_optimizer_runs_and_tracks_float32(name):
       g = {"forget": g} if multi else g
       u, s = tx.update(g, s, p)
       return (optax.apply_updates(p, u), s), None
+
     return jax.lax.scan(step, (PARAMS, state), jnp.arange(5))[0]
 
   (p8, s8), (p32, _) = jax.jit(lambda: (run(tx8, s8), run(tx32, s32)))()
   assert jax.tree.structure(s8, is_leaf=_is_q) == jax.tree.structure(
-      tx8.init(PARAMS), is_leaf=_is_q)
+    tx8.init(PARAMS), is_leaf=_is_q
+  )
   # Relative L2 distance of the 8-bit trajectory from the float32 one.
   for k in PARAMS:
     moved = float(jnp.linalg.norm(p32[k] - PARAMS[k]))
@@ -95,12 +158,18 @@ def test_every_wrapped_optimizer_runs_and_tracks_float32(name):
 
 def test_inject_hyperparams_around_the_wrapper():
   tx = optax.inject_hyperparams(
-      lambda learning_rate: dualoptax.quantize_state(optax.adam(learning_rate)))(
-          learning_rate=1e-2)
+    lambda learning_rate: dualoptax.quantize_state(optax.adam(learning_rate))
+  )(learning_rate=1e-2)
   state = tx.init(PARAMS)
-  assert set(_quantized(state)) == {".inner_state[0].mu['w']", ".inner_state[0].nu['w']",
-                                    ".inner_state[0].mu['emb']", ".inner_state[0].nu['emb']"}
-  state.hyperparams["learning_rate"] = jnp.asarray(0.0)  # the injected value is used
+  assert set(_quantized(state)) == {
+    ".inner_state[0].mu['w']",
+    ".inner_state[0].nu['w']",
+    ".inner_state[0].mu['emb']",
+    ".inner_state[0].nu['emb']",
+  }
+  state.hyperparams["learning_rate"] = jnp.asarray(
+    0.0
+  )  # the injected value is used
   u, state = jax.jit(tx.update)(_grads(), state, PARAMS)
   assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(u))
   assert isinstance(state.inner_state[0].nu["w"], QuantizedArray)
@@ -110,30 +179,47 @@ def test_min_size_exclude_and_signed_override():
   tx = dualoptax.quantize_state(optax.adam(1e-2), min_size=512, exclude=["emb"])
   q = _quantized(tx.init(PARAMS))
   assert set(q) == {"[0].mu['w']", "[0].nu['w']", "[0].mu['b']", "[0].nu['b']"}
-  tx = dualoptax.quantize_state(optax.adam(1e-2), min_size=0,
-                                exclude=lambda p: {"w": True, "emb": False, "b": True})
+  tx = dualoptax.quantize_state(
+    optax.adam(1e-2),
+    min_size=0,
+    exclude=lambda p: {"w": True, "emb": False, "b": True},
+  )
   assert set(_quantized(tx.init(PARAMS))) == {"[0].mu['emb']", "[0].nu['emb']"}
   tx = dualoptax.quantize_state(optax.adam(1e-2), signed=True)
   assert all(q.signed for q in _quantized(tx.init(PARAMS)).values())
   tx = dualoptax.quantize_state(
-      optax.adam(1e-2), signed=lambda path, leaf: False if ".mu" in path else None)
+    optax.adam(1e-2), signed=lambda path, leaf: False if ".mu" in path else None
+  )
   assert not any(q.signed for q in _quantized(tx.init(PARAMS)).values())
   # Nested names match consecutive keys anywhere in the parameter path.
-  nested = {"params": {"wte": {"embedding": jnp.ones((64, 128))}, "h": jnp.ones((64, 128))}}
+  nested = {
+    "params": {
+      "wte": {"embedding": jnp.ones((64, 128))},
+      "h": jnp.ones((64, 128)),
+    }
+  }
   tx = dualoptax.quantize_state(optax.adam(1e-2), exclude=("wte",))
-  assert set(_quantized(tx.init(nested))) == {"[0].mu['params']['h']", "[0].nu['params']['h']"}
-  tx = dualoptax.quantize_state(optax.adam(1e-2), exclude=("params/wte/embedding",))
+  assert set(_quantized(tx.init(nested))) == {
+    "[0].mu['params']['h']",
+    "[0].nu['params']['h']",
+  }
+  tx = dualoptax.quantize_state(
+    optax.adam(1e-2), exclude=("params/wte/embedding",)
+  )
   assert len(_quantized(tx.init(nested))) == 2
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(block_size=100), "block_size"),
     (dict(block_size=0), "block_size"),
     (dict(min_size=-1), "min_size"),
     (dict(exclude=("embedding",)), "exclude"),
     (dict(exclude=("w/b",)), "exclude"),
     (dict(exclude=(3,)), "exclude"),
-])
+  ],
+)
 def test_bad_arguments_raise_value_error_naming_them(kwargs, match):
   with pytest.raises(ValueError, match=match):
     tx = dualoptax.quantize_state(optax.adam(1e-3), **kwargs)
@@ -146,7 +232,9 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, match):
 def test_dual_optim_plus_8bit_variants():
   groups = {}
   for qb, qd in ((True, True), (True, False), (False, True)):
-    tx = dualoptax.dual_optim_plus_8bit(1e-2, quantize_base=qb, quantize_delta=qd)
+    tx = dualoptax.dual_optim_plus_8bit(
+      1e-2, quantize_base=qb, quantize_delta=qd
+    )
     q = _quantized(tx.init(PARAMS))
     groups[(qb, qd)] = q
     assert any(k.startswith(".base_") for k in q) == qb
@@ -167,7 +255,9 @@ def test_absent_objective_keeps_its_codes_bit_for_bit():
   _, s = step(PARAMS, s, {"forget": _grads()})
   for _ in range(3):
     _, s2 = step(PARAMS, s, {"retain": _grads(0.3)})
-    for a, b in zip(jax.tree.leaves(s.deltas["forget"]), jax.tree.leaves(s2.deltas["forget"])):
+    for a, b in zip(
+      jax.tree.leaves(s.deltas["forget"]), jax.tree.leaves(s2.deltas["forget"])
+    ):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     s = s2
 
@@ -178,11 +268,17 @@ def _gpt2_small_shapes():
   tree = {"wte": f(v, d), "wpe": f(n_ctx, d), "ln_f": {"g": f(d), "b": f(d)}}
   for i in range(layers):
     tree[f"h{i}"] = {
-        "ln_1": {"g": f(d), "b": f(d)}, "ln_2": {"g": f(d), "b": f(d)},
-        "attn": {"c_attn": {"w": f(d, 3 * d), "b": f(3 * d)},
-                 "c_proj": {"w": f(d, d), "b": f(d)}},
-        "mlp": {"c_fc": {"w": f(d, 4 * d), "b": f(4 * d)},
-                "c_proj": {"w": f(4 * d, d), "b": f(d)}}}
+      "ln_1": {"g": f(d), "b": f(d)},
+      "ln_2": {"g": f(d), "b": f(d)},
+      "attn": {
+        "c_attn": {"w": f(d, 3 * d), "b": f(3 * d)},
+        "c_proj": {"w": f(d, d), "b": f(d)},
+      },
+      "mlp": {
+        "c_fc": {"w": f(d, 4 * d), "b": f(4 * d)},
+        "c_proj": {"w": f(4 * d, d), "b": f(d)},
+      },
+    }
   return tree
 
 
@@ -190,10 +286,14 @@ def test_state_memory_on_gpt2_small_shapes():
   params = _gpt2_small_shapes()
   n = sum(x.size for x in jax.tree.leaves(params))
   assert 124e6 < n < 125e6
-  per_param = lambda tx: dualoptax.state_nbytes(jax.eval_shape(tx.init, params)) / n
+  per_param = lambda tx: (
+    dualoptax.state_nbytes(jax.eval_shape(tx.init, params)) / n
+  )
   fp32 = per_param(dualoptax.dual_optim_plus(1e-3))
   b8 = per_param(dualoptax.dual_optim_plus_8bit(1e-3))
-  base_only = per_param(dualoptax.dual_optim_plus_8bit(1e-3, quantize_delta=False))
+  base_only = per_param(
+    dualoptax.dual_optim_plus_8bit(1e-3, quantize_delta=False)
+  )
   adam8 = per_param(dualoptax.quantize_state(optax.adam(1e-3)))
   assert fp32 == pytest.approx(24.0, abs=1e-3)
   assert b8 <= 6.2 and adam8 <= 2.1
@@ -216,13 +316,20 @@ def _stress_quadratic(tx, steps=300, n=65536, lr=1e-2, sigma=1.0):
   def body(carry, s):
     p, st = carry
     noise = sigma * jax.random.normal(jax.random.fold_in(k3, s), a_r.shape)
+
     def update(name, target):
       return tx.update({name: {"w": p["w"] - target + noise}}, st, p)
-    u, st = jax.lax.cond(dualoptax.alternating_index(s, 1, 5) == 0,
-                         lambda: update("forget", a_f), lambda: update("retain", a_r))
+
+    u, st = jax.lax.cond(
+      dualoptax.alternating_index(s, 1, 5) == 0,
+      lambda: update("forget", a_f),
+      lambda: update("retain", a_r),
+    )
     return (optax.apply_updates(p, u), st), jnp.abs(u["w"]).max()
 
-  (p, _), max_step = jax.lax.scan(body, (params, tx.init(params)), jnp.arange(steps))
+  (p, _), max_step = jax.lax.scan(
+    body, (params, tx.init(params)), jnp.arange(steps)
+  )
   retain = 0.5 * jnp.mean((p["w"] - a_r) ** 2)
   return float(retain), float(max_step.max()) / lr
 
@@ -240,31 +347,45 @@ def _mlp_run(tx, multi, steps=100):
   x = jax.random.normal(k[0], (1024, 32))
   teacher = jax.random.normal(k[1], (32, 10))
   y = jnp.argmax(x @ teacher + 2.0 * jax.random.normal(k[2], (1024, 10)), -1)
-  params = {"w1": 0.2 * jax.random.normal(k[3], (32, 256)), "b1": jnp.zeros((256,)),
-            "w2": 0.1 * jax.random.normal(k[0], (256, 32)), "w3": jnp.zeros((32, 10))}
+  params = {
+    "w1": 0.2 * jax.random.normal(k[3], (32, 256)),
+    "b1": jnp.zeros((256,)),
+    "w2": 0.1 * jax.random.normal(k[0], (256, 32)),
+    "w3": jnp.zeros((32, 10)),
+  }
 
   def loss(p, xb, yb):
     h = jax.nn.relu(jax.nn.relu(xb @ p["w1"] + p["b1"]) @ p["w2"])
-    return optax.softmax_cross_entropy_with_integer_labels(h @ p["w3"], yb).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(
+      h @ p["w3"], yb
+    ).mean()
 
   def body(carry, i):
     p, st = carry
     if multi:  # two agreeing objectives: the halves of the data set
-      g = {"forget": jax.grad(loss)(p, x[:512], y[:512]),
-           "retain": jax.grad(loss)(p, x[512:], y[512:])}
+      g = {
+        "forget": jax.grad(loss)(p, x[:512], y[:512]),
+        "retain": jax.grad(loss)(p, x[512:], y[512:]),
+      }
     else:
       g = jax.grad(loss)(p, x, y)
     u, st = tx.update(g, st, p)
     return (optax.apply_updates(p, u), st), jnp.max(jnp.abs(u["w1"]))
 
-  (p, _), steps_ = jax.lax.scan(body, (params, tx.init(params)), jnp.arange(steps))
+  (p, _), steps_ = jax.lax.scan(
+    body, (params, tx.init(params)), jnp.arange(steps)
+  )
   return float(loss(p, x, y)), float(steps_.max())
 
 
 def test_8bit_tracks_float32_on_small_mlp():
   l32, s32 = _mlp_run(optax.adamw(1e-3, weight_decay=1e-4), False)
-  l8, s8 = _mlp_run(dualoptax.quantize_state(optax.adamw(1e-3, weight_decay=1e-4),
-                                             min_size=2048), False)
+  l8, s8 = _mlp_run(
+    dualoptax.quantize_state(
+      optax.adamw(1e-3, weight_decay=1e-4), min_size=2048
+    ),
+    False,
+  )
   assert l32 < 0.5  # it learned
   assert l8 == pytest.approx(l32, rel=0.05)
   assert s8 <= 1.5 * s32
@@ -276,10 +397,16 @@ def test_8bit_tracks_float32_on_small_mlp():
 def test_orbax_checkpoint_resumes_bit_identically(tmp_path):
   ocp = pytest.importorskip("orbax.checkpoint")
   tx = dualoptax.dual_optim_plus_8bit(1e-2, weight_decay=0.01)
-  step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(
-      *tx.update(g, s, p)))
-  grads = lambda i, p: {("forget" if i % 6 == 0 else "retain"):
-                        jax.tree.map(lambda x: 0.1 * x + jnp.sin(i + x), p)}
+  step = jax.jit(
+    lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(
+      *tx.update(g, s, p)
+    )
+  )
+  grads = lambda i, p: {
+    ("forget" if i % 6 == 0 else "retain"): jax.tree.map(
+      lambda x: 0.1 * x + jnp.sin(i + x), p
+    )
+  }
   p, s = PARAMS, tx.init(PARAMS)
   for i in range(3):
     p, s = step(p, s, grads(i, p))
@@ -287,11 +414,15 @@ def test_orbax_checkpoint_resumes_bit_identically(tmp_path):
   path = os.path.join(tmp_path, "ckpt")
   ckpt.save(path, {"params": p, "opt_state": s})
   ckpt.wait_until_finished()
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": p, "opt_state": s})
+  target = jax.tree.map(
+    ocp.utils.to_shape_dtype_struct, {"params": p, "opt_state": s}
+  )
   restored = ckpt.restore(path, target)
   p2, s2 = restored["params"], restored["opt_state"]
   assert isinstance(s2, dualoptax.DualOptimPlusState)
-  assert isinstance(s2.base_nu["w"], QuantizedArray) and not s2.base_nu["w"].signed
+  assert (
+    isinstance(s2.base_nu["w"], QuantizedArray) and not s2.base_nu["w"].signed
+  )
   assert jax.tree.structure(s2) == jax.tree.structure(s)
   for i in range(3, 9):
     p, s = step(p, s, grads(i, p))

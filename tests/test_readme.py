@@ -6,7 +6,7 @@ import re
 
 def test_quick_start_runs():
   text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
-  section = text[text.index("## Quick start"):text.index("## API")]
+  section = text[text.index("## Quick start") : text.index("## API")]
   blocks = re.findall(r"```python\n(.*?)```", section, re.S)
   assert len(blocks) == 2
   scope = {}

@@ -19,14 +19,20 @@ def _dense(key: jax.Array, n_in: int, n_out: int) -> dict[str, jax.Array]:
   return {"w": w, "b": jnp.zeros(n_out)}
 
 
-def init(key: jax.Array, num_classes: Mapping[str, int],
-         hidden: Sequence[int] = (128, 128), n_in: int = 8 * 16) -> dict:
+def init(
+  key: jax.Array,
+  num_classes: Mapping[str, int],
+  hidden: Sequence[int] = (128, 128),
+  n_in: int = 8 * 16,
+) -> dict:
   """Parameters: trunk ``n_in -> hidden... (ReLU)``, then a head per task."""
   keys = jax.random.split(key, len(hidden) + len(num_classes))
   sizes = (n_in, *hidden)
   trunk = [_dense(k, a, b) for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
-  heads = {t: _dense(k, sizes[-1], c) for k, (t, c) in
-           zip(keys[len(hidden):], num_classes.items())}
+  heads = {
+    t: _dense(k, sizes[-1], c)
+    for k, (t, c) in zip(keys[len(hidden) :], num_classes.items())
+  }
   return {"trunk": trunk, "heads": heads}
 
 

@@ -21,8 +21,18 @@ import numpy as np
 from multitask_digits import data as D
 
 # Two-sided 95% Student-t quantiles by degrees of freedom (seeds - 1).
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447,
-        7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+_T95 = {
+  1: 12.706,
+  2: 4.303,
+  3: 3.182,
+  4: 2.776,
+  5: 2.571,
+  6: 2.447,
+  7: 2.365,
+  8: 2.306,
+  9: 2.262,
+  10: 2.228,
+}
 
 
 def delta_m(acc: np.ndarray, single: np.ndarray) -> np.ndarray:
@@ -55,13 +65,21 @@ def paired_interval(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 def _mean_std(x: np.ndarray) -> dict[str, float]:
   x = np.asarray(x, np.float64)
-  return {"mean": float(x.mean()),
-          "std": float(x.std(ddof=1)) if x.size > 1 else 0.0}
+  return {
+    "mean": float(x.mean()),
+    "std": float(x.std(ddof=1)) if x.size > 1 else 0.0,
+  }
 
 
-def method_row(name: str, label: str, lrs: Sequence[float], val: np.ndarray,
-               test: np.ndarray, single_val: np.ndarray,
-               single_test: np.ndarray) -> dict[str, Any]:
+def method_row(
+  name: str,
+  label: str,
+  lrs: Sequence[float],
+  val: np.ndarray,
+  test: np.ndarray,
+  single_val: np.ndarray,
+  single_test: np.ndarray,
+) -> dict[str, Any]:
   """Picks the lr on validation Δm and scores the test split there.
 
   Args:
@@ -76,30 +94,40 @@ def method_row(name: str, label: str, lrs: Sequence[float], val: np.ndarray,
   best = choose_lr(val_dm, higher_is_better=False)
   test_dm = delta_m(test[best], single_test)  # [S]
   return {
-      "method": name, "label": label, "lr": float(lrs[best]),
-      "test_acc": {t: _mean_std(100 * test[best, :, k])
-                   for k, t in enumerate(D.TASKS)},
-      "delta_m": _mean_std(test_dm),
-      "per_seed": {"test_acc": (100 * test[best]).tolist(),
-                   "delta_m": test_dm.tolist()},
-      "grid": {"val_delta_m": val_dm.mean(1).tolist(),
-               "val_acc": (100 * val.mean(1)).tolist(),
-               "test_acc": (100 * test.mean(1)).tolist()},
+    "method": name,
+    "label": label,
+    "lr": float(lrs[best]),
+    "test_acc": {
+      t: _mean_std(100 * test[best, :, k]) for k, t in enumerate(D.TASKS)
+    },
+    "delta_m": _mean_std(test_dm),
+    "per_seed": {
+      "test_acc": (100 * test[best]).tolist(),
+      "delta_m": test_dm.tolist(),
+    },
+    "grid": {
+      "val_delta_m": val_dm.mean(1).tolist(),
+      "val_acc": (100 * val.mean(1)).tolist(),
+      "test_acc": (100 * test.mean(1)).tolist(),
+    },
   }
 
 
-def single_row(lrs: Sequence[float], chosen: Sequence[int],
-               test: np.ndarray) -> dict[str, Any]:
+def single_row(
+  lrs: Sequence[float], chosen: Sequence[int], test: np.ndarray
+) -> dict[str, Any]:
   """The single-task references as a table row (``test``: ``[S, K]``)."""
   test = np.asarray(test, np.float64)
   return {
-      "method": "single", "label": "Single task (reference)",
-      "lr": {t: float(lrs[i]) for t, i in zip(D.TASKS, chosen)},
-      "test_acc": {t: _mean_std(100 * test[:, k])
-                   for k, t in enumerate(D.TASKS)},
-      "delta_m": {"mean": 0.0, "std": 0.0},
-      "per_seed": {"test_acc": (100 * test).tolist(),
-                   "delta_m": [0.0] * test.shape[0]},
+    "method": "single",
+    "label": "Single task (reference)",
+    "lr": {t: float(lrs[i]) for t, i in zip(D.TASKS, chosen)},
+    "test_acc": {t: _mean_std(100 * test[:, k]) for k, t in enumerate(D.TASKS)},
+    "delta_m": {"mean": 0.0, "std": 0.0},
+    "per_seed": {
+      "test_acc": (100 * test).tolist(),
+      "delta_m": [0.0] * test.shape[0],
+    },
   }
 
 
@@ -110,14 +138,19 @@ def add_paired(rows: list[dict], baseline: str = "adam_sum") -> None:
     if base is None or r is base or r["method"] == "single":
       r["vs_baseline"] = None
       continue
-    mean, half = paired_interval(r["per_seed"]["delta_m"],
-                                 base["per_seed"]["delta_m"])
-    r["vs_baseline"] = {"baseline": baseline, "mean": mean,
-                        "ci95_half_width": half}
+    mean, half = paired_interval(
+      r["per_seed"]["delta_m"], base["per_seed"]["delta_m"]
+    )
+    r["vs_baseline"] = {
+      "baseline": baseline,
+      "mean": mean,
+      "ci95_half_width": half,
+    }
 
 
 def table(rows: Sequence[Mapping]) -> str:
   """The results table (test split, mean ± std over seeds)."""
+
   def ms(d, digits=1):
     return f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"
 
@@ -126,9 +159,11 @@ def table(rows: Sequence[Mapping]) -> str:
       return "/".join(f"{v:g}" for v in r["lr"].values())
     return f"{r['lr']:g}"
 
-  head = (f"{'method':<26} {'lr':>14} " + " ".join(
-      f"{t + ' acc %':>13}" for t in D.TASKS)
-          + f" {'Δm % (↓)':>14} {'Δm − Adam [95% CI]':>21}")
+  head = (
+    f"{'method':<26} {'lr':>14} "
+    + " ".join(f"{t + ' acc %':>13}" for t in D.TASKS)
+    + f" {'Δm % (↓)':>14} {'Δm − Adam [95% CI]':>21}"
+  )
   lines = [head, "-" * len(head)]
   for r in rows:
     vs = r.get("vs_baseline")
@@ -139,32 +174,40 @@ def table(rows: Sequence[Mapping]) -> str:
     else:
       paired = f"{vs['mean']:+.2f} ± {vs['ci95_half_width']:.2f}"
     lines.append(
-        f"{r['label']:<26} {lr(r):>14} "
-        + " ".join(f"{ms(r['test_acc'][t]):>13}" for t in D.TASKS)
-        + f" {ms(r['delta_m'], 2):>14} {paired:>21}")
+      f"{r['label']:<26} {lr(r):>14} "
+      + " ".join(f"{ms(r['test_acc'][t]):>13}" for t in D.TASKS)
+      + f" {ms(r['delta_m'], 2):>14} {paired:>21}"
+    )
   return "\n".join(lines)
 
 
 def plot(rows: Sequence[Mapping], path: Path) -> None:
   """Δm% and per-task test accuracy per method, error bars = std over seeds."""
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
   labels = [r["label"] for r in rows]
   y = np.arange(len(rows))
-  fig, axes = plt.subplots(1, 1 + len(D.TASKS), figsize=(15, 0.5 * len(rows)
-                                                          + 1.8),
-                           sharey=True)
+  fig, axes = plt.subplots(
+    1, 1 + len(D.TASKS), figsize=(15, 0.5 * len(rows) + 1.8), sharey=True
+  )
   panels = [("Δm % (lower is better)", [r["delta_m"] for r in rows])]
-  panels += [(f"{t}: test accuracy %", [r["test_acc"][t] for r in rows])
-             for t in D.TASKS]
+  panels += [
+    (f"{t}: test accuracy %", [r["test_acc"][t] for r in rows]) for t in D.TASKS
+  ]
   for ax, (title, stats) in zip(axes, panels):
     means = [s["mean"] for s in stats]
     stds = [s["std"] for s in stats]
-    colors = ["0.6" if r["method"] == "single" else
-              "C1" if r["method"].startswith("dual_optim") else "C0"
-              for r in rows]
+    colors = [
+      "0.6"
+      if r["method"] == "single"
+      else "C1"
+      if r["method"].startswith("dual_optim")
+      else "C0"
+      for r in rows
+    ]
     ax.barh(y, means, xerr=stds, color=colors, capsize=3)
     ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
@@ -175,8 +218,10 @@ def plot(rows: Sequence[Mapping], path: Path) -> None:
       ax.set_xlim(max(0, lo - 2), min(100, max(means) + 2))
   axes[0].set_yticks(y, labels)
   axes[0].invert_yaxis()
-  fig.suptitle("MultiDigits (left / right / sum), test split, mean ± std "
-               "over seeds", fontsize=11)
+  fig.suptitle(
+    "MultiDigits (left / right / sum), test split, mean ± std over seeds",
+    fontsize=11,
+  )
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

@@ -53,36 +53,73 @@ class Config:
   losses: tuple = FORGET_LOSSES
 
 
-QUICK = Config(seeds=2, train_steps=400, unlearn_steps=60,
-               forget_lrs=(1e-4, 1e-3), quick=True)
+QUICK = Config(
+  seeds=2,
+  train_steps=400,
+  unlearn_steps=60,
+  forget_lrs=(1e-4, 1e-3),
+  quick=True,
+)
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
   """The job's flags (defaults of ``None`` are filled from :class:`Config`)."""
   p = argparse.ArgumentParser(description=description)
-  p.add_argument("--seeds", type=int, default=None,
-                 help="number of seeds (default 5; 2 with --quick)")
-  p.add_argument("--forget-fraction", type=float, default=0.1,
-                 help="fraction of the training split to forget, in (0, 1)")
-  p.add_argument("--out", default="runs/unlearn_digits",
-                 help="output directory (results.json, summary.png, table.txt)")
-  p.add_argument("--quick", action="store_true",
-                 help="smaller budget: 2 seeds, shorter runs, 2 learning rates")
-  p.add_argument("--train-steps", type=int, default=None,
-                 help="steps to train Original and Retrain")
-  p.add_argument("--unlearn-steps", type=int, default=None,
-                 help="unlearning steps (a multiple of 6)")
-  p.add_argument("--forget-lrs", default=None,
-                 help="comma-separated forget learning-rate grid")
-  p.add_argument("--methods", default=",".join(METHODS),
-                 help=f"subset of {','.join(METHODS)}")
-  p.add_argument("--losses", default=",".join(FORGET_LOSSES),
-                 help=f"subset of {','.join(FORGET_LOSSES)}")
+  p.add_argument(
+    "--seeds",
+    type=int,
+    default=None,
+    help="number of seeds (default 5; 2 with --quick)",
+  )
+  p.add_argument(
+    "--forget-fraction",
+    type=float,
+    default=0.1,
+    help="fraction of the training split to forget, in (0, 1)",
+  )
+  p.add_argument(
+    "--out",
+    default="runs/unlearn_digits",
+    help="output directory (results.json, summary.png, table.txt)",
+  )
+  p.add_argument(
+    "--quick",
+    action="store_true",
+    help="smaller budget: 2 seeds, shorter runs, 2 learning rates",
+  )
+  p.add_argument(
+    "--train-steps",
+    type=int,
+    default=None,
+    help="steps to train Original and Retrain",
+  )
+  p.add_argument(
+    "--unlearn-steps",
+    type=int,
+    default=None,
+    help="unlearning steps (a multiple of 6)",
+  )
+  p.add_argument(
+    "--forget-lrs",
+    default=None,
+    help="comma-separated forget learning-rate grid",
+  )
+  p.add_argument(
+    "--methods",
+    default=",".join(METHODS),
+    help=f"subset of {','.join(METHODS)}",
+  )
+  p.add_argument(
+    "--losses",
+    default=",".join(FORGET_LOSSES),
+    help=f"subset of {','.join(FORGET_LOSSES)}",
+  )
   return p
 
 
-def parse_args(argv: Optional[Sequence[str]] = None,
-               description: str = "") -> Config:
+def parse_args(
+  argv: Optional[Sequence[str]] = None, description: str = ""
+) -> Config:
   """Parses and validates flags; every error exits (status 2) before training."""
   p = build_parser(description)
   a = p.parse_args(argv)
@@ -95,20 +132,30 @@ def parse_args(argv: Optional[Sequence[str]] = None,
   methods = tuple(m for m in a.methods.split(",") if m)
   losses = tuple(m for m in a.losses.split(",") if m)
   if not methods or set(methods) - set(METHODS):
-    fail(f"--methods must be a non-empty subset of {list(METHODS)}, "
-         f"got {a.methods!r}")
+    fail(
+      f"--methods must be a non-empty subset of {list(METHODS)}, "
+      f"got {a.methods!r}"
+    )
   if not losses or set(losses) - set(FORGET_LOSSES):
-    fail(f"--losses must be a non-empty subset of {list(FORGET_LOSSES)}, "
-         f"got {a.losses!r}")
-  if ("dual_optim_plus_8bit" in methods
-      and not hasattr(dualoptax, "dual_optim_plus_8bit")):
+    fail(
+      f"--losses must be a non-empty subset of {list(FORGET_LOSSES)}, "
+      f"got {a.losses!r}"
+    )
+  if "dual_optim_plus_8bit" in methods and not hasattr(
+    dualoptax, "dual_optim_plus_8bit"
+  ):
     methods = tuple(m for m in methods if m != "dual_optim_plus_8bit")
-    print("note: dualoptax.dual_optim_plus_8bit is not available; skipping it",
-          file=sys.stderr)
+    print(
+      "note: dualoptax.dual_optim_plus_8bit is not available; skipping it",
+      file=sys.stderr,
+    )
   base = QUICK if a.quick else Config()
   try:
-    lrs = (base.forget_lrs if a.forget_lrs is None
-           else tuple(float(v) for v in a.forget_lrs.split(",")))
+    lrs = (
+      base.forget_lrs
+      if a.forget_lrs is None
+      else tuple(float(v) for v in a.forget_lrs.split(","))
+    )
   except ValueError:
     fail(f"--forget-lrs must be comma-separated numbers, got {a.forget_lrs!r}")
   if not lrs or min(lrs) <= 0:
@@ -125,8 +172,9 @@ def parse_args(argv: Optional[Sequence[str]] = None,
     losses=losses,
   )
   if cfg.train_steps < 1 or cfg.unlearn_steps < 1 or cfg.unlearn_steps % 6:
-    fail("--train-steps must be >= 1 and --unlearn-steps a positive multiple "
-         "of 6")
+    fail(
+      "--train-steps must be >= 1 and --unlearn-steps a positive multiple of 6"
+    )
   out = Path(cfg.out)
   try:  # an unwritable --out must fail now, not after minutes of training
     out.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,8 @@ def load_digits_split() -> Split:
   x = (d.images / 16.0).astype(np.float32)
   y = d.target.astype(np.int32)
   x_tr, x_te, y_tr, y_te = train_test_split(
-    x, y, test_size=0.2, stratify=y, random_state=0)
+    x, y, test_size=0.2, stratify=y, random_state=0
+  )
   return Split(*map(jnp.asarray, (x_tr, y_tr, x_te, y_te)))
 
 
@@ -74,7 +75,9 @@ def forget_sets(split: Split, keys: jax.Array, n_forget: int) -> SeedSets:
   sets = {
     "forget": (x[f_idx], y[f_idx]),
     "retain": (x[r_idx], y[r_idx]),
-    "test": (jnp.broadcast_to(split.x_test, (s, *split.x_test.shape)),
-             jnp.broadcast_to(split.y_test, (s, *split.y_test.shape))),
+    "test": (
+      jnp.broadcast_to(split.x_test, (s, *split.x_test.shape)),
+      jnp.broadcast_to(split.y_test, (s, *split.y_test.shape)),
+    ),
   }
   return SeedSets(sets, f_idx, r_idx)

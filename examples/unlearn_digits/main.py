@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 if not __package__:  # run as a script: make the folder importable as a package
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  sys.path.insert(
+    0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  )
 
 import jax
 import jax.numpy as jnp
@@ -51,19 +53,29 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   n_train = split.x_train.shape[0]
   n_forget = max(1, round(cfg.forget_fraction * n_train))
   if n_forget >= n_train:
-    raise ValueError(f"--forget-fraction {cfg.forget_fraction} leaves no retain set")
+    raise ValueError(
+      f"--forget-fraction {cfg.forget_fraction} leaves no retain set"
+    )
   keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s), 5))(
-    jnp.arange(cfg.seeds))  # [S, 5]: forget set, Original, Retrain, RL labels, unlearning
+    jnp.arange(cfg.seeds)
+  )  # [S, 5]: forget set, Original, Retrain, RL labels, unlearning
   sets = data.forget_sets(split, keys[:, 0], n_forget).sets
-  bar = tqdm(total=1 + len(cfg.methods) * len(cfg.losses), unit="job",
-             desc="train Original and Retrain", file=sys.stdout)
+  bar = tqdm(
+    total=1 + len(cfg.methods) * len(cfg.losses),
+    unit="job",
+    desc="train Original and Retrain",
+    file=sys.stdout,
+  )
 
   # Original and Retrain, scored against Retrain.
   S = cfg.seeds
-  models = train.train_original_and_retrain(keys[:, 1], keys[:, 2], sets,
-                                            cfg.train_steps)
+  models = train.train_original_and_retrain(
+    keys[:, 1], keys[:, 2], sets, cfg.train_steps
+  )
   sets2 = jax.tree.map(lambda a: jnp.concatenate([a, a]), sets)
-  per_seed = report.seed_metrics(jax.jit(jax.vmap(train.sets_logits))(models, sets2), sets2)
+  per_seed = report.seed_metrics(
+    jax.jit(jax.vmap(train.sets_logits))(models, sets2), sets2
+  )
   reference = report.summary(per_seed[S:], None)
   original = report.summary(per_seed[:S], reference)
   originals = jax.tree.map(lambda a: a[:S], models)
@@ -79,8 +91,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       label = dict(loss=C.LOSS_NAMES[loss], method=C.METHODS[method])
       bar.set_description(f"{label['loss']} {label['method']}")
       loss_id = jnp.int32(C.FORGET_LOSSES.index(loss))
-      logits = run(loss_id, lr_grid, originals, forget, sets["retain"],
-                   keys[:, 4], sets)
+      logits = run(
+        loss_id, lr_grid, originals, forget, sets["retain"], keys[:, 4], sets
+      )
       grid = report.grid_summaries(logits, sets, cfg.forget_lrs, reference)
       rows.append(dict(**label, **min(grid, key=lambda g: g["avg_gap"])))
       grids.append(dict(**label, grid=grid))
@@ -96,7 +109,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     f"5 retain; Adam (summed) takes both losses every step), retain lr "
     f"{C.TRAIN_LR:g}.\nForget lr per method and loss chosen from the grid "
     f"{list(cfg.forget_lrs)} by average gap to Retrain (the authors' protocol; "
-    "chosen on the reported seeds). Metrics ×100, mean ± std over seeds.\n")
+    "chosen on the reported seeds). Metrics ×100, mean ± std over seeds.\n"
+  )
   print(table)
   print(f"\nwall time: {wall:.1f} s")
   result = {

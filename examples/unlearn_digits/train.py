@@ -15,7 +15,6 @@ import optax
 
 import dualoptax
 from dualoptax.unlearning import losses as L
-
 from unlearn_digits import config as C
 from unlearn_digits import loop
 from unlearn_digits.model import DigitsCNN, functional_model
@@ -24,7 +23,8 @@ Params = Any
 Sets = Mapping[str, tuple[jax.Array, jax.Array]]
 
 init_params, apply = functional_model(
-  lambda rngs: DigitsCNN(C.NUM_CLASSES, rngs=rngs))
+  lambda rngs: DigitsCNN(C.NUM_CLASSES, rngs=rngs)
+)
 
 
 def ce_loss(params: Params, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
@@ -33,8 +33,9 @@ def ce_loss(params: Params, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
   return L.classifier_gd_loss(apply(params, x), y)
 
 
-def train(key: jax.Array, x: jax.Array, y: jax.Array, n: jax.Array,
-          steps: int) -> Params:
+def train(
+  key: jax.Array, x: jax.Array, y: jax.Array, n: jax.Array, steps: int
+) -> Params:
   """A model trained from scratch with Adam on the first ``n`` rows of ``(x, y)``.
 
   ``n`` is traced, so Original (all rows) and Retrain (the retain rows, stored
@@ -52,9 +53,9 @@ def train(key: jax.Array, x: jax.Array, y: jax.Array, n: jax.Array,
   return params
 
 
-def train_original_and_retrain(keys_original: jax.Array,
-                               keys_retrain: jax.Array, sets: Sets,
-                               steps: int) -> Params:
+def train_original_and_retrain(
+  keys_original: jax.Array, keys_retrain: jax.Array, sets: Sets, steps: int
+) -> Params:
   """Original (forget + retain rows) and Retrain (retain rows only) per seed.
 
   Both are trained in one vmapped program: every model sees the rows ordered
@@ -71,12 +72,18 @@ def train_original_and_retrain(keys_original: jax.Array,
   y = jnp.concatenate([yr, yf], axis=1)
   s, n_retain, n_train = x.shape[0], xr.shape[1], x.shape[1]
   run = jax.jit(jax.vmap(train, (0, 0, 0, 0, None)), static_argnums=4)
-  return run(both(keys_original, keys_retrain), both(x, x), both(y, y),
-             jnp.array([n_train] * s + [n_retain] * s), steps)
+  return run(
+    both(keys_original, keys_retrain),
+    both(x, x),
+    both(y, y),
+    jnp.array([n_train] * s + [n_retain] * s),
+    steps,
+  )
 
 
-def forget_data(originals: Params, forget: tuple[jax.Array, jax.Array],
-                keys: jax.Array) -> tuple[jax.Array, ...]:
+def forget_data(
+  originals: Params, forget: tuple[jax.Array, jax.Array], keys: jax.Array
+) -> tuple[jax.Array, ...]:
   """Per-seed forget batches' source ``(x, y, ref_nll, wrong_label)``.
 
   ``ref_nll`` is the frozen Original's per-example NLL (NPO's reference);
@@ -84,9 +91,11 @@ def forget_data(originals: Params, forget: tuple[jax.Array, jax.Array],
   """
   x, y = forget
   ref_nll = jax.vmap(lambda p, x, y: L.classifier_nll(apply(p, x), y))(
-    originals, x, y)
+    originals, x, y
+  )
   wrong = jax.vmap(lambda k, y: L.random_wrong_labels(k, y, C.NUM_CLASSES))(
-    keys, y)
+    keys, y
+  )
   return x, y, ref_nll, wrong
 
 
@@ -97,17 +106,28 @@ def make_forget_loss(loss_id: jax.Array) -> Callable[[Params, Any], jax.Array]:
   def forget_loss(params, batch):
     x, y, ref_nll, wrong = batch
     logits = apply(params, x)
-    return jax.lax.switch(loss_id, [
-      lambda: L.classifier_ga_loss(logits, y),
-      lambda: L.classifier_npo_loss(logits, y, ref_nll, C.NPO_BETA),
-      lambda: L.random_label_loss(logits, wrong),
-    ])
+    return jax.lax.switch(
+      loss_id,
+      [
+        lambda: L.classifier_ga_loss(logits, y),
+        lambda: L.classifier_npo_loss(logits, y, ref_nll, C.NPO_BETA),
+        lambda: L.random_label_loss(logits, wrong),
+      ],
+    )
 
   return forget_loss
 
 
-def unlearn(method: str, steps: int, loss_id: jax.Array, forget_lr: Any,
-            params: Params, forget: Any, retain: Any, key: jax.Array) -> Params:
+def unlearn(
+  method: str,
+  steps: int,
+  loss_id: jax.Array,
+  forget_lr: Any,
+  params: Params,
+  forget: Any,
+  retain: Any,
+  key: jax.Array,
+) -> Params:
   """One unlearning run of ``method``; ``loss_id`` and ``forget_lr`` may be traced.
 
   Alternating methods take the 1 forget : 5 retain schedule; Adam (summed)
@@ -122,12 +142,23 @@ def unlearn(method: str, steps: int, loss_id: jax.Array, forget_lr: Any,
   if method == "adam_summed":  # one loss, one state: w = lr_forget / lr_retain
     tx = optax.adam(C.TRAIN_LR, **C.BETAS)
     weights = {"forget": forget_lr / C.TRAIN_LR, "retain": 1.0}
-    return loop.summed_scan(params, tx, loss_fns, batch_fns, key, steps,
-                            weights=weights)[0]
-  if method == "adam_alternating":  # one shared state, the active objective's lr
+    return loop.summed_scan(
+      params, tx, loss_fns, batch_fns, key, steps, weights=weights
+    )[0]
+  if (
+    method == "adam_alternating"
+  ):  # one shared state, the active objective's lr
     tx = optax.adam(1.0, **C.BETAS)
-    return loop.alternating_scan(params, tx, loss_fns, batch_fns, key, steps,
-                                 multi_objective=False, step_scales=lrs)[0]
+    return loop.alternating_scan(
+      params,
+      tx,
+      loss_fns,
+      batch_fns,
+      key,
+      steps,
+      multi_objective=False,
+      step_scales=lrs,
+    )[0]
   if method == "dual_optim":
     tx = dualoptax.dual_optim(lrs, **C.BETAS)
   elif method == "dual_optim_plus":

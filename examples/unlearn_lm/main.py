@@ -36,14 +36,18 @@ import time
 from typing import Optional, Sequence
 
 if not __package__:  # run as a script: make the folder importable as a package
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  sys.path.insert(
+    0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  )
 
 from unlearn_lm import cli
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs the job; returns the exit status (2 on bad input, nothing written)."""
-  args = cli.fill_defaults(cli.build_parser(__doc__.split("\n\n")[0]).parse_args(argv))
+  args = cli.fill_defaults(
+    cli.build_parser(__doc__.split("\n\n")[0]).parse_args(argv)
+  )
   t_start = time.time()
   try:
     names = cli.validate(args)
@@ -57,6 +61,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def run(args: argparse.Namespace, names: list[str], t_start: float) -> int:
   """The pipeline; JAX is imported here, after ``XLA_FLAGS`` is final."""
   import jax
+
   from unlearn_lm import pipeline, report
   from unlearn_lm.metrics import Evaluator
   from unlearn_lm.model import LanguageModel, TransformerConfig
@@ -70,8 +75,13 @@ def run(args: argparse.Namespace, names: list[str], t_start: float) -> int:
   max_len, len_notes = pipeline.choose_max_len(args, data, tok)
   notes = list(data.notes) + len_notes
   try:
-    cfg = TransformerConfig(vocab_size=tok.vocab_size, max_len=max_len, d_model=args.d_model,
-                            num_layers=args.layers, num_heads=args.heads)
+    cfg = TransformerConfig(
+      vocab_size=tok.vocab_size,
+      max_len=max_len,
+      d_model=args.d_model,
+      num_layers=args.layers,
+      num_heads=args.heads,
+    )
   except ValueError as e:
     raise cli.UsageError(str(e)) from None
   lm = LanguageModel(cfg)
@@ -83,52 +93,84 @@ def run(args: argparse.Namespace, names: list[str], t_start: float) -> int:
   log(f"data: {data.summary()}")
   for n in notes:
     log(f"note: {n}")
-  log(f"model: {cfg}; devices: {len(jax.devices())}; mesh: {args.mesh or 'none'}")
+  log(
+    f"model: {cfg}; devices: {len(jax.devices())}; mesh: {args.mesh or 'none'}"
+  )
 
   # ---- fine-tuned model and retain-only reference model
-  ft_params, ft_secs = pipeline.train_or_restore(ctx, "finetuned", data.finetune_set)
-  ro_params, ro_secs = pipeline.train_or_restore(ctx, "retain_only", data.retain_only_set)
+  ft_params, ft_secs = pipeline.train_or_restore(
+    ctx, "finetuned", data.finetune_set
+  )
+  ro_params, ro_secs = pipeline.train_or_restore(
+    ctx, "retain_only", data.retain_only_set
+  )
   ref_ratios = evaluator.evaluate(ro_params)["forget_ratios"]
   ro_eval = evaluator.evaluate(ro_params, ref_ratios)
   ft_eval = evaluator.evaluate(ft_params, ref_ratios)
   before = {"step": 0, **report.summarize(ft_eval)}
-  log(f"fine-tuned: {json.dumps({k: round(v, 4) for k, v in before.items() if v is not None})}")
+  log(
+    f"fine-tuned: {json.dumps({k: round(v, 4) for k, v in before.items() if v is not None})}"
+  )
   for name in ("forget", "retain"):
     ref, gen = ft_eval["sets"][name]["samples"][0]
-    log(f"  {name} sample: ref={ref!r}\n  {' ' * len(name)}         gen={gen!r}")
+    log(
+      f"  {name} sample: ref={ref!r}\n  {' ' * len(name)}         gen={gen!r}"
+    )
 
   # ---- unlearning, one optimizer at a time from the same fine-tuned model
   udata = pipeline.unlearning_data(ctx, data, ft_params)
   runs = {}
   for name in names:
-    runs[name] = pipeline.unlearn(ctx, name, ft_params, udata, evaluator, ref_ratios, before)
+    runs[name] = pipeline.unlearn(
+      ctx, name, ft_params, udata, evaluator, ref_ratios, before
+    )
     if runs[name].stopped:
       return 0
-  finals = {n: next(h for h in reversed(r.history) if "model_utility" in h)
-            for n, r in runs.items()}
+  finals = {
+    n: next(h for h in reversed(r.history) if "model_utility" in h)
+    for n, r in runs.items()
+  }
 
   # ---- outputs
-  title = (f"{data.source}: {args.forget_loss.upper()}+GD, lr {args.lr:g}, "
-           f"{args.forget_freq}:{args.retain_freq} schedule")
-  rows = [("fine-tuned (before)", before, ft_secs),
-          ("retain-only (reference)", report.summarize(ro_eval), ro_secs)]
+  title = (
+    f"{data.source}: {args.forget_loss.upper()}+GD, lr {args.lr:g}, "
+    f"{args.forget_freq}:{args.retain_freq} schedule"
+  )
+  rows = [
+    ("fine-tuned (before)", before, ft_secs),
+    ("retain-only (reference)", report.summarize(ro_eval), ro_secs),
+  ]
   rows += [(cli.LABELS[n], finals[n], runs[n].seconds) for n in names]
   results = {
-      "config": vars(args), "data": data.summary(), "notes": notes,
-      "model": vars(cfg), "finetuned": before, "retain_only": report.summarize(ro_eval),
-      "final": finals, "history": {n: r.history for n, r in runs.items()},
-      "wall_seconds": {"finetune": ft_secs, "retain_only": ro_secs,
-                       **{n: r.seconds for n, r in runs.items()},
-                       "total": time.time() - t_start},
+    "config": vars(args),
+    "data": data.summary(),
+    "notes": notes,
+    "model": vars(cfg),
+    "finetuned": before,
+    "retain_only": report.summarize(ro_eval),
+    "final": finals,
+    "history": {n: r.history for n, r in runs.items()},
+    "wall_seconds": {
+      "finetune": ft_secs,
+      "retain_only": ro_secs,
+      **{n: r.seconds for n, r in runs.items()},
+      "total": time.time() - t_start,
+    },
   }
-  report.atomic_write_text(os.path.join(args.out, "results.json"),
-                           json.dumps(report.to_jsonable(results), indent=1))
+  report.atomic_write_text(
+    os.path.join(args.out, "results.json"),
+    json.dumps(report.to_jsonable(results), indent=1),
+  )
   if not args.no_plot:
-    report.plot(results["history"], os.path.join(args.out, "metrics.png"), title)
+    report.plot(
+      results["history"], os.path.join(args.out, "metrics.png"), title
+    )
   log("\n" + title)
   log(report.format_table(rows))
   log(report.LEGEND)
-  log(f"total wall time {time.time() - t_start:.0f}s; outputs in {os.path.abspath(args.out)}")
+  log(
+    f"total wall time {time.time() - t_start:.0f}s; outputs in {os.path.abspath(args.out)}"
+  )
   return 0
 
 

@@ -40,27 +40,32 @@ import scipy.stats
 from rouge_score import rouge_scorer
 
 from dualoptax.unlearning.losses import sequence_nll
-
-from unlearn_lm.data import UnlearningData, encode_prompts, encode_qa, visible_answer
+from unlearn_lm.data import (
+  UnlearningData,
+  encode_prompts,
+  encode_qa,
+  visible_answer,
+)
 from unlearn_lm.model import LanguageModel
 from unlearn_lm.tokenizer import ByteTokenizer
 
 __all__ = [
-    "rouge_l_recall",
-    "truth_ratio",
-    "truth_ratio_score",
-    "answer_probability",
-    "relative_answer_probability",
-    "forget_quality",
-    "model_utility",
-    "forget_efficacy",
-    "Evaluator",
+  "rouge_l_recall",
+  "truth_ratio",
+  "truth_ratio_score",
+  "answer_probability",
+  "relative_answer_probability",
+  "forget_quality",
+  "model_utility",
+  "forget_efficacy",
+  "Evaluator",
 ]
 
 
 # ---------------------------------------------------------------------------------------
 # Text and statistics
 # ---------------------------------------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=1)
 def _rouge_l_scorer() -> rouge_scorer.RougeScorer:
@@ -88,7 +93,9 @@ def rouge_l_recall(prediction: str, reference: str) -> float:
   return float(_rouge_l_scorer().score(reference, prediction)["rougeL"].recall)
 
 
-def truth_ratio(paraphrased_nll: np.ndarray, perturbed_nll: np.ndarray) -> np.ndarray:
+def truth_ratio(
+  paraphrased_nll: np.ndarray, perturbed_nll: np.ndarray
+) -> np.ndarray:
   r"""Per-question truth ratio :math:`R_i = \exp(\mathrm{mean}_j\,\tilde\ell_{ij} - \hat\ell_i)`.
 
   Args:
@@ -100,9 +107,14 @@ def truth_ratio(paraphrased_nll: np.ndarray, perturbed_nll: np.ndarray) -> np.nd
   """
   paraphrased_nll = np.asarray(paraphrased_nll, np.float64)
   perturbed_nll = np.asarray(perturbed_nll, np.float64)
-  if perturbed_nll.ndim != 2 or perturbed_nll.shape[0] != paraphrased_nll.shape[0]:
-    raise ValueError(f"perturbed_nll must have shape [N, K] with N={paraphrased_nll.shape[0]}, "
-                     f"got {perturbed_nll.shape}.")
+  if (
+    perturbed_nll.ndim != 2
+    or perturbed_nll.shape[0] != paraphrased_nll.shape[0]
+  ):
+    raise ValueError(
+      f"perturbed_nll must have shape [N, K] with N={paraphrased_nll.shape[0]}, "
+      f"got {perturbed_nll.shape}."
+    )
   return np.exp(perturbed_nll.mean(axis=-1) - paraphrased_nll)
 
 
@@ -119,15 +131,18 @@ def answer_probability(avg_nll: np.ndarray) -> float:
   return float(np.mean(np.exp(-np.asarray(avg_nll, np.float64))))
 
 
-def relative_answer_probability(avg_nll: np.ndarray, perturbed_nll: np.ndarray) -> float:
+def relative_answer_probability(
+  avg_nll: np.ndarray, perturbed_nll: np.ndarray
+) -> float:
   r"""Mean of :math:`p_i / (p_i + \sum_j \tilde p_{ij})` with length-normalized probabilities."""
   p = np.exp(-np.asarray(avg_nll, np.float64))
   q = np.exp(-np.asarray(perturbed_nll, np.float64)).sum(axis=-1)
   return float(np.mean(p / (p + q)))
 
 
-def forget_quality(ratios: Sequence[float],
-                   reference_ratios: Sequence[float]) -> float:
+def forget_quality(
+  ratios: Sequence[float], reference_ratios: Sequence[float]
+) -> float:
   """Forget Quality: the two-sided two-sample KS p-value (``scipy.stats.ks_2samp``
   with its default method, as TOFU) between the model's forget-set truth ratios
   and those of the retain-only model.
@@ -136,16 +151,24 @@ def forget_quality(ratios: Sequence[float],
     >>> round(forget_quality([1, 2, 3], [4, 5, 6]), 4)
     0.1
   """
-  return float(scipy.stats.ks_2samp(np.asarray(ratios, np.float64),
-                                    np.asarray(reference_ratios, np.float64)).pvalue)
+  return float(
+    scipy.stats.ks_2samp(
+      np.asarray(ratios, np.float64), np.asarray(reference_ratios, np.float64)
+    ).pvalue
+  )
 
 
-def model_utility(set_metrics: Mapping[str, Mapping[str, float]],
-                  kinds: Mapping[str, str]) -> float:
+def model_utility(
+  set_metrics: Mapping[str, Mapping[str, float]], kinds: Mapping[str, str]
+) -> float:
   """Harmonic mean of probability, ROUGE-L recall and truth ratio over non-forget
   sets (0 when any of them is 0, as ``scipy.stats.hmean``)."""
-  values = [set_metrics[name][k] for name, kind in kinds.items() if kind != "forget"
-            for k in ("prob", "rouge_l", "truth_ratio")]
+  values = [
+    set_metrics[name][k]
+    for name, kind in kinds.items()
+    if kind != "forget"
+    for k in ("prob", "rouge_l", "truth_ratio")
+  ]
   if not values:
     raise ValueError("model_utility needs at least one non-forget set.")
   return float(scipy.stats.hmean(np.asarray(values, np.float64)))
@@ -153,7 +176,10 @@ def model_utility(set_metrics: Mapping[str, Mapping[str, float]],
 
 def forget_efficacy(forget_metrics: Mapping[str, float]) -> float:
   """``1 - mean(prob, rouge_l, truth_ratio)`` of the forget set (higher: more forgotten)."""
-  return float(1.0 - np.mean([forget_metrics[k] for k in ("prob", "rouge_l", "truth_ratio")]))
+  return float(
+    1.0
+    - np.mean([forget_metrics[k] for k in ("prob", "rouge_l", "truth_ratio")])
+  )
 
 
 # ---------------------------------------------------------------------------------------
@@ -184,43 +210,82 @@ class Evaluator:
     batch_size: block size of the jitted calls.
   """
 
-  def __init__(self, lm: LanguageModel, tokenizer: ByteTokenizer, data: UnlearningData,
-               max_len: int, batch_size: int = 64):
-    self.lm, self.tok, self.max_len, self.batch_size = lm, tokenizer, max_len, batch_size
+  def __init__(
+    self,
+    lm: LanguageModel,
+    tokenizer: ByteTokenizer,
+    data: UnlearningData,
+    max_len: int,
+    batch_size: int = 64,
+  ):
+    self.lm, self.tok, self.max_len, self.batch_size = (
+      lm,
+      tokenizer,
+      max_len,
+      batch_size,
+    )
     self.kinds = dict(data.eval_kinds)
     self.sets = {}
     for name, examples in data.eval_sets.items():
       ks = {len(qa.perturbed_answers) for qa in examples}
       if len(ks) != 1 or 0 in ks:
-        raise ValueError(f"Evaluation set {name!r}: every question needs the same, non-zero "
-                         f"number of perturbed answers, got counts {sorted(ks)}.")
+        raise ValueError(
+          f"Evaluation set {name!r}: every question needs the same, non-zero "
+          f"number of perturbed answers, got counts {sorted(ks)}."
+        )
       k = ks.pop()
       qs = [qa.question for qa in examples]
       prompts, num_pad = encode_prompts(tokenizer, qs, max_len)
       self.sets[name] = dict(
-          k=k,
-          answer=encode_qa(tokenizer, qs, [qa.answer for qa in examples], max_len),
-          paraphrase=encode_qa(tokenizer, qs, [qa.paraphrase for qa in examples], max_len),
-          perturbed=encode_qa(tokenizer, [q for q in qs for _ in range(k)],
-                              [p for qa in examples for p in qa.perturbed_answers], max_len),
-          prompts=prompts, num_pad=num_pad,
-          references=[visible_answer(tokenizer, qa.question, qa.answer, max_len)
-                      for qa in examples])
+        k=k,
+        answer=encode_qa(
+          tokenizer, qs, [qa.answer for qa in examples], max_len
+        ),
+        paraphrase=encode_qa(
+          tokenizer, qs, [qa.paraphrase for qa in examples], max_len
+        ),
+        perturbed=encode_qa(
+          tokenizer,
+          [q for q in qs for _ in range(k)],
+          [p for qa in examples for p in qa.perturbed_answers],
+          max_len,
+        ),
+        prompts=prompts,
+        num_pad=num_pad,
+        references=[
+          visible_answer(tokenizer, qa.question, qa.answer, max_len)
+          for qa in examples
+        ],
+      )
 
     def avg_nll(params, inputs, targets, mask):
       logits = lm.apply(params, inputs)
-      return sequence_nll(logits, targets, mask) / jnp.maximum(mask.sum(-1), 1.0)
+      return sequence_nll(logits, targets, mask) / jnp.maximum(
+        mask.sum(-1), 1.0
+      )
 
     self._avg_nll = jax.jit(avg_nll)
     self.max_new_tokens = max_len - max_len // 2
-    self._generate = jax.jit(lambda params, prompts, num_pad: lm.generate(
-        params, prompts, num_pad, self.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id))
+    self._generate = jax.jit(
+      lambda params, prompts, num_pad: lm.generate(
+        params,
+        prompts,
+        num_pad,
+        self.max_new_tokens,
+        tokenizer.eos_id,
+        tokenizer.pad_id,
+      )
+    )
 
   def _scores(self, params, enc) -> np.ndarray:
     n = enc.inputs.shape[0]
     arrays = [_pad_rows(a, self.batch_size) for a in enc]
-    out = [np.asarray(self._avg_nll(params, *(a[s:s + self.batch_size] for a in arrays)))
-           for s in range(0, arrays[0].shape[0], self.batch_size)]
+    out = [
+      np.asarray(
+        self._avg_nll(params, *(a[s : s + self.batch_size] for a in arrays))
+      )
+      for s in range(0, arrays[0].shape[0], self.batch_size)
+    ]
     return np.concatenate(out)[:n]
 
   def generate(self, params, name: str) -> list[str]:
@@ -229,12 +294,21 @@ class Evaluator:
     n = s["prompts"].shape[0]
     prompts = _pad_rows(s["prompts"], self.batch_size)
     num_pad = _pad_rows(s["num_pad"], self.batch_size)
-    out = [np.asarray(self._generate(params, prompts[i:i + self.batch_size],
-                                     num_pad[i:i + self.batch_size]))
-           for i in range(0, prompts.shape[0], self.batch_size)]
+    out = [
+      np.asarray(
+        self._generate(
+          params,
+          prompts[i : i + self.batch_size],
+          num_pad[i : i + self.batch_size],
+        )
+      )
+      for i in range(0, prompts.shape[0], self.batch_size)
+    ]
     return self.tok.decode_batch(np.concatenate(out)[:n])
 
-  def evaluate_set(self, params, name: str, generate: bool = True) -> dict[str, Any]:
+  def evaluate_set(
+    self, params, name: str, generate: bool = True
+  ) -> dict[str, Any]:
     """Metrics of one set: ``prob``, ``rouge_l`` (if ``generate``), ``truth_ratio`` and
     the per-question ``ratios`` (for Forget Quality)."""
     s = self.sets[name]
@@ -244,19 +318,25 @@ class Evaluator:
     pert = self._scores(params, s["perturbed"]).reshape(-1, s["k"])
     ratios = truth_ratio(para, pert)
     out = {
-        "prob": (relative_answer_probability(answer, pert) if self.kinds[name] == "heldout"
-                 else answer_probability(answer)),
-        "truth_ratio": truth_ratio_score(ratios, forget),
-        "ratios": ratios,
+      "prob": (
+        relative_answer_probability(answer, pert)
+        if self.kinds[name] == "heldout"
+        else answer_probability(answer)
+      ),
+      "truth_ratio": truth_ratio_score(ratios, forget),
+      "ratios": ratios,
     }
     if generate:
       gens = self.generate(params, name)
-      out["rouge_l"] = float(np.mean([rouge_l_recall(g, r)
-                                      for g, r in zip(gens, s["references"])]))
+      out["rouge_l"] = float(
+        np.mean([rouge_l_recall(g, r) for g, r in zip(gens, s["references"])])
+      )
       out["samples"] = list(zip(s["references"][:3], gens[:3]))
     return out
 
-  def evaluate(self, params, reference_ratios: Optional[np.ndarray] = None) -> dict[str, Any]:
+  def evaluate(
+    self, params, reference_ratios: Optional[np.ndarray] = None
+  ) -> dict[str, Any]:
     """All sets plus the aggregates.
 
     Args:
@@ -271,12 +351,14 @@ class Evaluator:
     sets = {name: self.evaluate_set(params, name) for name in self.sets}
     forget_name = next(n for n, k in self.kinds.items() if k == "forget")
     result = {
-        "sets": sets,
-        "model_utility": model_utility(sets, self.kinds),
-        "forget_efficacy": forget_efficacy(sets[forget_name]),
-        "forget_quality": None,
-        "forget_ratios": sets[forget_name]["ratios"],
+      "sets": sets,
+      "model_utility": model_utility(sets, self.kinds),
+      "forget_efficacy": forget_efficacy(sets[forget_name]),
+      "forget_quality": None,
+      "forget_ratios": sets[forget_name]["ratios"],
     }
     if reference_ratios is not None:
-      result["forget_quality"] = forget_quality(sets[forget_name]["ratios"], reference_ratios)
+      result["forget_quality"] = forget_quality(
+        sets[forget_name]["ratios"], reference_ratios
+      )
     return result

@@ -58,10 +58,13 @@ class TransformerConfig:
     for name in ("vocab_size", "max_len", "d_model", "num_layers", "num_heads"):
       value = getattr(self, name)
       if not isinstance(value, int) or value <= 0:
-        raise ValueError(f"TransformerConfig.{name} must be a positive int, got {value!r}.")
+        raise ValueError(
+          f"TransformerConfig.{name} must be a positive int, got {value!r}."
+        )
     if self.d_model % self.num_heads:
       raise ValueError(
-          f"TransformerConfig.num_heads={self.num_heads} must divide d_model={self.d_model}.")
+        f"TransformerConfig.num_heads={self.num_heads} must divide d_model={self.d_model}."
+      )
 
   @property
   def hidden(self) -> int:
@@ -91,25 +94,25 @@ class Block(nnx.Module):
     self.fc2 = nnx.Linear(cfg.hidden, d, rngs=rngs)
 
   def __call__(self, x, key_valid=None, cache=None, index=None):
-    b, l, d = x.shape
+    b, n, d = x.shape
     h = self.num_heads
     q, k, v = jnp.split(self.qkv(self.ln1(x)), 3, axis=-1)
-    q, k, v = (t.reshape(b, l, h, d // h) for t in (q, k, v))
+    q, k, v = (t.reshape(b, n, h, d // h) for t in (q, k, v))
     if cache is None:
-      query_slot = jnp.arange(l)
-      key_slot = jnp.arange(l)
+      query_slot = jnp.arange(n)
+      key_slot = jnp.arange(n)
       new_cache = None
     else:
-      # Write this call's keys/values at slots [index, index + l) of the cache.
+      # Write this call's keys/values at slots [index, index + n) of the cache.
       k = jax.lax.dynamic_update_slice(cache[0], k, (0, index, 0, 0))
       v = jax.lax.dynamic_update_slice(cache[1], v, (0, index, 0, 0))
       new_cache = (k, v)
-      query_slot = index + jnp.arange(l)
+      query_slot = index + jnp.arange(n)
       key_slot = jnp.arange(k.shape[1])
     mask = (key_slot[None, :] <= query_slot[:, None])[None]  # causal, [1, L, S]
     if key_valid is not None:
       mask = mask & key_valid[:, None, :]
-    att = _attention(q, k, v, mask).reshape(b, l, d)
+    att = _attention(q, k, v, mask).reshape(b, n, d)
     x = x + self.proj(att)
     x = x + self.fc2(jax.nn.gelu(self.fc1(self.ln2(x))))
     return x, new_cache
@@ -136,9 +139,13 @@ class Transformer(nnx.Module):
     for i in range(cfg.num_layers):
       setattr(self, f"block{i}", Block(cfg, rngs=rngs))
     self.ln_f = nnx.LayerNorm(cfg.d_model, rngs=rngs)
-    self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, rngs=rngs)
+    self.head = nnx.Linear(
+      cfg.d_model, cfg.vocab_size, use_bias=False, rngs=rngs
+    )
 
-  def __call__(self, tokens, positions=None, key_valid=None, cache=None, index=None):
+  def __call__(
+    self, tokens, positions=None, key_valid=None, cache=None, index=None
+  ):
     """Logits ``[B, L, V]`` (and the updated cache when ``cache`` is given).
 
     Args:
@@ -155,7 +162,9 @@ class Transformer(nnx.Module):
     new_cache = []
     for i in range(self.cfg.num_layers):
       block = getattr(self, f"block{i}")
-      x, layer_cache = block(x, key_valid, None if cache is None else cache[i], index)
+      x, layer_cache = block(
+        x, key_valid, None if cache is None else cache[i], index
+      )
       new_cache.append(layer_cache)
     logits = self.head(self.ln_f(x))
     return logits if cache is None else (logits, tuple(new_cache))
@@ -195,10 +204,20 @@ class LanguageModel:
   def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> Cache:
     cfg = self.config
     shape = (batch, length, cfg.num_heads, cfg.d_model // cfg.num_heads)
-    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
+    return tuple(
+      (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+      for _ in range(cfg.num_layers)
+    )
 
-  def generate(self, params: Params, prompts: jax.Array, num_pad: jax.Array,
-               max_new_tokens: int, eos_id: int, pad_id: int = 0) -> jax.Array:
+  def generate(
+    self,
+    params: Params,
+    prompts: jax.Array,
+    num_pad: jax.Array,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int = 0,
+  ) -> jax.Array:
     """Greedy decoding with a key/value cache.
 
     Args:

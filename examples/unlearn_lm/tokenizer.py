@@ -42,7 +42,9 @@ class ByteTokenizer:
   def vocab_size(self) -> int:
     return 256 + self.offset
 
-  def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+  def encode(
+    self, text: str, *, add_bos: bool = False, add_eos: bool = False
+  ) -> list[int]:
     """Encodes ``text`` as its UTF-8 bytes shifted by :attr:`offset`.
 
     Args:
@@ -69,7 +71,9 @@ class ByteTokenizer:
     generated sequence) decodes with U+FFFD replacement characters instead of failing.
     """
     out = bytearray()
-    for i in np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids).reshape(-1):
+    for i in np.asarray(
+      list(ids) if not isinstance(ids, np.ndarray) else ids
+    ).reshape(-1):
       i = int(i)
       if i == self.eos_id:
         break
@@ -77,6 +81,8 @@ class ByteTokenizer:
         out.append(i - self.offset)
     return out.decode("utf-8", errors="replace")
 
-  def decode_batch(self, ids: Sequence[Sequence[int]] | np.ndarray) -> list[str]:
+  def decode_batch(
+    self, ids: Sequence[Sequence[int]] | np.ndarray
+  ) -> list[str]:
     """:meth:`decode` on every row."""
     return [self.decode(row) for row in ids]

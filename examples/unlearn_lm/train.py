@@ -26,29 +26,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dualoptax.schedules import alternating_index, switch_objective
 from dualoptax.unlearning import losses
-
 from unlearn_lm.data import EncodedQA
 from unlearn_lm.model import LanguageModel
 
 __all__ = [
-    "TrainState",
-    "FORGET_LOSSES",
-    "parse_mesh",
-    "make_mesh",
-    "array_spec",
-    "tree_shardings",
-    "place",
-    "make_finetune_chunk",
-    "alternating_step",
-    "make_unlearn_chunk",
-    "reference_sequence_nll",
-    "save_pytree",
-    "restore_pytree",
-    "RunCheckpointer",
+  "TrainState",
+  "FORGET_LOSSES",
+  "parse_mesh",
+  "make_mesh",
+  "array_spec",
+  "tree_shardings",
+  "place",
+  "make_finetune_chunk",
+  "alternating_step",
+  "make_unlearn_chunk",
+  "reference_sequence_nll",
+  "save_pytree",
+  "restore_pytree",
+  "RunCheckpointer",
 ]
 
 FORGET_LOSSES = ("npo", "ga", "me")
@@ -77,12 +77,16 @@ def parse_mesh(spec: str) -> dict[str, int]:
   """Parses ``"data=2,fsdp=4"`` into ``{"data": 2, "fsdp": 4}`` (missing axes get size 1)."""
   axes = {"data": 1, "fsdp": 1}
   if not isinstance(spec, str) or not spec.strip():
-    raise ValueError(f"mesh spec must be a string like 'data=2,fsdp=4', got {spec!r}.")
+    raise ValueError(
+      f"mesh spec must be a string like 'data=2,fsdp=4', got {spec!r}."
+    )
   for part in spec.split(","):
     name, sep, size = part.strip().partition("=")
     if not sep or name not in axes or not size.isdigit() or int(size) < 1:
-      raise ValueError(f"Bad mesh spec {spec!r}: expected comma-separated 'data=N' and/or "
-                       f"'fsdp=M' with positive ints.")
+      raise ValueError(
+        f"Bad mesh spec {spec!r}: expected comma-separated 'data=N' and/or "
+        f"'fsdp=M' with positive ints."
+      )
     axes[name] = int(size)
   return axes
 
@@ -92,14 +96,18 @@ def make_mesh(axes: Mapping[str, int], devices: Optional[list] = None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   n = axes["data"] * axes["fsdp"]
   if n > len(devices):
-    raise ValueError(f"The mesh {dict(axes)} needs {n} devices, but only {len(devices)} exist "
-                     f"(on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={n} "
-                     f"before JAX starts).")
+    raise ValueError(
+      f"The mesh {dict(axes)} needs {n} devices, but only {len(devices)} exist "
+      f"(on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={n} "
+      f"before JAX starts)."
+    )
   grid = np.asarray(devices[:n]).reshape(axes["data"], axes["fsdp"])
   return Mesh(grid, ("data", "fsdp"))
 
 
-def array_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int = 1024) -> P:
+def array_spec(
+  shape: tuple[int, ...], fsdp_size: int, min_size: int = 1024
+) -> P:
   """Partition spec of one state array under FSDP.
 
   The first dimension other than the last one that ``fsdp_size`` divides goes to the
@@ -107,7 +115,11 @@ def array_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int = 1024) -> 
   stay replicated. The last dimension is never split, so 8-bit states (blocks laid along
   the last axis) keep the same block layout as on one device and need no collectives.
   """
-  if fsdp_size <= 1 or len(shape) < 2 or int(np.prod(shape, dtype=np.int64)) < min_size:
+  if (
+    fsdp_size <= 1
+    or len(shape) < 2
+    or int(np.prod(shape, dtype=np.int64)) < min_size
+  ):
     return P()
   for i in range(len(shape) - 1):
     if shape[i] % fsdp_size == 0:
@@ -145,23 +157,33 @@ def _constrain_batch(batch: Any, mesh: Optional[Mesh]) -> Any:
   if mesh is None:
     return batch
   spec = NamedSharding(mesh, P(("data", "fsdp")))
-  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spec), batch)
+  return jax.tree.map(
+    lambda x: jax.lax.with_sharding_constraint(x, spec), batch
+  )
 
 
-def _jit_chunk(fn: Callable, state: TrainState, mesh: Optional[Mesh]) -> Callable:
+def _jit_chunk(
+  fn: Callable, state: TrainState, mesh: Optional[Mesh]
+) -> Callable:
   if mesh is None:
     return jax.jit(fn, donate_argnums=0)
   shardings = tree_shardings(state, mesh)
   replicated = NamedSharding(mesh, P())
-  return jax.jit(fn, in_shardings=(shardings, replicated), out_shardings=(shardings, replicated),
-                 donate_argnums=0)
+  return jax.jit(
+    fn,
+    in_shardings=(shardings, replicated),
+    out_shardings=(shardings, replicated),
+    donate_argnums=0,
+  )
 
 
 def _check_batch(batch_size: int, mesh: Optional[Mesh]) -> None:
   if not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
   if mesh is not None and batch_size % mesh.size:
-    raise ValueError(f"batch_size={batch_size} must be divisible by the mesh size {mesh.size}.")
+    raise ValueError(
+      f"batch_size={batch_size} must be divisible by the mesh size {mesh.size}."
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -173,9 +195,15 @@ def _gather(enc: EncodedQA, idx: jax.Array) -> EncodedQA:
   return EncodedQA(*(x[idx] for x in enc))
 
 
-def make_finetune_chunk(lm: LanguageModel, tx: optax.GradientTransformation, *,
-                        batch_size: int, seed: int, chunk_steps: int,
-                        mesh: Optional[Mesh] = None) -> Callable:
+def make_finetune_chunk(
+  lm: LanguageModel,
+  tx: optax.GradientTransformation,
+  *,
+  batch_size: int,
+  seed: int,
+  chunk_steps: int,
+  mesh: Optional[Mesh] = None,
+) -> Callable:
   r"""``chunk(state, data) -> (state, losses)``: ``chunk_steps`` steps of mean answer NLL.
 
   ``data`` is an :class:`EncodedQA`; step ``s`` draws ``batch_size`` rows uniformly with
@@ -189,10 +217,14 @@ def make_finetune_chunk(lm: LanguageModel, tx: optax.GradientTransformation, *,
     n = data.inputs.shape[0]
 
     def step(state, _):
-      idx = jax.random.randint(jax.random.fold_in(base, state.step), (batch_size,), 0, n)
+      idx = jax.random.randint(
+        jax.random.fold_in(base, state.step), (batch_size,), 0, n
+      )
       b = _constrain_batch(_gather(data, idx), mesh)
       loss, grads = jax.value_and_grad(
-          lambda p: losses.mean_token_nll(lm.apply(p, b.inputs), b.targets, b.mask)
+        lambda p: losses.mean_token_nll(
+          lm.apply(p, b.inputs), b.targets, b.mask
+        )
       )(state.params)
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
@@ -210,12 +242,18 @@ def make_finetune_chunk(lm: LanguageModel, tx: optax.GradientTransformation, *,
   return run
 
 
-def alternating_step(params: Any, opt_state: Any, step: jax.Array,
-                     tx: optax.GradientTransformation,
-                     loss_fn: Callable[[str, Any], jax.Array],
-                     objectives: tuple[str, str], *, forget_freq: int,
-                     retain_freq: int, multi_objective: bool
-                     ) -> tuple[Any, Any, jax.Array, jax.Array]:
+def alternating_step(
+  params: Any,
+  opt_state: Any,
+  step: jax.Array,
+  tx: optax.GradientTransformation,
+  loss_fn: Callable[[str, Any], jax.Array],
+  objectives: tuple[str, str],
+  *,
+  forget_freq: int,
+  retain_freq: int,
+  multi_objective: bool,
+) -> tuple[Any, Any, jax.Array, jax.Array]:
   """One step of the alternating schedule at global step ``step`` (traced).
 
   Only the active objective's ``loss_fn(name, params)`` and gradient are
@@ -229,8 +267,9 @@ def alternating_step(params: Any, opt_state: Any, step: jax.Array,
 
   def run(name):
     loss, grads = jax.value_and_grad(lambda p: loss_fn(name, p))(params)
-    updates, new_state = tx.update({name: grads} if multi_objective else grads,
-                                   opt_state, params)
+    updates, new_state = tx.update(
+      {name: grads} if multi_objective else grads, opt_state, params
+    )
     return optax.apply_updates(params, updates), new_state, loss
 
   index = alternating_index(step, forget_freq, retain_freq)
@@ -238,11 +277,21 @@ def alternating_step(params: Any, opt_state: Any, step: jax.Array,
   return new_params, new_state, loss, index
 
 
-def make_unlearn_chunk(lm: LanguageModel, tx: optax.GradientTransformation, *,
-                       multi_objective: bool, forget_loss: str = "npo", batch_size: int,
-                       seed: int, chunk_steps: int, forget_freq: int = 1, retain_freq: int = 5,
-                       npo_beta: float = 0.1, objectives: tuple[str, str] = ("forget", "retain"),
-                       mesh: Optional[Mesh] = None) -> Callable:
+def make_unlearn_chunk(
+  lm: LanguageModel,
+  tx: optax.GradientTransformation,
+  *,
+  multi_objective: bool,
+  forget_loss: str = "npo",
+  batch_size: int,
+  seed: int,
+  chunk_steps: int,
+  forget_freq: int = 1,
+  retain_freq: int = 5,
+  npo_beta: float = 0.1,
+  objectives: tuple[str, str] = ("forget", "retain"),
+  mesh: Optional[Mesh] = None,
+) -> Callable:
   r"""``chunk(state, data) -> (state, (losses, index))``: alternating unlearning steps.
 
   ``data`` is ``{"forget": EncodedQA, "retain": EncodedQA, "ref_nll": [N_forget]}``
@@ -265,7 +314,9 @@ def make_unlearn_chunk(lm: LanguageModel, tx: optax.GradientTransformation, *,
     mesh: optional ``(data, fsdp)`` mesh.
   """
   if forget_loss not in FORGET_LOSSES:
-    raise ValueError(f"forget_loss must be one of {FORGET_LOSSES}, got {forget_loss!r}.")
+    raise ValueError(
+      f"forget_loss must be one of {FORGET_LOSSES}, got {forget_loss!r}."
+    )
   _check_batch(batch_size, mesh)
   alternating_index(0, forget_freq, retain_freq)  # validates the schedule early
   base = jax.random.key(seed)
@@ -278,7 +329,9 @@ def make_unlearn_chunk(lm: LanguageModel, tx: optax.GradientTransformation, *,
       b = _constrain_batch(_gather(data["forget"], idx), mesh)
       logits = lm.apply(params, b.inputs)
       if forget_loss == "npo":
-        return losses.npo_loss(logits, b.targets, b.mask, data["ref_nll"][idx], beta=npo_beta)
+        return losses.npo_loss(
+          logits, b.targets, b.mask, data["ref_nll"][idx], beta=npo_beta
+        )
       if forget_loss == "ga":
         return losses.ga_loss(logits, b.targets, b.mask)
       return losses.me_loss(logits, b.mask)
@@ -291,10 +344,16 @@ def make_unlearn_chunk(lm: LanguageModel, tx: optax.GradientTransformation, *,
     def step(state, _):
       key = jax.random.fold_in(base, state.step)
       params, opt_state, loss, index = alternating_step(
-          state.params, state.opt_state, state.step, tx,
-          lambda name, p: objective_loss(name, p, data, key), objectives,
-          forget_freq=forget_freq, retain_freq=retain_freq,
-          multi_objective=multi_objective)
+        state.params,
+        state.opt_state,
+        state.step,
+        tx,
+        lambda name, p: objective_loss(name, p, data, key),
+        objectives,
+        forget_freq=forget_freq,
+        retain_freq=retain_freq,
+        multi_objective=multi_objective,
+      )
       return TrainState(state.step + 1, params, opt_state), (loss, index)
 
     return jax.lax.scan(step, state, None, length=chunk_steps)
@@ -309,10 +368,14 @@ def make_unlearn_chunk(lm: LanguageModel, tx: optax.GradientTransformation, *,
   return run
 
 
-def reference_sequence_nll(lm: LanguageModel, params: Any, enc: EncodedQA) -> jax.Array:
+def reference_sequence_nll(
+  lm: LanguageModel, params: Any, enc: EncodedQA
+) -> jax.Array:
   """Summed answer NLL of every row of ``enc`` under ``params`` (NPO's frozen reference)."""
   logits = jax.jit(lm.apply)(params, jnp.asarray(enc.inputs))
-  return losses.sequence_nll(logits, jnp.asarray(enc.targets), jnp.asarray(enc.mask))
+  return losses.sequence_nll(
+    logits, jnp.asarray(enc.targets), jnp.asarray(enc.mask)
+  )
 
 
 # ---------------------------------------------------------------------------------------
@@ -322,12 +385,14 @@ def reference_sequence_nll(lm: LanguageModel, params: Any, enc: EncodedQA) -> ja
 
 def _abstract(tree: Any) -> Any:
   import orbax.checkpoint as ocp
+
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
 def save_pytree(directory: str, tree: Any) -> None:
   """Saves ``tree`` with Orbax (written to a temporary name, then renamed: atomic)."""
   import orbax.checkpoint as ocp
+
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.abspath(directory), tree)
 
@@ -336,6 +401,7 @@ def restore_pytree(directory: str, like: Any) -> Any:
   """Restores a tree saved by :func:`save_pytree` into the structure, dtypes and
   shardings of ``like`` (concrete or abstract; NamedTuples come back as NamedTuples)."""
   import orbax.checkpoint as ocp
+
   with ocp.StandardCheckpointer() as ckptr:
     return ckptr.restore(os.path.abspath(directory), _abstract(like))
 
@@ -352,24 +418,37 @@ class RunCheckpointer:
 
   def __init__(self, directory: str, max_to_keep: int = 2):
     import orbax.checkpoint as ocp
+
     self._ocp = ocp
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+      os.path.abspath(directory),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True
+      ),
+    )
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
   def save(self, step: int, state: TrainState, history: Any) -> None:
     ocp = self._ocp
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)))
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)
+      ),
+    )
     self.manager.wait_until_finished()
 
   def restore(self, step: int, like: TrainState) -> tuple[TrainState, Any]:
     ocp = self._ocp
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract(like)), history=ocp.args.JsonRestore()))
+    out = self.manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_abstract(like)),
+        history=ocp.args.JsonRestore(),
+      ),
+    )
     return out["state"], out["history"]
 
   def close(self) -> None:

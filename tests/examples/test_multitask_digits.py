@@ -14,14 +14,16 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 # The examples folder is importable as packages (also done by conftest.py).
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "examples")
+EXAMPLES = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+  "examples",
+)
 if EXAMPLES not in sys.path:
   sys.path.insert(0, EXAMPLES)
 
-from multitask_digits import data as D
-from multitask_digits import main as mtl_main
-from multitask_digits import report, train
+from multitask_digits import data as D  # noqa: E402
+from multitask_digits import main as mtl_main  # noqa: E402
+from multitask_digits import report, train  # noqa: E402
 
 # One method per code path of train.py (summed loss, one task per step, every
 # task's gradient per call); each costs a compile, the budget is < 60 s.
@@ -31,9 +33,21 @@ TOY_METHODS = ("adam_sum", "dual_optim_plus_alt", "pcgrad")
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("multitask_digits")
-  result = mtl_main.main([
-      "--quick", "--seeds", "2", "--steps", "40", "--lrs", "0.003,0.01",
-      "--methods", ",".join(TOY_METHODS), "--out", str(out)])
+  result = mtl_main.main(
+    [
+      "--quick",
+      "--seeds",
+      "2",
+      "--steps",
+      "40",
+      "--lrs",
+      "0.003,0.01",
+      "--methods",
+      ",".join(TOY_METHODS),
+      "--out",
+      str(out),
+    ]
+  )
   return out, result
 
 
@@ -64,12 +78,20 @@ def test_outputs_exist_and_are_sane(toy_run):
   single = np.array(rows["single"]["per_seed"]["test_acc"])
   for r in rows.values():
     acc = np.array(r["per_seed"]["test_acc"])
-    np.testing.assert_allclose(report.delta_m(acc, single),
-                               r["per_seed"]["delta_m"], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(
+      report.delta_m(acc, single),
+      r["per_seed"]["delta_m"],
+      rtol=1e-9,
+      atol=1e-9,
+    )
   assert rows["adam_sum"]["vs_baseline"] is None
   vs = rows["pcgrad"]["vs_baseline"]
-  want = np.mean(np.subtract(rows["pcgrad"]["per_seed"]["delta_m"],
-                             rows["adam_sum"]["per_seed"]["delta_m"]))
+  want = np.mean(
+    np.subtract(
+      rows["pcgrad"]["per_seed"]["delta_m"],
+      rows["adam_sum"]["per_seed"]["delta_m"],
+    )
+  )
   assert vs["mean"] == pytest.approx(want)
 
 
@@ -78,16 +100,19 @@ def test_data_splits():
   for split, n in zip(splits, (300, 100, 200)):
     assert split.x.shape == (n, 8, 16) and split.x.dtype == np.float32
     assert 0.0 <= split.x.min() and split.x.max() <= 1.0
-    np.testing.assert_array_equal(split.y["sum"],
-                                  split.y["left"] + split.y["right"])
+    np.testing.assert_array_equal(
+      split.y["sum"], split.y["left"] + split.y["right"]
+    )
     assert split.y["left"].max() <= 9 and split.y["sum"].max() <= 18
   again = D.load(300, 100, 200)
   np.testing.assert_array_equal(splits.test.x, again.test.x)  # fixed
   # Pools are disjoint: no test half-image is an exact training half-image.
-  train_halves = {h.tobytes() for x in splits.train.x
-                  for h in (x[:, :8], x[:, 8:])}
-  test_halves = [h.tobytes() for x in splits.test.x
-                 for h in (x[:, :8], x[:, 8:])]
+  train_halves = {
+    h.tobytes() for x in splits.train.x for h in (x[:, :8], x[:, 8:])
+  }
+  test_halves = [
+    h.tobytes() for x in splits.test.x for h in (x[:, :8], x[:, 8:])
+  ]
   assert np.mean([h in train_halves for h in test_halves]) < 0.05
 
 
@@ -104,8 +129,12 @@ def test_delta_m_and_paired_interval():
 def test_single_task_run_leaves_other_heads_untouched():
   splits = D.load(200, 50, 50)
   run = train.make_run("single", 5, 16, (8,))
-  params = run(jnp.array([1e-2]), jax.vmap(jax.random.key)(jnp.arange(1)),
-               jnp.asarray(splits.train.x), splits.train.y)
+  params = run(
+    jnp.array([1e-2]),
+    jax.vmap(jax.random.key)(jnp.arange(1)),
+    jnp.asarray(splits.train.x),
+    splits.train.y,
+  )
   heads = params["heads"]  # leaves [K, L, S, ...]: model k trained task k
   for k, task in enumerate(D.TASKS):
     for other in D.TASKS:

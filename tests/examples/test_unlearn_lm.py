@@ -21,14 +21,17 @@ import pytest
 for _name in ("flax", "orbax.checkpoint", "scipy", "rouge_score", "matplotlib"):
   pytest.importorskip(_name)
 
-import dualoptax  # noqa: E402
 from unlearn_lm import main as script  # noqa: E402
 from unlearn_lm import train  # noqa: E402
 from unlearn_lm.data import encode_qa, generate_people  # noqa: E402
 from unlearn_lm.model import LanguageModel, TransformerConfig  # noqa: E402
 from unlearn_lm.tokenizer import ByteTokenizer  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import dualoptax  # noqa: E402
+
+ROOT = os.path.dirname(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
 EXAMPLES = os.path.join(ROOT, "examples")
 TOK = ByteTokenizer()
 L = 64
@@ -36,23 +39,41 @@ L = 64
 
 def _setup(dtype=jnp.float32):
   data = generate_people(4, num_general=2)
-  lm = LanguageModel(TransformerConfig(max_len=L, d_model=32, num_heads=2, num_layers=1))
-  enc = lambda qas: encode_qa(TOK, [q.question for q in qas], [q.answer for q in qas], L)
+  lm = LanguageModel(
+    TransformerConfig(max_len=L, d_model=32, num_heads=2, num_layers=1)
+  )
+  enc = lambda qas: encode_qa(
+    TOK, [q.question for q in qas], [q.answer for q in qas], L
+  )
   fenc, renc = enc(data.forget), enc(data.retain)
   params = jax.tree.map(lambda x: x.astype(dtype), lm.init(0))
-  udata = {"forget": jax.tree.map(jnp.asarray, fenc), "retain": jax.tree.map(jnp.asarray, renc)}
-  udata = jax.tree.map(lambda x: x.astype(dtype) if x.dtype == np.float32 else x, udata)
-  udata["ref_nll"] = train.reference_sequence_nll(lm, params, fenc).astype(dtype)
+  udata = {
+    "forget": jax.tree.map(jnp.asarray, fenc),
+    "retain": jax.tree.map(jnp.asarray, renc),
+  }
+  udata = jax.tree.map(
+    lambda x: x.astype(dtype) if x.dtype == np.float32 else x, udata
+  )
+  udata["ref_nll"] = train.reference_sequence_nll(lm, params, fenc).astype(
+    dtype
+  )
   return lm, params, udata
 
 
 def _run_on_8_devices(check: str, x64: bool = False) -> None:
   """Runs this module's function ``check`` in a fresh 8-device CPU process."""
-  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                 os.environ.get("XLA_FLAGS", ""))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_ENABLE_X64="1" if x64 else "0",
-             XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=8".strip(),
-             PYTHONPATH=os.pathsep.join([ROOT, EXAMPLES]))
+  flags = re.sub(
+    r"--xla_force_host_platform_device_count=\d+",
+    "",
+    os.environ.get("XLA_FLAGS", ""),
+  )
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    JAX_ENABLE_X64="1" if x64 else "0",
+    XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=8".strip(),
+    PYTHONPATH=os.pathsep.join([ROOT, EXAMPLES]),
+  )
   code = textwrap.dedent(f"""
       import importlib.util
       spec = importlib.util.spec_from_file_location("lm_sharding_checks", {__file__!r})
@@ -60,9 +81,16 @@ def _run_on_8_devices(check: str, x64: bool = False) -> None:
       spec.loader.exec_module(module)
       module.{check}()
   """)
-  r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                     timeout=600)
-  assert r.returncode == 0, f"{check} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+  r = subprocess.run(
+    [sys.executable, "-c", code],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert r.returncode == 0, (
+    f"{check} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+  )
 
 
 def _mesh():
@@ -71,12 +99,16 @@ def _mesh():
 
 
 def _batch_sharding(mesh):
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+  return jax.sharding.NamedSharding(
+    mesh, jax.sharding.PartitionSpec(("data", "fsdp"))
+  )
 
 
 def _leaves(tree):
-  return {jax.tree_util.keystr(path): np.asarray(x)
-          for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+  return {
+    jax.tree_util.keystr(path): np.asarray(x)
+    for path, x in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 def check_sharded_gradients():
@@ -85,10 +117,15 @@ def check_sharded_gradients():
   lm, params, udata = _setup()
   mesh = _mesh()
   b = jax.tree.map(lambda x: x[:8], udata["retain"])
-  loss = lambda p, b: dualoptax.unlearning.gd_loss(lm.apply(p, b.inputs), b.targets, b.mask)
+  loss = lambda p, b: dualoptax.unlearning.gd_loss(
+    lm.apply(p, b.inputs), b.targets, b.mask
+  )
   g1 = _leaves(jax.jit(jax.grad(loss))(params, b))
-  g8 = _leaves(jax.jit(jax.grad(loss))(train.place(params, mesh),
-                                       jax.device_put(b, _batch_sharding(mesh))))
+  g8 = _leaves(
+    jax.jit(jax.grad(loss))(
+      train.place(params, mesh), jax.device_put(b, _batch_sharding(mesh))
+    )
+  )
   # Every gradient element is a sum over the batch's B*T = n token positions, added
   # in another order (other partial sums per device) when the batch is split. Any
   # order is off from the exact sum by about eps * sqrt(n) times the size of the
@@ -113,19 +150,30 @@ def check_sharded_unlearning_chunk():
   lm, params, udata = _setup(jnp.float64)
   lr = 1e-3
   tx = dualoptax.dual_optim_plus(lr, weight_decay=0.01)
-  kw = dict(multi_objective=True, forget_loss="npo", batch_size=8, seed=0, chunk_steps=6)
+  kw = dict(
+    multi_objective=True, forget_loss="npo", batch_size=8, seed=0, chunk_steps=6
+  )
   mesh = _mesh()
-  single = train.TrainState(jnp.int32(0), jax.tree.map(jnp.copy, params), tx.init(params))
-  single, (loss_1, idx_1) = train.make_unlearn_chunk(lm, tx, **kw)(single, udata)
+  single = train.TrainState(
+    jnp.int32(0), jax.tree.map(jnp.copy, params), tx.init(params)
+  )
+  single, (loss_1, idx_1) = train.make_unlearn_chunk(lm, tx, **kw)(
+    single, udata
+  )
   p = train.place(jax.tree.map(jnp.copy, params), mesh)
   sharded = train.place(train.TrainState(jnp.int32(0), p, tx.init(p)), mesh)
-  sharded, (loss_8, idx_8) = train.make_unlearn_chunk(lm, tx, mesh=mesh, **kw)(sharded, udata)
+  sharded, (loss_8, idx_8) = train.make_unlearn_chunk(lm, tx, mesh=mesh, **kw)(
+    sharded, udata
+  )
 
   qkv = sharded.params["block0"]["qkv"]["kernel"]  # [32, 96]: split over fsdp=4
   assert qkv.dtype == jnp.float64
   assert qkv.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
   assert qkv.addressable_shards[0].data.shape == (8, 96)
-  assert sharded.opt_state.base_nu["block0"]["qkv"]["kernel"].sharding.spec == qkv.sharding.spec
+  assert (
+    sharded.opt_state.base_nu["block0"]["qkv"]["kernel"].sharding.spec
+    == qkv.sharding.spec
+  )
   np.testing.assert_array_equal(idx_1, [0, 1, 1, 1, 1, 1])  # the 1:5 schedule
   np.testing.assert_array_equal(idx_1, idx_8)
   assert int(sharded.step) == int(single.step) == 6
@@ -146,7 +194,9 @@ def check_sharded_unlearning_chunk():
   for name in c:
     moved = np.max(np.abs(c[name] - p0[name]))
     assert moved > 0.1 * lr, (name, moved)  # the steps really moved every leaf
-    np.testing.assert_allclose(a[name], c[name], rtol=0, atol=1e-3 * lr, err_msg=name)
+    np.testing.assert_allclose(
+      a[name], c[name], rtol=0, atol=1e-3 * lr, err_msg=name
+    )
 
 
 def check_sharded_8bit_state_update():
@@ -154,13 +204,21 @@ def check_sharded_8bit_state_update():
   tx = dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.01, min_size=1024)
   mesh = _mesh()
   keys = jax.random.split(jax.random.key(0), 4)
-  params = {"w": jax.random.normal(keys[0], (64, 512)), "v": jax.random.normal(keys[1], (16, 256)),
-            "b": jnp.zeros((512,))}
-  grads = [jax.tree.map(lambda x, k=k: jax.random.normal(k, x.shape), params) for k in keys[2:]]
+  params = {
+    "w": jax.random.normal(keys[0], (64, 512)),
+    "v": jax.random.normal(keys[1], (16, 256)),
+    "b": jnp.zeros((512,)),
+  }
+  grads = [
+    jax.tree.map(lambda x, k=k: jax.random.normal(k, x.shape), params)
+    for k in keys[2:]
+  ]
 
   def run(params, grads):
     state = tx.init(params)
-    step = jax.jit(lambda g, s, p, name: tx.update({name: g}, s, p), static_argnums=3)
+    step = jax.jit(
+      lambda g, s, p, name: tx.update({name: g}, s, p), static_argnums=3
+    )
     for g, name in zip(grads, ("forget", "retain")):
       updates, state = step(g, state, params, name)
       params = jax.tree.map(lambda p, u: p + u, params, updates)
@@ -177,7 +235,10 @@ def check_sharded_8bit_state_update():
   for a, c in zip(jax.tree.leaves((p8, s8)), jax.tree.leaves((p1, s1))):
     a, c = np.asarray(a), np.asarray(c)
     if a.dtype == np.uint8:
-      assert np.mean(a != c) < 1e-3 and np.max(np.abs(a.astype(int) - c.astype(int))) <= 1
+      assert (
+        np.mean(a != c) < 1e-3
+        and np.max(np.abs(a.astype(int) - c.astype(int))) <= 1
+      )
     else:
       assert np.mean(~np.isclose(a, c, rtol=1e-5, atol=1e-7)) < 1e-3
       assert np.max(np.abs(a - c)) < 1e-3 * max(1.0, float(np.max(np.abs(c))))
@@ -198,9 +259,18 @@ def test_sharded_8bit_state_update_equals_single_device():
 def test_resume_from_checkpoint_is_exact(tmp_path):
   lm, params, udata = _setup()
   tx = dualoptax.dual_optim_plus(1e-3, weight_decay=0.01)
-  chunk = train.make_unlearn_chunk(lm, tx, multi_objective=True, forget_loss="ga",
-                                   batch_size=4, seed=1, chunk_steps=3)
-  fresh = lambda: train.TrainState(jnp.int32(0), jax.tree.map(jnp.copy, params), tx.init(params))
+  chunk = train.make_unlearn_chunk(
+    lm,
+    tx,
+    multi_objective=True,
+    forget_loss="ga",
+    batch_size=4,
+    seed=1,
+    chunk_steps=3,
+  )
+  fresh = lambda: train.TrainState(
+    jnp.int32(0), jax.tree.map(jnp.copy, params), tx.init(params)
+  )
   straight, _ = chunk(fresh(), udata)
   straight, _ = chunk(straight, udata)
 
@@ -213,15 +283,36 @@ def test_resume_from_checkpoint_is_exact(tmp_path):
   restored, history = ck.restore(3, fresh())
   ck.close()
   assert history == [{"step": 3}]
-  assert isinstance(restored.opt_state, dualoptax.DualOptimPlusState)  # not a dict
+  assert isinstance(
+    restored.opt_state, dualoptax.DualOptimPlusState
+  )  # not a dict
   resumed, _ = chunk(restored, udata)
   for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
     np.testing.assert_array_equal(a, b)
 
 
-TINY = ["--num-people", "4", "--d-model", "32", "--heads", "2", "--layers", "1",
-        "--finetune-steps", "20", "--unlearn-steps", "12", "--chunk-steps", "6",
-        "--eval-every", "6", "--batch-size", "8", "--max-len", "64"]
+TINY = [
+  "--num-people",
+  "4",
+  "--d-model",
+  "32",
+  "--heads",
+  "2",
+  "--layers",
+  "1",
+  "--finetune-steps",
+  "20",
+  "--unlearn-steps",
+  "12",
+  "--chunk-steps",
+  "6",
+  "--eval-every",
+  "6",
+  "--batch-size",
+  "8",
+  "--max-len",
+  "64",
+]
 
 
 def test_end_to_end_tiny_run_and_resume(tmp_path, capsys):
@@ -233,43 +324,75 @@ def test_end_to_end_tiny_run_and_resume(tmp_path, capsys):
   assert os.path.isdir(os.path.join(out, "checkpoints", "finetuned"))
   assert script.main(args + ["--resume"]) == 0
   log = capsys.readouterr().out
-  assert "reusing the Orbax checkpoint" in log and "[adam] resumed at step 6" in log
+  assert (
+    "reusing the Orbax checkpoint" in log and "[adam] resumed at step 6" in log
+  )
   with open(os.path.join(out, "results.json")) as f:
     res = json.load(f)
   assert set(res["final"]) == {"adam", "dual_optim_plus"}
   for name, hist in res["history"].items():
     assert [h["step"] for h in hist] == [0, 6, 12]
     final = res["final"][name]
-    for key in ("model_utility", "forget_efficacy", "forget_quality", "forget/prob",
-                "forget/rouge_l", "forget/truth_ratio", "general/prob"):
+    for key in (
+      "model_utility",
+      "forget_efficacy",
+      "forget_quality",
+      "forget/prob",
+      "forget/rouge_l",
+      "forget/truth_ratio",
+      "general/prob",
+    ):
       assert np.isfinite(final[key]) and 0.0 <= final[key] <= 1.0, (name, key)
   assert os.path.getsize(os.path.join(out, "metrics.png")) > 10_000
   assert "| DualOptim+" in log and "Forget Quality" in log
   assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("extra, message", [
+@pytest.mark.parametrize(
+  "extra, message",
+  [
     (["--data-dir", "{missing}"], "Data directory does not exist"),
-    (["--data-dir", "{tofu}", "--forget-split", "forget10"], r"Missing data file: .*forget10\.json"),
-    (["--data-dir", "{tofu}", "--forget-split", "forget99"], "Unknown forget split"),
+    (
+      ["--data-dir", "{tofu}", "--forget-split", "forget10"],
+      r"Missing data file: .*forget10\.json",
+    ),
+    (
+      ["--data-dir", "{tofu}", "--forget-split", "forget99"],
+      "Unknown forget split",
+    ),
     (["--data-dir", "{tofu}", "--task-id", "3"], "Empty forget set"),
     (["--data-dir", "{bad}"], r"forget01\.json, line 2: malformed JSON"),
     (["--optimizers", "sgd"], "unknown"),
-])
+  ],
+)
 def test_bad_input_fails_cleanly(tmp_path, capsys, extra, message):
   tofu = tmp_path / "tofu"
   tofu.mkdir()
   row = {"task_id": "1", "question": "q?", "answer": "a"}
-  pert = {"question": "q?", "answer": "a", "paraphrased_answer": "b", "perturbed_answer": ["c"]}
+  pert = {
+    "question": "q?",
+    "answer": "a",
+    "paraphrased_answer": "b",
+    "perturbed_answer": ["c"],
+  }
   (tofu / "forget01.json").write_text(json.dumps(row) + "\n")
-  (tofu / "forget01_perturbed.json").write_text(json.dumps({**pert, "task_id": "1"}) + "\n")
-  (tofu / "retain90.json").write_text(json.dumps({"question": "r?", "answer": "r"}) + "\n")
+  (tofu / "forget01_perturbed.json").write_text(
+    json.dumps({**pert, "task_id": "1"}) + "\n"
+  )
+  (tofu / "retain90.json").write_text(
+    json.dumps({"question": "r?", "answer": "r"}) + "\n"
+  )
   for name in ("retain", "real_authors", "world_facts"):
-    (tofu / f"{name}_perturbed.json").write_text(json.dumps({**pert, "question": "r?"}) + "\n")
+    (tofu / f"{name}_perturbed.json").write_text(
+      json.dumps({**pert, "question": "r?"}) + "\n"
+    )
   bad = tmp_path / "bad"
   bad.mkdir()
   (bad / "forget01.json").write_text(json.dumps(row) + "\n{oops\n")
-  extra = [e.format(missing=str(tmp_path / "nope"), tofu=str(tofu), bad=str(bad)) for e in extra]
+  extra = [
+    e.format(missing=str(tmp_path / "nope"), tofu=str(tofu), bad=str(bad))
+    for e in extra
+  ]
   out = tmp_path / "out"
   assert script.main(TINY + ["--out", str(out)] + extra) == 2
   err = capsys.readouterr().err
@@ -283,9 +406,23 @@ def test_runs_as_a_script_from_the_repo_root():
   # its folder importable itself (PYTHONPATH names only the library). A batch size
   # the mesh cannot split fails after every module is imported, before any output.
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, "examples/unlearn_lm/main.py", "--mesh", "data=2",
-                      "--batch-size", "3", "--out", "runs/never_written"],
-                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  r = subprocess.run(
+    [
+      sys.executable,
+      "examples/unlearn_lm/main.py",
+      "--mesh",
+      "data=2",
+      "--batch-size",
+      "3",
+      "--out",
+      "runs/never_written",
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert r.returncode == 2, r.stderr
   assert "must be divisible by the mesh size 2" in r.stderr
   assert not os.path.exists(os.path.join(ROOT, "runs", "never_written"))
