@@ -297,14 +297,6 @@ def _encode_normalized(xn: jax.Array, signed: bool) -> jax.Array:
   return (1 + m).astype(jnp.uint8)
 
 
-def _encode_normalized_searchsorted(xn: jax.Array, signed: bool) -> jax.Array:
-  """Reference encoder: ``searchsorted`` on the midpoints (exact, slower; benchmarks)."""
-  mids = jnp.asarray(_midpoints_np(signed))
-  right = jnp.searchsorted(mids, xn, side="right")
-  left = jnp.searchsorted(mids, xn, side="left")
-  return jnp.where(xn < 0, left, right).astype(jnp.uint8)
-
-
 def _padded(x: jax.Array, pad: int) -> jax.Array:
   if x.ndim == 0:
     x = x.reshape(1)
