@@ -19,7 +19,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 { nvidia-smi -L; $py -c "import jax, optax; print('jax', jax.__version__,
   'optax', optax.__version__, jax.devices())"; } 2>&1 | tee "$out/env.txt"
 timeout 120 $py benchmarks/memory.py 2>&1 | tee "$out/memory.txt"
-timeout 120 $py benchmarks/gpu_peak.py 2>&1 | tee "$out/gpu_peak.txt"
+timeout 120 $py -m benchmarks.gpu_peak 2>&1 | tee "$out/gpu_peak.txt"
 timeout 60 $py -m pytest -q -p no:cacheprovider tests/test_quantization.py \
   tests/test_parity.py tests/test_chunked.py 2>&1 | tail -20 \
   | tee "$out/pytest_gpu.txt"

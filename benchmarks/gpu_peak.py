@@ -7,7 +7,7 @@ init, and after one jitted, state-donated step), then the median step time of
 ``--reps`` interleaved steps in one process. Meant for a GPU/TPU
 (``benchmarks/gpu.sh``); a CPU reports no memory stats (printed as nan).
 
-    python benchmarks/gpu_peak.py [--reps 20]
+    python -m benchmarks.gpu_peak [--reps 20] [--tree gpt2|small]
 """
 
 from __future__ import annotations
@@ -30,9 +30,15 @@ def _peak() -> float:
   return stats.get("peak_bytes_in_use", float("nan"))
 
 
-def _make(name):
+def _shapes(tree: str) -> dict:
+  if tree == "gpt2":
+    return memory.gpt2_small_shapes()
+  return memory.many_leaves_shapes(8)  # a smoke test of the script itself
+
+
+def _make(name, tree):
   tx, wrap = memory.cases()[name]
-  shapes = memory.gpt2_small_shapes()
+  shapes = _shapes(tree)
   params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
 
@@ -43,8 +49,8 @@ def _make(name):
   return jax.jit(step, donate_argnums=(0, 1)), params, tx.init(params), grads
 
 
-def _one_peak(name) -> None:
-  f, params, state, grads = _make(name)
+def _one_peak(name, tree) -> None:
+  f, params, state, grads = _make(name, tree)
   jax.block_until_ready(state)
   before = _peak()
   params, state = f(params, state, grads)
@@ -55,11 +61,12 @@ def _one_peak(name) -> None:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--reps", type=int, default=20)
+  parser.add_argument("--tree", choices=("gpt2", "small"), default="gpt2")
   parser.add_argument("--peak-of", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.peak_of:
-    return _one_peak(args.peak_of)
-  n = sum(x.size for x in jax.tree.leaves(memory.gpt2_small_shapes()))
+    return _one_peak(args.peak_of, args.tree)
+  n = sum(x.size for x in jax.tree.leaves(_shapes(args.tree)))
   print(
     f"jax {jax.__version__}, {jax.devices()[0].device_kind}, "
     f"{n / 1e6:.1f}M params"
@@ -74,7 +81,7 @@ def main() -> None:
     ).stdout.split()
     peaks[name] = (float(out[-2]), float(out[-1]))
   for name in memory.cases():
-    f, params, state, grads = _make(name)
+    f, params, state, grads = _make(name, args.tree)
     params, state = f(params, state, grads)
     runs[name] = [f, params, state, grads, []]
   for _ in range(args.reps):
