@@ -5,17 +5,19 @@ update) and inputs some of which are :class:`~dualoptax.QuantizedArray`. It
 traces the function once to a jaxpr and reads from it which outputs depend on
 which inputs. Inputs and outputs that depend on each other form a *group*
 (typically: one parameter's gradients, state and update). A group whose
-equations are all element-wise on arrays of one shape is run on its own, in
-sequence after the previous group, and a large one chunk by chunk in a
+equations are all element-wise on arrays of one shape runs chunk by chunk in a
 ``lax.fori_loop``: each iteration decodes a slice of rows of every 8-bit input,
 evaluates the group's equations on it, re-encodes the new moments and writes
-codes, absmax and update back in place. At most one chunk of decoded float32
-moments exists at any moment of the step, on every backend, by construction.
+codes, absmax and update back in place. Groups with the same signature (same
+shape, equations and layouts: a model's layers) share one loop, their chunks
+stacked. Loops run one after the other, so at most one (stacked) chunk of
+decoded float32 moments exists at any moment of the step, by construction.
 
 Chunks are strided sets of rows (rows ``i, i + K, i + 2K, ...`` of the leading
 axis): viewed as ``[R / K, K, ...]`` the leading axis keeps its sharding, so a
 sharded update needs no collective. Blocks run along the last axis and never
-cross a row, so the codes and absmax are exactly those of a whole-array pass.
+cross a row, so a chunk's codes and absmax are those of a whole-array pass up
+to the float32 rounding of differently fused loops.
 
 What is not element-wise (a global-norm clip or a finiteness check over all
 leaves, a per-leaf norm, control flow) stays correct: those groups are decoded

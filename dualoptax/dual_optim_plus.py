@@ -355,7 +355,7 @@ def dual_optim_plus_8bit(
     min_size: leaves with fewer elements stay float32.
     exclude: parameters whose moments stay float32 (see
       :func:`dualoptax.quantize_state`).
-    chunk_size: most values of a leaf decoded at once (None: whole leaves).
+    chunk_size: most values decoded at once (None: the whole state).
     skip_nonfinite: skip (and count) calls whose gradients hold NaN or Inf.
     **kwargs: every other keyword argument of :func:`dual_optim_plus`
       (``objectives, b1, b2, base_b1, base_b2, eps, weight_decay, mask, stable,

@@ -270,12 +270,14 @@ def quantize_state(
   traced once and split by what depends on what: each parameter's gradients,
   state and update form a group. A group whose math is element-wise (Adam,
   AdamW, Lion, SGD with momentum, DualOptim(+), schedules,
-  ``inject_hyperparams``, weight decay masks, ...) runs on its own, one group
-  after the other, and a large one in strided chunks of rows of at most
-  ``chunk_size`` values (a ``lax.fori_loop`` that decodes a chunk, steps it,
-  re-encodes it and writes codes and absmax back in place). At most one chunk
-  of decoded moments exists at any time, on every backend. Codes, absmax and
-  updates are exactly those of a whole-array step. Math that is not
+  ``inject_hyperparams``, weight decay masks, ...) runs in strided chunks of
+  rows of at most ``chunk_size`` values (a ``lax.fori_loop`` that decodes a
+  chunk, steps it, re-encodes it and writes codes and absmax back in place);
+  groups of one shape and one set of equations (a model's layers) share a
+  loop, their chunks stacked. At most one chunk of decoded moments exists at
+  any time, on every backend. Codes, absmax and updates equal a whole-array
+  step's up to float32 rounding (rarely, a code one step away at a code
+  boundary). Math that is not
   element-wise per leaf — a global-norm clip or finiteness check inside
   ``inner``, per-leaf norms (LAMB, LARS), control flow — stays correct: those
   leaves are decoded whole each step, with a warning. Put such transformations
@@ -323,8 +325,9 @@ def quantize_state(
       ``(state key path string, leaf) -> bool | None`` (None = the default).
     select: a callable ``(state key path string, leaf) -> bool``; only leaves
       it accepts are quantized (default: all).
-    chunk_size: most values of a leaf decoded at once (a positive int), or None
-      to decode the whole state at once.
+    chunk_size: most values decoded at once per loop iteration (a positive
+      int; stacked leaves share it), or None to decode the whole state at
+      once.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is ``inner``'s
