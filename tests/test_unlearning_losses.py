@@ -209,3 +209,18 @@ def test_random_wrong_labels_and_rl_loss():
   )
   with pytest.raises(ValueError, match="num_classes"):
     ul.random_wrong_labels(jax.random.key(0), labels, 1)
+
+
+def test_losses_compute_in_at_least_float32_and_keep_float64():
+  # bf16 logits are upcast for the log-softmax; float64 ones stay float64.
+  nll_bf16 = ul.sequence_nll(LOGITS.astype(jnp.bfloat16), TARGETS, MASK)
+  assert nll_bf16.dtype == jnp.float32
+  with jax.enable_x64(True):
+    # LOGITS rebuilt in float64 (the module constant holds float32 logs).
+    logits = jnp.array(
+      [[[0.0, 0.0], [math.log(3.0), 0.0], [0.0, math.log(4.0)]]], jnp.float64
+    )
+    nll = ul.sequence_nll(logits, TARGETS, MASK)
+    assert nll.dtype == jnp.float64
+    # log 4 + log(5/4) = log 5, to float64 rounding (float32 would be ~1e-7).
+    np.testing.assert_allclose(float(nll[0]), math.log(5.0), rtol=1e-13)
