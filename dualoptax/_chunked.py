@@ -399,11 +399,13 @@ def apply_in_chunks(
     eqns, need = _group_equations(jaxpr, out_group, len(groups) + 1)
     return out_group, eqns, need
 
-  _, eqns1, _ = plan(j1.jaxpr, candidates)
-  groups, coupled = [], []
+  # A group's equations are those its outputs need, whatever else is grouped.
+  _, cand_eqns, _ = plan(j1.jaxpr, candidates)
+  groups, eqns1, coupled = [], [None], []
   for g, grp in enumerate(candidates, start=1):
-    if grp.shape and _is_elementwise(j1.jaxpr, eqns1[g], grp.shape):
+    if grp.shape and _is_elementwise(j1.jaxpr, cand_eqns[g], grp.shape):
       groups.append(grp)
+      eqns1.append(cand_eqns[g])
     else:
       coupled += [i for i in grp.inputs if is_q[i]]
   if coupled:
@@ -417,11 +419,8 @@ def apply_in_chunks(
       stacklevel=4,
     )
 
-  def passthrough(jaxpr, o) -> Optional[int]:
-    v = jaxpr.outvars[o]
-    return None if isinstance(v, jex_core.Literal) else invar_index.get(v)
-
   def buckets(jaxpr, eqns):
+    invar_index = {v: i for i, v in enumerate(jaxpr.invars)}
     found: dict = {}
     for g, grp in enumerate(groups, start=1):
       # Groups of one signature (a model's layers) share one loop: fewer
@@ -438,10 +437,9 @@ def apply_in_chunks(
 
   # Chunk counts from the buckets of the full-shape trace; then trace again
   # with every chunked array at its chunk shape.
-  invar_index = {v: i for i, v in enumerate(j1.jaxpr.invars)}
-  _, eqns1, _ = plan(j1.jaxpr, groups)
+  buckets1 = buckets(j1.jaxpr, eqns1)
   chunks = [1] * len(groups)
-  for bucket in buckets(j1.jaxpr, eqns1):
+  for bucket in buckets1:
     k = num_chunks(
       groups[bucket[0]].shape, max(chunk_size // len(bucket), 1), devices
     )
@@ -458,6 +456,11 @@ def apply_in_chunks(
   jaxpr, consts = j2.jaxpr, j2.consts
   invar_index = {v: i for i, v in enumerate(jaxpr.invars)}
   out_group, eqns, need = plan(jaxpr, groups)
+
+  def passthrough(o) -> Optional[int]:
+    v = jaxpr.outvars[o]
+    return None if isinstance(v, jex_core.Literal) else invar_index.get(v)
+
   used = [need.get(v, 0) for v in jaxpr.invars]
 
   results: list = [None] * n_out
@@ -478,7 +481,7 @@ def apply_in_chunks(
 
   # 1. Everything outside the groups, whole.
   rest = [o for o in range(n_out) if out_group[o] == 0]
-  computed = [o for o in rest if passthrough(jaxpr, o) is None]
+  computed = [o for o in rest if passthrough(o) is None]
   values = _eval_equations(
     jaxpr,
     consts,
@@ -489,12 +492,13 @@ def apply_in_chunks(
   for o, value in zip(computed, values):
     results[o] = finish(o, value)
   for o in rest:
-    if passthrough(jaxpr, o) is not None:
-      set_passthrough(o, passthrough(jaxpr, o))
+    if passthrough(o) is not None:
+      set_passthrough(o, passthrough(o))
   scalars = {jaxpr.invars[i]: inputs[i] for i in range(n_in) if not tracked[i]}
 
   # 2. Each bucket of same-signature groups: one loop over chunks.
-  for bucket in buckets(jaxpr, eqns):
+  # The same trace (nothing chunked) has the same buckets.
+  for bucket in buckets1 if j2 is j1 else buckets(jaxpr, eqns):
     _run_bucket(
       jaxpr,
       consts,
@@ -509,7 +513,7 @@ def apply_in_chunks(
       scalars,
       results,
       set_passthrough,
-      lambda o: passthrough(jaxpr, o),
+      passthrough,
     )
   return results
 

@@ -388,6 +388,17 @@ def count_skipped(skipped: jax.Array, finite: Optional[jax.Array]) -> jax.Array:
   return jnp.where(finite, skipped, optax.safe_increment(skipped))
 
 
+def update_shapes(grads: Mapping[str, Any], params: Any) -> Any:
+  """Shapes of a call's update: params-shaped, in the params' dtype (the
+  first present gradient's without params)."""
+  first = next(iter(grads.values()))
+  return jax.tree.map(
+    lambda g, p: jax.ShapeDtypeStruct(jnp.shape(g), jnp.result_type(p)),
+    first,
+    first if params is None else params,
+  )
+
+
 def run_step(
   grads,
   deltas,
@@ -426,16 +437,7 @@ def run_step(
     None if base is None else (base.mu, base.nu),
     count,
   )
-  names = list(grads)
-  # The update has the params' dtype, else the first gradient's.
-  update_shapes = jax.tree.map(
-    lambda g, p: jax.ShapeDtypeStruct(
-      jnp.shape(g), jnp.result_type(p if p is not None else g)
-    ),
-    grads[names[0]],
-    params if params is not None else grads[names[0]],
-  )
   updates, (new_deltas, new_base, new_count) = guarded(
-    finite, step, unchanged, update_shapes
+    finite, step, unchanged, update_shapes(grads, params)
   )
   return updates, new_deltas, new_base, new_count

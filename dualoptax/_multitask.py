@@ -12,11 +12,13 @@ matrix and forms the combination.
 from __future__ import annotations
 
 import collections.abc
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from dualoptax import _objectives
 
 
 def check_tasks(
@@ -56,15 +58,6 @@ def check_positive_int(who: str, name: str, value: Any) -> int:
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
     raise ValueError(f"{who}: `{name}` must be a positive int, got {value!r}.")
   return value
-
-
-def _describe(tree: Any) -> str:
-  paths = [
-    jax.tree_util.keystr(p)
-    for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
-  ]
-  shown = ", ".join(paths[:6]) + (", ..." if len(paths) > 6 else "")
-  return f"{len(paths)} leaves [{shown}]"
 
 
 def task_gradients(
@@ -117,7 +110,7 @@ def task_gradients(
     if jax.tree.structure(tree) != ref_def:
       raise ValueError(
         f"{who}: gradients of task {name!r} do not have the tree structure "
-        f"of {against}: got {_describe(tree)}, expected {_describe(ref)}."
+        f"of {against}: got {_objectives.describe(tree)}, expected {_objectives.describe(ref)}."
       )
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     for (path, leaf), shape in zip(flat, ref_shapes):
@@ -179,3 +172,26 @@ def safe_divide(num: jax.Array, den: jax.Array, fill: Any = 0.0) -> jax.Array:
   """``num / den`` where ``den > 0``, else ``fill`` (no NaN, no Inf)."""
   ok = den > 0
   return jnp.where(ok, num / jnp.where(ok, den, 1.0), fill)
+
+
+def gram_weighting(
+  tasks: Optional[tuple[str, ...]],
+  who: str,
+  state_type: type[NamedTuple],
+  weights_fn: Callable[[jax.Array], jax.Array],
+) -> optax.GradientTransformationExtraArgs:
+  """The transformation ``{task: g} -> sum_k w_k g_k`` with ``w =
+  weights_fn(G)`` from the Gram matrix, and a ``state_type(count)`` state."""
+
+  def init_fn(params):
+    del params
+    return state_type(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(grads, state, params=None, **extra_args):
+    del extra_args
+    _, trees = task_gradients(grads, tasks, params, who)
+    gram = gram_matrix(trees, accumulation_dtype(trees))
+    direction = combine(weights_fn(gram), trees)
+    return direction, state_type(optax.safe_increment(state.count))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -118,7 +118,8 @@ def evaluate(lr: ScalarOrSchedule, count: jax.Array) -> Any:
   return lr(count.astype(jax.dtypes.canonicalize_dtype(jnp.int64)))
 
 
-def _describe(tree: Any) -> str:
+def describe(tree: Any) -> str:
+  """``'N leaves [path, ...]'``: a tree's size and first paths, for errors."""
   paths = [
     jax.tree_util.keystr(p)
     for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -176,7 +177,7 @@ def present_gradients(
     if g_def != ref_def:
       raise ValueError(
         f"Gradients for objective {name!r} do not match the params' tree "
-        f"structure: got {_describe(g)}, expected {_describe(reference)}."
+        f"structure: got {describe(g)}, expected {describe(reference)}."
       )
     for (path, leaf), ref in zip(
       jax.tree_util.tree_flatten_with_path(g)[0], ref_leaves
@@ -218,7 +219,7 @@ def decay_mask(mask: MaskOrFn, params: Any) -> list[bool]:
   if jax.tree.structure(tree) != jax.tree.structure(params):
     raise ValueError(
       "`mask` must have the params' tree structure (a bool per leaf); got "
-      f"{_describe(tree)}, expected {_describe(params)}."
+      f"{describe(tree)}, expected {describe(params)}."
     )
   if any(isinstance(f, jax.core.Tracer) for f in flags):
     raise TypeError("`mask` leaves must be Python bools, not traced arrays.")

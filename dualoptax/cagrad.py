@@ -176,18 +176,8 @@ def cagrad(
   rescale = _multitask.check_bool(_WHO, "rescale", rescale)
   iterations = _multitask.check_positive_int(_WHO, "iterations", iterations)
 
-  def init_fn(params):
-    del params
-    return CAGradState(count=jnp.zeros([], jnp.int32))
+  def weights(gram):
+    w = cagrad_weights(gram, c_value, iterations)
+    return w / (1.0 + c_value**2) if rescale else w
 
-  def update_fn(grads, state, params=None, **extra_args):
-    del extra_args
-    _, trees = _multitask.task_gradients(grads, tasks, params, _WHO)
-    gram = _multitask.gram_matrix(trees, _multitask.accumulation_dtype(trees))
-    weights = cagrad_weights(gram, c_value, iterations)
-    if rescale:
-      weights = weights / (1.0 + c_value**2)
-    direction = _multitask.combine(weights, trees)
-    return direction, CAGradState(optax.safe_increment(state.count))
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _multitask.gram_weighting(tasks, _WHO, CAGradState, weights)

@@ -302,16 +302,11 @@ def _skip_nonfinite(
     def step():
       return tx.update(grads, state, params, **extra_args)
 
-    def skip():
-      first = next(iter(present.values()))
-      zeros = jax.tree.map(
-        lambda g, p: jnp.zeros(jnp.shape(g), jnp.result_type(p)),
-        first,
-        first if params is None else params,
-      )
-      return zeros, state._replace(skipped=optax.safe_increment(state.skipped))
-
-    return jax.lax.cond(finite, step, skip)
+    # Skipped: zero update, the state as it was, one more skipped call.
+    unchanged = state._replace(skipped=optax.safe_increment(state.skipped))
+    return _engine.guarded(
+      finite, step, unchanged, _engine.update_shapes(present, params)
+    )
 
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 

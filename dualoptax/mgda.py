@@ -172,21 +172,11 @@ def mgda(
   normalize = _multitask.check_bool(_WHO, "normalize", normalize)
   iterations = _multitask.check_positive_int(_WHO, "iterations", iterations)
 
-  def init_fn(params):
-    del params
-    return MGDAState(count=jnp.zeros([], jnp.int32))
+  def weights(gram):
+    if not normalize:
+      return min_norm_weights(gram, iterations)
+    inv = _multitask.safe_divide(1.0, jnp.sqrt(jnp.diagonal(gram)))
+    gram = gram * inv[:, None] * inv[None, :]
+    return min_norm_weights(gram, iterations) * inv
 
-  def update_fn(grads, state, params=None, **extra_args):
-    del extra_args
-    _, trees = _multitask.task_gradients(grads, tasks, params, _WHO)
-    gram = _multitask.gram_matrix(trees, _multitask.accumulation_dtype(trees))
-    if normalize:
-      inv = _multitask.safe_divide(1.0, jnp.sqrt(jnp.diagonal(gram)))
-      gram = gram * inv[:, None] * inv[None, :]
-      weights = min_norm_weights(gram, iterations) * inv
-    else:
-      weights = min_norm_weights(gram, iterations)
-    direction = _multitask.combine(weights, trees)
-    return direction, MGDAState(optax.safe_increment(state.count))
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _multitask.gram_weighting(tasks, _WHO, MGDAState, weights)

@@ -95,10 +95,6 @@ def _tag_state(node, ctx: bool = False):
   return treedef.unflatten([_tag_state(c, ctx) for c in children])
 
 
-def _is_tag(x) -> bool:
-  return isinstance(x, _Tag)
-
-
 # ---------------------------------------------------------------------------
 # Per-parameter opt-out.
 # ---------------------------------------------------------------------------
@@ -453,16 +449,16 @@ def quantize_state(
       out_def[:] = [u_out_def]
       return _state_leaves(new_s, st_def) + new_u_leaves
 
-    paths = [
-      jax.tree_util.keystr(p)
-      for p, _ in jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_q)[0]
-    ]
+    def describe(i):  # for warnings only: the key path of input ``i``
+      flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_q)[0]
+      return "state" + jax.tree_util.keystr(flat[i - n_u][0])
+
     results = _chunked.apply_in_chunks(
       flat_update,
       u_leaves + st_leaves + p_leaves + e_leaves,
       {s: n_u + s for s in range(n_s)},
       chunk_size=chunk_size,
-      describe=lambda i: "state" + paths[i - n_u],
+      describe=describe,
     )
     return out_def[0].unflatten(results[n_s:]), st_def.unflatten(results[:n_s])
 

@@ -19,12 +19,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import json
 import math
 import os
 import re
-import subprocess
-import sys
 import textwrap
 from typing import Any, Callable, Optional
 
@@ -36,6 +33,7 @@ import pytest
 
 import dualoptax
 from dualoptax import QuantizedArray
+from tests import multidevice
 from tests import test_parity as parity
 from tests.reference import DualOptimPlusRef, DualOptimRef
 
@@ -340,12 +338,7 @@ def _jit(tx):
 
 def _x64():
   """A context with 64-bit types enabled (not a process-wide switch)."""
-  enable = getattr(jax, "enable_x64", None)
-  if enable is not None:
-    return enable(True)
-  from jax.experimental import enable_x64  # pylint: disable=g-import-not-at-top
-
-  return enable_x64()
+  return jax.enable_x64(True)
 
 
 def _inner_dual_state(state):
@@ -596,24 +589,13 @@ def test_parity_with_numpy_reference_float64(name):
 # ---------------------------------------------------------------------------
 # Sharded update: no array-sized collective in the compiled HLO.
 # ---------------------------------------------------------------------------
-_COLLECTIVE = re.compile(
-  r"=\s*([^=]+?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all"
-  r"|collective-permute)(-start)?\("
-)
 _ARRAY_TYPE = re.compile(r"\b[a-z]+[0-9]*\[([0-9,]*)\]")
 # The largest all-reduce allowed, in elements: a few scalars (the finiteness
 # flag) or a task Gram matrix; a shard of a leaf here holds 16384.
 _TINY = 64
 
 
-def _collectives(hlo_text):
-  """``[(result type, op)]`` of every collective in a compiled HLO text.
-
-  Comments go first: long tuple types carry ``/*index=5*/`` markers whose
-  ``=`` would cut the result type short.
-  """
-  text = re.sub(r"/\*.*?\*/", "", hlo_text)
-  return [(m.group(1), m.group(2)) for m in _COLLECTIVE.finditer(text)]
+_collectives = multidevice.collectives
 
 
 def _is_tiny_all_reduce(result_type, op):
@@ -667,28 +649,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 def sharded_report():
   """Every case compiled once on 8 simulated devices, in one subprocess (the
   device count must be set before JAX starts; this process keeps one)."""
-  flags = re.sub(
-    r"--xla_force_host_platform_device_count=\d+",
-    "",
-    os.environ.get("XLA_FLAGS", ""),
-  )
-  env = {
-    **os.environ,
-    "JAX_PLATFORMS": "cpu",
-    "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=8",
-  }
-  result = subprocess.run(
-    [sys.executable, "-c", _SHARDED_SCRIPT],
-    env=env,
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert result.returncode == 0, result.stderr[-4000:]
-  line = [x for x in result.stdout.splitlines() if x.startswith("RESULT ")]
-  assert line, result.stdout[-2000:] + result.stderr[-2000:]
-  report = json.loads(line[-1][len("RESULT ") :])
+  report = multidevice.json_result(_SHARDED_SCRIPT)
   assert report["__devices__"] == 8
   return report
 

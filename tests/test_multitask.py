@@ -1,7 +1,6 @@
 """PCGrad, MGDA and CAGrad against NumPy statements of the published methods."""
 
 import collections.abc
-import contextlib
 import itertools
 import types
 
@@ -15,6 +14,7 @@ import dualoptax
 from dualoptax.cagrad import cagrad_weights
 from dualoptax.mgda import min_norm_weights
 from tests import reference_multitask as ref
+from tests.test_parity import x64
 
 # float64 comparisons: the library works on the Gram matrix, the reference on
 # the vectors, so results differ by rounding amplified by a few dot products
@@ -25,16 +25,6 @@ RTOL32 = 1e-5  # float32 against float32: a few ulps after ~30-term sums
 
 SHAPES = {"trunk": {"w": (3, 4), "b": (4,)}, "head": (5,)}
 NAMES3 = ("a", "b", "c")
-
-
-@contextlib.contextmanager
-def x64():
-  prev = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", True)
-  try:
-    yield
-  finally:
-    jax.config.update("jax_enable_x64", prev)
 
 
 def tree_from_flat(flat, dtype):

@@ -7,11 +7,8 @@ devices (this process keeps its single device), and each test reports the
 outcome of one check.
 """
 
-import json
 import os
 import re
-import subprocess
-import sys
 import textwrap
 import warnings
 
@@ -25,13 +22,9 @@ from jax.sharding import PartitionSpec as P
 
 import dualoptax
 from dualoptax import QuantizedArray
+from tests import multidevice
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-_COLLECTIVE = re.compile(
-  r"=\s*([^=]+?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all"
-  r"|collective-permute)(-start)?\("
-)
 
 LAYOUTS = {
   "fsdp_rows": ((8,), ("data",), P("data", None)),
@@ -67,13 +60,7 @@ def _compiled_step(tx, params, state, multi):
 
 
 def _collectives(compiled):
-  """``[(result type, op)]`` of every collective in the compiled HLO.
-
-  Comments go first: long tuple types carry ``/*index=5*/`` markers whose
-  ``=`` would cut the result type short.
-  """
-  text = re.sub(r"/\*.*?\*/", "", compiled.as_text())
-  return [(m.group(1), m.group(2)) for m in _COLLECTIVE.finditer(text)]
+  return multidevice.collectives(compiled.as_text())
 
 
 def _check_state_sharding(state, param_sharding):
@@ -226,28 +213,7 @@ _SCRIPT = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def report():
   """Outcome of every check, from one 8-device subprocess."""
-  flags = re.sub(
-    r"--xla_force_host_platform_device_count=\d+",
-    "",
-    os.environ.get("XLA_FLAGS", ""),
-  )
-  env = {
-    **os.environ,
-    "JAX_PLATFORMS": "cpu",
-    "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=8",
-  }
-  result = subprocess.run(
-    [sys.executable, "-c", _SCRIPT],
-    env=env,
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert result.returncode == 0, result.stderr[-4000:]
-  lines = [x for x in result.stdout.splitlines() if x.startswith("RESULT ")]
-  assert lines, result.stdout[-2000:] + result.stderr[-2000:]
-  out = json.loads(lines[-1][len("RESULT ") :])
+  out = multidevice.json_result(_SCRIPT)
   assert out.pop("__devices__") == 8
   assert sorted(out) == sorted(_key(fn, args) for fn, args in CHECKS)
   return out

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import dualoptax
+from benchmarks.memory import gpt2_small_shapes
 from dualoptax import QuantizedArray
 
 
@@ -262,28 +263,8 @@ def test_absent_objective_keeps_its_codes_bit_for_bit():
     s = s2
 
 
-def _gpt2_small_shapes():
-  d, v, n_ctx, layers = 768, 50257, 1024, 12
-  f = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
-  tree = {"wte": f(v, d), "wpe": f(n_ctx, d), "ln_f": {"g": f(d), "b": f(d)}}
-  for i in range(layers):
-    tree[f"h{i}"] = {
-      "ln_1": {"g": f(d), "b": f(d)},
-      "ln_2": {"g": f(d), "b": f(d)},
-      "attn": {
-        "c_attn": {"w": f(d, 3 * d), "b": f(3 * d)},
-        "c_proj": {"w": f(d, d), "b": f(d)},
-      },
-      "mlp": {
-        "c_fc": {"w": f(d, 4 * d), "b": f(4 * d)},
-        "c_proj": {"w": f(4 * d, d), "b": f(d)},
-      },
-    }
-  return tree
-
-
 def test_state_memory_on_gpt2_small_shapes():
-  params = _gpt2_small_shapes()
+  params = gpt2_small_shapes()
   n = sum(x.size for x in jax.tree.leaves(params))
   assert 124e6 < n < 125e6
   per_param = lambda tx: (

@@ -28,6 +28,7 @@ from unlearn_lm.model import LanguageModel, TransformerConfig  # noqa: E402
 from unlearn_lm.tokenizer import ByteTokenizer  # noqa: E402
 
 import dualoptax  # noqa: E402
+from tests import multidevice  # noqa: E402
 
 ROOT = os.path.dirname(
   os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,18 +63,6 @@ def _setup(dtype=jnp.float32):
 
 def _run_on_8_devices(check: str, x64: bool = False) -> None:
   """Runs this module's function ``check`` in a fresh 8-device CPU process."""
-  flags = re.sub(
-    r"--xla_force_host_platform_device_count=\d+",
-    "",
-    os.environ.get("XLA_FLAGS", ""),
-  )
-  env = dict(
-    os.environ,
-    JAX_PLATFORMS="cpu",
-    JAX_ENABLE_X64="1" if x64 else "0",
-    XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=8".strip(),
-    PYTHONPATH=os.pathsep.join([ROOT, EXAMPLES]),
-  )
   code = textwrap.dedent(f"""
       import importlib.util
       spec = importlib.util.spec_from_file_location("lm_sharding_checks", {__file__!r})
@@ -81,12 +70,10 @@ def _run_on_8_devices(check: str, x64: bool = False) -> None:
       spec.loader.exec_module(module)
       module.{check}()
   """)
-  r = subprocess.run(
-    [sys.executable, "-c", code],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
+  r = multidevice.run_on_8_devices(
+    code,
+    JAX_ENABLE_X64="1" if x64 else "0",
+    PYTHONPATH=os.pathsep.join([ROOT, EXAMPLES]),
   )
   assert r.returncode == 0, (
     f"{check} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
