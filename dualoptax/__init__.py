@@ -7,6 +7,7 @@ from dualoptax._engine import AdamMoments, DeltaState
 from dualoptax.diagnostics import bridging_stats
 from dualoptax.dual_optim import DualOptimState, dual_optim
 from dualoptax.dual_optim_plus import (
+  STATIC_8BIT_ARGS,
   DualOptimPlusState,
   dual_optim_plus,
   dual_optim_plus_8bit,

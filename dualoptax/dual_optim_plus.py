@@ -311,6 +311,11 @@ def _skip_nonfinite(
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
+STATIC_8BIT_ARGS = ("block_size", "min_size", "chunk_size")
+"""Arguments of :func:`dual_optim_plus_8bit` that fix the state's layout: pass
+them as ``static_args`` to ``optax.inject_hyperparams``."""
+
+
 def dual_optim_plus_8bit(
   learning_rate: _objectives.LearningRate,
   *,
@@ -321,7 +326,17 @@ def dual_optim_plus_8bit(
   exclude: quantized_state.Exclude = (),
   chunk_size: Optional[int] = quantized_state.DEFAULT_CHUNK_SIZE,
   skip_nonfinite: bool = True,
-  **kwargs,
+  objectives: Sequence[str] = DEFAULT_OBJECTIVES,
+  b1: float = 0.9,
+  b2: float = 0.95,
+  base_b1: float = 0.9,
+  base_b2: float = 0.95,
+  eps: float = 1e-8,
+  weight_decay: float = 0.0,
+  mask: _objectives.MaskOrFn = None,
+  stable: bool = True,
+  mu_dtype: Optional[chex.ArrayDType] = None,
+  nu_dtype: Optional[chex.ArrayDType] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""DualOptim+ with 8-bit moments (the release's three 8-bit variants).
 
@@ -352,9 +367,11 @@ def dual_optim_plus_8bit(
       :func:`dualoptax.quantize_state`).
     chunk_size: most values decoded at once (None: the whole state).
     skip_nonfinite: skip (and count) calls whose gradients hold NaN or Inf.
-    **kwargs: every other keyword argument of :func:`dual_optim_plus`
-      (``objectives, b1, b2, base_b1, base_b2, eps, weight_decay, mask, stable,
-      mu_dtype, nu_dtype``).
+    objectives, b1, b2, base_b1, base_b2, eps, weight_decay, mask, stable,
+      mu_dtype, nu_dtype: as :func:`dual_optim_plus` (named here, not passed
+      through ``**kwargs``, so ``optax.inject_hyperparams`` can inject them;
+      name the storage sizes static there:
+      ``optax.inject_hyperparams(dual_optim_plus_8bit, static_args=STATIC_8BIT_ARGS)``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -376,9 +393,21 @@ def dual_optim_plus_8bit(
   ):
     if not isinstance(value, bool):
       raise ValueError(f"{name} must be a bool, got {value!r}")
-  if "skip_nonfinite" in kwargs:
-    raise TypeError("skip_nonfinite was given twice")
-  inner = dual_optim_plus(learning_rate, skip_nonfinite=False, **kwargs)
+  inner = dual_optim_plus(
+    learning_rate,
+    objectives=objectives,
+    b1=b1,
+    b2=b2,
+    base_b1=base_b1,
+    base_b2=base_b2,
+    eps=eps,
+    weight_decay=weight_decay,
+    mask=mask,
+    stable=stable,
+    mu_dtype=mu_dtype,
+    nu_dtype=nu_dtype,
+    skip_nonfinite=False,
+  )
   groups = tuple(
     g for g, on in (("base", quantize_base), ("delta", quantize_delta)) if on
   )
@@ -407,7 +436,4 @@ def dual_optim_plus_8bit(
   )
   if not skip_nonfinite:
     return tx
-  objectives = _objectives.check_objectives(
-    kwargs.get("objectives", DEFAULT_OBJECTIVES)
-  )
-  return _skip_nonfinite(tx, objectives)
+  return _skip_nonfinite(tx, _objectives.check_objectives(objectives))

@@ -479,6 +479,36 @@ def test_inject_hyperparams_learning_rate(name):
   _assert_close(s_inj.inner_state, s_plain, what="state")
 
 
+@pytest.mark.parametrize(
+  "factory",
+  [
+    dualoptax.dual_optim,
+    dualoptax.dual_optim_plus,
+    dualoptax.dual_optim_plus_8bit,
+  ],
+  ids=lambda f: f.__name__,
+)
+def test_inject_hyperparams_every_numeric_argument(factory):
+  """Every numeric hyperparameter can be injected (not only the lr): injected
+  ``weight_decay`` and ``b1`` are in the state and give the plain factory's
+  updates (a factory taking ``**kwargs`` would hide them from optax). The
+  8-bit storage sizes are Python ints, named static."""
+  hps = dict(learning_rate=LR, weight_decay=0.1, b1=0.8)
+  static = dualoptax.STATIC_8BIT_ARGS if "8bit" in factory.__name__ else ()
+  injected = optax.inject_hyperparams(factory, static_args=static)(**hps)
+  plain = factory(**hps)
+  params = _params()
+  s_inj, s_plain = injected.init(params), plain.init(params)
+  assert set(hps) <= set(s_inj.hyperparams)
+  case = CASES[factory.__name__]
+  for s in range(2):
+    inputs = _input(case, params, s, names=case.names)
+    u, s_plain = _jit(plain)(inputs, s_plain, params)
+    u1, s_inj = jax.jit(injected.update)(inputs, s_inj, params)
+    _assert_close(u1, u, what=f"update {s}")
+    params = _apply(case, params, u)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
 @pytest.mark.parametrize("name", NAMES)
 def test_update_dtype_follows_params(name, dtype):

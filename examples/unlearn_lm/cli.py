@@ -1,8 +1,4 @@
-"""Flags of the LM unlearning job, their defaults and validation.
-
-Imports no JAX: ``--mesh`` on a CPU host asks XLA for more host devices, which
-only works before JAX starts (:func:`ensure_host_devices`).
-"""
+"""Flags of the LM unlearning study, their defaults and validation (no JAX)."""
 
 from __future__ import annotations
 
@@ -11,13 +7,21 @@ import os
 import re
 from typing import Optional
 
-OPTIMIZERS = ("adam", "dual_optim", "dual_optim_plus", "dual_optim_plus_8bit")
+OPTIMIZERS = (
+  "adam",
+  "dual_optim",
+  "dual_optim_plus",
+  "dual_optim_plus_unstable",
+  "dual_optim_plus_8bit",
+)
 LABELS = {
   "adam": "Adam (shared state)",
   "dual_optim": "DualOptim",
   "dual_optim_plus": "DualOptim+",
+  "dual_optim_plus_unstable": "DualOptim+ stable=False",
   "dual_optim_plus_8bit": "DualOptim+ 8bit",
 }
+FORGET_LOSSES = ("npo", "ga", "me")
 
 
 class UsageError(Exception):
@@ -62,10 +66,10 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
   )
   u = p.add_argument_group("unlearning")
   u.add_argument(
-    "--forget-loss",
-    default="npo",
-    choices=("npo", "ga", "me"),
-    help="forget objective, paired with GD on the retain set",
+    "--forget-losses",
+    default=None,
+    help="comma-separated forget objectives, each paired with GD on the "
+    "retain set: npo, ga, me (default npo,ga; --quick: npo)",
   )
   u.add_argument(
     "--optimizers",
@@ -73,7 +77,18 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     help=f"comma-separated subset of {','.join(OPTIMIZERS)}",
   )
   u.add_argument(
-    "--lr", type=float, default=None, help="unlearning learning rate"
+    "--lrs",
+    default=None,
+    help="comma-separated unlearning learning rates, the same sweep for every "
+    "optimizer and loss (default: 7 values, 1e-4..1e-2 (TOFU) or 3e-4..3e-2 "
+    "(generated); --quick: 3)",
+  )
+  u.add_argument(
+    "--seeds",
+    type=int,
+    default=None,
+    help="unlearning seeds (batch orders) per learning rate (default 3; "
+    "--quick: 1)",
   )
   u.add_argument("--weight-decay", type=float, default=0.01)
   u.add_argument("--unlearn-steps", type=int, default=None)
@@ -89,15 +104,22 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     help="steps per jitted chunk (= checkpoint interval; divides --eval-every)",
   )
   m = p.add_argument_group("model and fine-tuning")
+  m.add_argument(
+    "--tokenizer",
+    default="subword",
+    choices=("subword", "byte"),
+    help="byte-level BPE trained on the fine-tuning texts, or raw bytes",
+  )
+  m.add_argument("--vocab-size", type=int, default=4000, help="BPE ids")
   m.add_argument("--d-model", type=int, default=None)
-  m.add_argument("--layers", type=int, default=2)
+  m.add_argument("--layers", type=int, default=None)
   m.add_argument("--heads", type=int, default=4)
   m.add_argument(
     "--max-len",
     type=int,
     default=None,
-    help="sequence length (default: longest example rounded up to 16, capped "
-    "at 128 for generated data and 256 for TOFU, 192 with --quick)",
+    help="sequence length (default: the smallest multiple of 16 that "
+    "truncates <= 1%% of the texts, capped at 256)",
   )
   m.add_argument("--finetune-steps", type=int, default=None)
   m.add_argument("--finetune-lr", type=float, default=3e-3)
@@ -106,7 +128,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
   r.add_argument(
     "--quick",
     action="store_true",
-    help="small settings, <= 10 min on 2 CPU cores",
+    help="every optimizer, NPO+GD, 3 learning rates, 1 seed",
   )
   r.add_argument(
     "--out",
@@ -117,9 +139,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     "--resume", action="store_true", help="continue interrupted unlearning runs"
   )
   r.add_argument(
-    "--mesh", default=None, help="e.g. data=2,fsdp=4: shard over a device mesh"
+    "--seed", type=int, default=0, help="data subsampling and model seed"
   )
-  r.add_argument("--seed", type=int, default=0)
   r.add_argument(
     "--max-chunks",
     type=int,
@@ -136,14 +157,21 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
   q = args.quick
   tofu = args.data_dir is not None
   defaults = dict(
-    d_model=64 if q else 128,
-    finetune_steps=(700 if tofu else 500) if q else (4000 if tofu else 1500),
-    unlearn_steps=60 if q else 300,
-    chunk_steps=6 if q else 25,
-    eval_every=12 if q else 50,
-    lr=1e-3,
+    d_model=128,
+    layers=4 if tofu else 2,
+    finetune_steps=1200 if tofu else 1000,
+    unlearn_steps=120,
+    chunk_steps=30,
+    eval_every=60,
+    forget_losses="npo" if q else "npo,ga",
+    lrs=(
+      ("1e-4,1e-3,1e-2" if q else "1e-4,2e-4,5e-4,1e-3,2e-3,5e-3,1e-2")
+      if tofu
+      else ("3e-4,3e-3,3e-2" if q else "3e-4,1e-3,3e-3,1e-2,3e-2")
+    ),
+    seeds=1 if q else 3,
   )
-  if tofu and q:
+  if tofu:
     defaults.update(retain_size=200, eval_size=40)
   for k, v in defaults.items():
     if getattr(args, k, None) is None:
@@ -155,14 +183,22 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 def validate(args: argparse.Namespace) -> list[str]:
   """Checks the flags; returns the optimizer names. Raises :class:`UsageError`."""
-  names = [s.strip() for s in args.optimizers.split(",") if s.strip()]
-  unknown = [n for n in names if n not in OPTIMIZERS]
-  if not names or unknown:
-    raise UsageError(
-      f"--optimizers: unknown {unknown or 'empty list'}; choose from {OPTIMIZERS}"
-    )
+  names = _names("--optimizers", args.optimizers, OPTIMIZERS)
+  args.forget_losses = _names(
+    "--forget-losses", args.forget_losses, FORGET_LOSSES
+  )
+  if isinstance(args.lrs, str):
+    try:
+      args.lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
+    except ValueError:
+      raise UsageError(
+        f"--lrs: expected comma-separated numbers, got {args.lrs!r}"
+      ) from None
+  if not args.lrs or any(not lr > 0 for lr in args.lrs):
+    raise UsageError(f"--lrs: need positive learning rates, got {args.lrs}")
   for name in (
     "unlearn_steps",
+    "seeds",
     "chunk_steps",
     "eval_every",
     "finetune_steps",
@@ -190,31 +226,16 @@ def validate(args: argparse.Namespace) -> list[str]:
     raise UsageError(f"--max-len must be in [16, 1024], got {args.max_len}")
   if args.max_chunks is not None and args.max_chunks < 1:
     raise UsageError(f"--max-chunks must be >= 1, got {args.max_chunks}")
+  if args.tokenizer == "subword" and args.vocab_size < 259:
+    raise UsageError(f"--vocab-size must be >= 259, got {args.vocab_size}")
   return names
 
 
-def mesh_device_count(spec: Optional[str]) -> int:
-  """Devices a ``--mesh`` spec needs (parsed again, fully, once JAX is imported)."""
-  if not spec:
-    return 1
-  n = 1
-  for part in spec.split(","):
-    m = re.fullmatch(r"\s*(data|fsdp)\s*=\s*(\d+)\s*", part)
-    if not m or int(m.group(2)) < 1:
-      raise UsageError(f"--mesh {spec!r}: expected e.g. data=2,fsdp=4")
-    n *= int(m.group(2))
-  return n
-
-
-def ensure_host_devices(n: int) -> None:
-  """Asks XLA for ``n`` CPU devices; only effective before JAX initializes a backend."""
-  if n <= 1:
-    return
-  flags = os.environ.get("XLA_FLAGS", "")
-  m = re.search(r"--xla_force_host_platform_device_count=(\d+)", flags)
-  if m and int(m.group(1)) >= n:
-    return
-  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
-  os.environ["XLA_FLAGS"] = (
-    f"{flags} --xla_force_host_platform_device_count={n}".strip()
-  )
+def _names(flag: str, value: str, choices: tuple[str, ...]) -> list[str]:
+  names = [s.strip() for s in value.split(",") if s.strip()]
+  unknown = [n for n in names if n not in choices]
+  if not names or unknown:
+    raise UsageError(
+      f"{flag}: unknown {unknown or 'empty list'}; choose from {choices}"
+    )
+  return names

@@ -797,10 +797,14 @@ def encode_qa(
 
 
 def encode_prompts(
-  tok: ByteTokenizer, questions: Iterable[str], max_len: int
+  tok: ByteTokenizer,
+  questions: Iterable[str],
+  max_len: int,
+  width: Optional[int] = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Left-padded generation prompts ``[N, max_len // 2]`` and the padding count of each row."""
-  width = max_len // 2
+  """Left-padded generation prompts ``[N, width]`` (default ``max_len // 2``)
+  and the padding count of each row."""
+  width = width or max_len // 2
   rows = [_prompt_ids(tok, q, width) for q in questions]
   prompts = np.full((len(rows), width), tok.pad_id, np.int32)
   num_pad = np.zeros((len(rows),), np.int32)

@@ -1,29 +1,30 @@
-r"""TOFU-style unlearning of a small Flax NNX transformer with Adam, DualOptim, DualOptim+
-and DualOptim+ 8bit, under the authors' 1:5 alternating schedule.
+r"""TOFU-style unlearning study of a small Flax NNX transformer: Adam, DualOptim,
+DualOptim+ (stable default and the published ``stable=False`` rule) and
+DualOptim+ 8bit, under the authors' 1:5 alternating schedule, over a sweep of
+learning rates and seeds.
 
-Pipeline (all shapes static; every loop a jitted ``lax.scan`` chunk):
-
-1. data: generated fictitious people (default) or TOFU-format files (``--data-dir``);
-2. fine-tune a byte-level transformer on forget + retain + general-knowledge QA pairs
-   (Orbax checkpoint, reused by every optimizer run and by later invocations with the
-   same ``--out`` and settings), and train a retain-only model the same way (the
-   reference of TOFU's Forget Quality);
-3. for each optimizer, unlearn the forget set with NPO+GD (``--forget-loss ga|me`` for
-   GA+GD, ME+GD): forget step, 5 retain steps, repeat; Adam keeps one shared state;
-   checkpoint after every chunk (``--resume`` continues exactly);
-4. evaluate every ``--eval-every`` steps; write ``results.json``, ``metrics.png`` and
-   print a table.
+1. data: generated fictitious people (default) or TOFU-format files
+   (``--data-dir``, ``--forget-split``, ``--task-id``); a byte-level BPE
+   tokenizer trained on the fine-tuning texts (``--tokenizer byte``: raw bytes);
+2. fine-tune the model on forget + retain + general-knowledge QA pairs and
+   check that it learned them (greedy ROUGE-L >= 0.9 on the forget set, >= 0.8 on
+   the retain set), and train a retain-only model with the same recipe (the
+   reference of TOFU's Forget Quality); both are Orbax checkpoints reused by
+   later invocations with the same ``--out`` and settings;
+3. for every forget loss (``--forget-losses``, NPO+GD and GA+GD by default) and
+   optimizer, unlearn the fine-tuned model at every ``--lrs`` and ``--seeds``
+   (batch orders) at once (``vmap``): forget step, 5 retain steps, repeat;
+   Adam keeps one shared state; evaluate every ``--eval-every`` steps;
+   checkpoint every chunk (``--resume`` continues exactly);
+4. write ``results.json`` (``finetuned``, ``retain_only``, every run's final
+   and per-evaluation metrics), ``fe_mu.png`` and ``fq_mu.png`` (the FE–MU and
+   FQ–MU fronts over the sweep), and print each optimizer at its best Forget
+   Efficacy subject to Model Utility >= 0.9 x the fine-tuned model's.
 
 Examples::
 
   python examples/unlearn_lm/main.py --quick
-  python examples/unlearn_lm/main.py --quick --data-dir path/to/tofu --forget-split forget01 --task-id 1
-  python examples/unlearn_lm/main.py --quick --mesh data=2,fsdp=4      # 8 simulated CPU devices
-
-``--mesh`` with more devices than exist on a CPU host sets
-``XLA_FLAGS=--xla_force_host_platform_device_count=N`` *before* JAX starts (this
-script imports JAX only after parsing its arguments); on a TPU/GPU host the mesh must
-fit the real devices.
+  python examples/unlearn_lm/main.py --data-dir path/to/tofu --forget-split forget01 --task-id 1 --out runs/tofu
 """
 
 from __future__ import annotations
@@ -44,35 +45,35 @@ from unlearn_lm import cli
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Runs the job; returns the exit status (2 on bad input, nothing written)."""
+  """Runs the study; returns the exit status (2 on bad input, nothing written)."""
   args = cli.fill_defaults(
     cli.build_parser(__doc__.split("\n\n")[0]).parse_args(argv)
   )
   t_start = time.time()
   try:
     names = cli.validate(args)
-    cli.ensure_host_devices(cli.mesh_device_count(args.mesh))
     return run(args, names, t_start)
   except cli.UsageError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
 
 
-def run(args: argparse.Namespace, names: list[str], t_start: float) -> int:
-  """The pipeline; JAX is imported here, after ``XLA_FLAGS`` is final."""
-  import jax
+ROUGE_TARGETS = {"forget": 0.9, "retain": 0.8}
 
+
+def run(args: argparse.Namespace, names: list[str], t_start: float) -> int:
+  """The study (JAX is imported here, after the flags are checked)."""
   from unlearn_lm import pipeline, report
   from unlearn_lm.metrics import Evaluator
   from unlearn_lm.model import LanguageModel, TransformerConfig
-  from unlearn_lm.tokenizer import ByteTokenizer
 
   log = lambda msg: print(msg, flush=True)
   # ---- everything that can fail on bad input happens before the output directory exists
-  mesh = pipeline.make_mesh(args.mesh, args.batch_size)
   data = pipeline.load_data(args)
-  tok = ByteTokenizer()
-  max_len, len_notes = pipeline.choose_max_len(args, data, tok)
+  ckpt_root = os.path.abspath(os.path.join(args.out, "checkpoints"))
+  tok_path = os.path.join(ckpt_root, "tokenizer.json")
+  tok = pipeline.make_tokenizer(args, data, tok_path)
+  max_len, prompt_len, len_notes = pipeline.choose_lengths(args, data, tok)
   notes = list(data.notes) + len_notes
   try:
     cfg = TransformerConfig(
@@ -85,17 +86,16 @@ def run(args: argparse.Namespace, names: list[str], t_start: float) -> int:
   except ValueError as e:
     raise cli.UsageError(str(e)) from None
   lm = LanguageModel(cfg)
-  evaluator = Evaluator(lm, tok, data, max_len)
+  evaluator = Evaluator(lm, tok, data, max_len, prompt_len=prompt_len)
 
-  ckpt_root = os.path.abspath(os.path.join(args.out, "checkpoints"))
   os.makedirs(ckpt_root, exist_ok=True)
-  ctx = pipeline.Context(args, lm, tok, max_len, mesh, ckpt_root, log)
+  if hasattr(tok, "to_json") and not os.path.isfile(tok_path):
+    report.atomic_write_text(tok_path, tok.to_json())
+  ctx = pipeline.Context(args, lm, tok, max_len, ckpt_root, log)
   log(f"data: {data.summary()}")
   for n in notes:
     log(f"note: {n}")
-  log(
-    f"model: {cfg}; devices: {len(jax.devices())}; mesh: {args.mesh or 'none'}"
-  )
+  log(f"model: {cfg}")
 
   # ---- fine-tuned model and retain-only reference model
   ft_params, ft_secs = pipeline.train_or_restore(
@@ -105,55 +105,59 @@ def run(args: argparse.Namespace, names: list[str], t_start: float) -> int:
     ctx, "retain_only", data.retain_only_set
   )
   ref_ratios = evaluator.evaluate(ro_params)["forget_ratios"]
-  ro_eval = evaluator.evaluate(ro_params, ref_ratios)
-  ft_eval = evaluator.evaluate(ft_params, ref_ratios)
-  before = {"step": 0, **report.summarize(ft_eval)}
+  ro_eval = report.summarize(evaluator.evaluate(ro_params, ref_ratios))
+  ft_raw = evaluator.evaluate(ft_params, ref_ratios)
+  before = {"step": 0, **report.summarize(ft_raw)}
+  learned = {k: before[f"{k}/rouge_l"] >= v for k, v in ROUGE_TARGETS.items()}
   log(
-    f"fine-tuned: {json.dumps({k: round(v, 4) for k, v in before.items() if v is not None})}"
+    "fine-tuned: "
+    + ", ".join(f"{k} ROUGE-L {before[f'{k}/rouge_l']:.3f}" for k in learned)
+    + f", MU {before['model_utility']:.3f}; learned its data "
+    f"(forget >= 0.9, retain >= 0.8): {'yes' if all(learned.values()) else 'NO'}"
+  )
+  log(
+    f"retain-only: forget ROUGE-L {ro_eval['forget/rouge_l']:.3f}, "
+    f"retain ROUGE-L {ro_eval['retain/rouge_l']:.3f}, FE "
+    f"{ro_eval['forget_efficacy']:.3f}, MU {ro_eval['model_utility']:.3f}"
   )
   for name in ("forget", "retain"):
-    ref, gen = ft_eval["sets"][name]["samples"][0]
+    ref, gen = ft_raw["sets"][name]["samples"][0]
     log(
       f"  {name} sample: ref={ref!r}\n  {' ' * len(name)}         gen={gen!r}"
     )
 
-  # ---- unlearning, one optimizer at a time from the same fine-tuned model
+  # ---- unlearning sweeps, all from the same fine-tuned model
   udata = pipeline.unlearning_data(ctx, data, ft_params)
-  runs = {}
-  for name in names:
-    runs[name] = pipeline.unlearn(
-      ctx, name, ft_params, udata, evaluator, ref_ratios, before
-    )
-    if runs[name].stopped:
-      return 0
-  finals = {
-    n: next(h for h in reversed(r.history) if "model_utility" in h)
-    for n, r in runs.items()
-  }
+  runs, seconds = [], {}
+  for loss in args.forget_losses:
+    for name in names:
+      res = pipeline.sweep(
+        ctx, name, loss, ft_params, udata, evaluator, ref_ratios, before
+      )
+      if res.stopped:
+        return 0
+      runs += res.runs
+      seconds[f"{name}/{loss}"] = res.seconds
 
   # ---- outputs
+  table, rows = report.study_table(runs, before["model_utility"])
   title = (
-    f"{data.source}: {args.forget_loss.upper()}+GD, lr {args.lr:g}, "
-    f"{args.forget_freq}:{args.retain_freq} schedule"
+    f"{data.source}: {args.unlearn_steps} steps, "
+    f"{args.forget_freq}:{args.retain_freq} schedule, {args.seeds} seed(s)"
   )
-  rows = [
-    ("fine-tuned (before)", before, ft_secs),
-    ("retain-only (reference)", report.summarize(ro_eval), ro_secs),
-  ]
-  rows += [(cli.LABELS[n], finals[n], runs[n].seconds) for n in names]
   results = {
     "config": vars(args),
     "data": data.summary(),
     "notes": notes,
     "model": vars(cfg),
-    "finetuned": before,
-    "retain_only": report.summarize(ro_eval),
-    "final": finals,
-    "history": {n: r.history for n, r in runs.items()},
+    "finetuned": {**before, "learned_its_data": all(learned.values())},
+    "retain_only": ro_eval,
+    "runs": runs,
+    "table": rows,
     "wall_seconds": {
       "finetune": ft_secs,
       "retain_only": ro_secs,
-      **{n: r.seconds for n, r in runs.items()},
+      **seconds,
       "total": time.time() - t_start,
     },
   }
@@ -162,11 +166,13 @@ def run(args: argparse.Namespace, names: list[str], t_start: float) -> int:
     json.dumps(report.to_jsonable(results), indent=1),
   )
   if not args.no_plot:
-    report.plot(
-      results["history"], os.path.join(args.out, "metrics.png"), title
-    )
+    for y, file in (
+      ("forget_efficacy", "fe_mu.png"),
+      ("forget_quality", "fq_mu.png"),
+    ):
+      report.plot_fronts(runs, before, os.path.join(args.out, file), y, title)
   log("\n" + title)
-  log(report.format_table(rows))
+  log(table)
   log(report.LEGEND)
   log(
     f"total wall time {time.time() - t_start:.0f}s; outputs in {os.path.abspath(args.out)}"

@@ -200,14 +200,18 @@ class Evaluator:
   Each evaluation set is encoded once: answers, paraphrased answers and the ``K``
   perturbed answers (every question of a set must have the same ``K``), plus
   left-padded prompts for greedy generation. Scoring and generation run in fixed
-  ``[batch_size, max_len]`` blocks, so each of the two jitted functions compiles once.
+  blocks, ``vmap``-ed over a stack of parameter sets (:meth:`evaluate_many`, e.g.
+  every learning rate and seed of a sweep at once); each jitted function compiles
+  once per stack size.
 
   Args:
     lm: the model.
     tokenizer: its tokenizer.
     data: the data (its ``eval_sets`` and ``eval_kinds`` are used).
     max_len: sequence length (``lm.config.max_len``).
-    batch_size: block size of the jitted calls.
+    batch_size: rows per jitted call, shared by the stacked parameter sets.
+    prompt_len: width of the generation prompts (default ``max_len // 2``);
+      generation continues for ``max_len - prompt_len`` tokens.
   """
 
   def __init__(
@@ -217,6 +221,7 @@ class Evaluator:
     data: UnlearningData,
     max_len: int,
     batch_size: int = 64,
+    prompt_len: Optional[int] = None,
   ):
     self.lm, self.tok, self.max_len, self.batch_size = (
       lm,
@@ -224,6 +229,11 @@ class Evaluator:
       max_len,
       batch_size,
     )
+    self.prompt_len = prompt_len or max_len // 2
+    if not 2 <= self.prompt_len < max_len:
+      raise ValueError(
+        f"prompt_len must be in [2, {max_len}), got {self.prompt_len}."
+      )
     self.kinds = dict(data.eval_kinds)
     self.sets = {}
     for name, examples in data.eval_sets.items():
@@ -235,7 +245,9 @@ class Evaluator:
         )
       k = ks.pop()
       qs = [qa.question for qa in examples]
-      prompts, num_pad = encode_prompts(tokenizer, qs, max_len)
+      prompts, num_pad = encode_prompts(
+        tokenizer, qs, max_len, width=self.prompt_len
+      )
       self.sets[name] = dict(
         k=k,
         answer=encode_qa(
@@ -264,60 +276,54 @@ class Evaluator:
         mask.sum(-1), 1.0
       )
 
-    self._avg_nll = jax.jit(avg_nll)
-    self.max_new_tokens = max_len - max_len // 2
+    self.max_new_tokens = max_len - self.prompt_len
+    stacked = dict(in_axes=(0, None, None, None))
+    self._avg_nll = jax.jit(jax.vmap(avg_nll, **stacked))
     self._generate = jax.jit(
-      lambda params, prompts, num_pad: lm.generate(
-        params,
-        prompts,
-        num_pad,
-        self.max_new_tokens,
-        tokenizer.eos_id,
-        tokenizer.pad_id,
+      jax.vmap(
+        lambda params, prompts, num_pad: lm.generate(
+          params,
+          prompts,
+          num_pad,
+          self.max_new_tokens,
+          tokenizer.eos_id,
+          tokenizer.pad_id,
+        ),
+        in_axes=(0, None, None),
       )
     )
 
-  def _scores(self, params, enc) -> np.ndarray:
-    n = enc.inputs.shape[0]
-    arrays = [_pad_rows(a, self.batch_size) for a in enc]
+  def _rows(self, members: int) -> int:
+    return max(8, self.batch_size // members)
+
+  def _blocks(self, fn, params, members: int, *arrays) -> np.ndarray:
+    """``fn(params, *block)`` over row blocks: ``[members, rows, ...]``."""
+    rows, n = self._rows(members), arrays[0].shape[0]
+    padded = [_pad_rows(a, rows) for a in arrays]
     out = [
-      np.asarray(
-        self._avg_nll(params, *(a[s : s + self.batch_size] for a in arrays))
-      )
-      for s in range(0, arrays[0].shape[0], self.batch_size)
+      np.asarray(fn(params, *(a[s : s + rows] for a in padded)))
+      for s in range(0, padded[0].shape[0], rows)
     ]
-    return np.concatenate(out)[:n]
+    return np.concatenate(out, axis=1)[:, :n]
 
   def generate(self, params, name: str) -> list[str]:
-    """Greedy answers to the questions of evaluation set ``name``."""
-    s = self.sets[name]
-    n = s["prompts"].shape[0]
-    prompts = _pad_rows(s["prompts"], self.batch_size)
-    num_pad = _pad_rows(s["num_pad"], self.batch_size)
-    out = [
-      np.asarray(
-        self._generate(
-          params,
-          prompts[i : i + self.batch_size],
-          num_pad[i : i + self.batch_size],
-        )
-      )
-      for i in range(0, prompts.shape[0], self.batch_size)
-    ]
-    return self.tok.decode_batch(np.concatenate(out)[:n])
+    """Greedy answers of one parameter set to the questions of set ``name``."""
+    stacked = jax.tree.map(lambda x: x[None], params)
+    return self._generate_many(stacked, 1, name)[0]
 
-  def evaluate_set(
-    self, params, name: str, generate: bool = True
-  ) -> dict[str, Any]:
-    """Metrics of one set: ``prob``, ``rouge_l`` (if ``generate``), ``truth_ratio`` and
-    the per-question ``ratios`` (for Forget Quality)."""
+  def _generate_many(self, params, members: int, name: str) -> list:
+    s = self.sets[name]
+    ids = self._blocks(
+      self._generate, params, members, s["prompts"], s["num_pad"]
+    )
+    return [self.tok.decode_batch(m) for m in ids]
+
+  def _set_metrics(self, name, answer, para, pert, gens) -> dict[str, Any]:
     s = self.sets[name]
     forget = self.kinds[name] == "forget"
-    answer = self._scores(params, s["answer"])
-    para = self._scores(params, s["paraphrase"])
-    pert = self._scores(params, s["perturbed"]).reshape(-1, s["k"])
+    pert = pert.reshape(-1, s["k"])
     ratios = truth_ratio(para, pert)
-    out = {
+    return {
       "prob": (
         relative_answer_probability(answer, pert)
         if self.kinds[name] == "heldout"
@@ -325,14 +331,47 @@ class Evaluator:
       ),
       "truth_ratio": truth_ratio_score(ratios, forget),
       "ratios": ratios,
-    }
-    if generate:
-      gens = self.generate(params, name)
-      out["rouge_l"] = float(
+      "rouge_l": float(
         np.mean([rouge_l_recall(g, r) for g, r in zip(gens, s["references"])])
+      ),
+      "samples": list(zip(s["references"][:3], gens[:3])),
+    }
+
+  def evaluate_many(
+    self, params, reference_ratios: Optional[np.ndarray] = None
+  ) -> list[dict[str, Any]]:
+    """:meth:`evaluate` of every member of a stack of parameter sets (leaves
+    with a leading member axis), computed together."""
+    members = jax.tree.leaves(params)[0].shape[0]
+    raw = {}
+    for name, s in self.sets.items():
+      score = lambda enc: self._blocks(self._avg_nll, params, members, *enc)
+      raw[name] = (
+        score(s["answer"]),
+        score(s["paraphrase"]),
+        score(s["perturbed"]),
+        self._generate_many(params, members, name),
       )
-      out["samples"] = list(zip(s["references"][:3], gens[:3]))
-    return out
+    forget_name = next(n for n, k in self.kinds.items() if k == "forget")
+    results = []
+    for i in range(members):
+      sets = {
+        name: self._set_metrics(name, *(x[i] for x in arrays))
+        for name, arrays in raw.items()
+      }
+      result = {
+        "sets": sets,
+        "model_utility": model_utility(sets, self.kinds),
+        "forget_efficacy": forget_efficacy(sets[forget_name]),
+        "forget_quality": None,
+        "forget_ratios": sets[forget_name]["ratios"],
+      }
+      if reference_ratios is not None:
+        result["forget_quality"] = forget_quality(
+          sets[forget_name]["ratios"], reference_ratios
+        )
+      results.append(result)
+    return results
 
   def evaluate(
     self, params, reference_ratios: Optional[np.ndarray] = None
@@ -346,19 +385,9 @@ class Evaluator:
 
     Returns:
       ``{"sets": {name: metrics}, "model_utility", "forget_efficacy",
-      "forget_quality" (or None), "forget_ratios"}``.
+      "forget_quality" (or None), "forget_ratios"}``; per set ``prob``,
+      ``rouge_l``, ``truth_ratio``, the per-question ``ratios`` and three
+      ``(reference, generation)`` samples.
     """
-    sets = {name: self.evaluate_set(params, name) for name in self.sets}
-    forget_name = next(n for n, k in self.kinds.items() if k == "forget")
-    result = {
-      "sets": sets,
-      "model_utility": model_utility(sets, self.kinds),
-      "forget_efficacy": forget_efficacy(sets[forget_name]),
-      "forget_quality": None,
-      "forget_ratios": sets[forget_name]["ratios"],
-    }
-    if reference_ratios is not None:
-      result["forget_quality"] = forget_quality(
-        sets[forget_name]["ratios"], reference_ratios
-      )
-    return result
+    stacked = jax.tree.map(lambda x: x[None], params)
+    return self.evaluate_many(stacked, reference_ratios)[0]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -17,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
 
 import dualoptax
 from unlearn_lm import data as lmdata
@@ -26,7 +26,9 @@ from unlearn_lm.cli import UsageError
 from unlearn_lm.metrics import Evaluator
 from unlearn_lm.model import LanguageModel
 from unlearn_lm.report import atomic_write_text, summarize
-from unlearn_lm.tokenizer import ByteTokenizer
+from unlearn_lm.tokenizer import ByteTokenizer, SubwordTokenizer
+
+Tokenizer = ByteTokenizer | SubwordTokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,34 +40,16 @@ class Context:
     lm: the model.
     tok: its tokenizer.
     max_len: sequence length.
-    mesh: the device mesh, or ``None`` on one device.
     ckpt_root: absolute path of the ``checkpoints/`` folder.
     log: prints one progress line.
   """
 
   args: argparse.Namespace
   lm: LanguageModel
-  tok: ByteTokenizer
+  tok: Tokenizer
   max_len: int
-  mesh: Optional[Mesh]
   ckpt_root: str
   log: Callable[[str], None]
-
-
-def make_mesh(spec: Optional[str], batch_size: int) -> Optional[Mesh]:
-  """The ``--mesh`` mesh (``None`` without one); bad specs raise :class:`UsageError`."""
-  if not spec:
-    return None
-  try:
-    mesh = train.make_mesh(train.parse_mesh(spec))
-  except ValueError as e:
-    raise UsageError(str(e)) from None
-  if batch_size % mesh.size:
-    raise UsageError(
-      f"--batch-size={batch_size} must be divisible by the mesh size "
-      f"{mesh.size}"
-    )
-  return mesh
 
 
 def load_data(args: argparse.Namespace) -> lmdata.UnlearningData:
@@ -85,51 +69,96 @@ def load_data(args: argparse.Namespace) -> lmdata.UnlearningData:
     raise UsageError(str(e)) from None
 
 
-def choose_max_len(
-  args: argparse.Namespace, data: lmdata.UnlearningData, tok: ByteTokenizer
-) -> tuple[int, list[str]]:
-  """``--max-len`` or the longest encoded example rounded up to 16 (capped);
-  plus a note when some texts are truncated."""
-  cap = 128 if args.data_dir is None else (192 if args.quick else 256)
+def make_tokenizer(
+  args: argparse.Namespace, data: lmdata.UnlearningData, saved: str
+) -> Tokenizer:
+  """``--tokenizer``: bytes, or a BPE of ``--vocab-size`` ids trained on the
+  fine-tuning texts (prompt + answer); a BPE saved at ``saved`` by an earlier
+  invocation is reused, so its checkpoints stay valid."""
+  if args.tokenizer == "byte":
+    return ByteTokenizer()
+  if os.path.isfile(saved):
+    with open(saved, encoding="utf-8") as f:
+      return SubwordTokenizer.from_json(f.read())
+  texts = [
+    lmdata.PROMPT_TEMPLATE.format(question=qa.question) + qa.answer
+    for qa in data.finetune_set
+  ]
+  return SubwordTokenizer.train(texts, args.vocab_size)
+
+
+def choose_lengths(
+  args: argparse.Namespace, data: lmdata.UnlearningData, tok: Tokenizer
+) -> tuple[int, int, list[str]]:
+  """Sequence length, generation-prompt width and notes.
+
+  The length is ``--max-len``, or the smallest multiple of 16 that truncates at
+  most 1% of the encoded texts (every answer, paraphrase and perturbed answer of
+  the training and evaluation sets), capped at 256. The prompt width is the
+  longest encoded prompt rounded up to 8 (at most half the length), so greedy
+  answers get the rest.
+  """
   texts = [
     (qa.question, a)
     for qa in data.finetune_set
     + [x for s in data.eval_sets.values() for x in s]
     for a in (qa.answer, qa.paraphrase, *qa.perturbed_answers)
   ]
-  lengths = [
-    2 + len(tok.encode(lmdata.PROMPT_TEMPLATE.format(question=q) + a))
-    for q, a in texts
-  ]
-  longest = max(lengths)
+  prompt = lambda q: tok.encode(lmdata.PROMPT_TEMPLATE.format(question=q))
+  lengths = np.array(
+    [2 + len(prompt(q)) + len(tok.encode(a)) for q, a in texts]
+  )
   if args.max_len is not None:
     max_len = args.max_len
   else:
-    max_len = min(cap, -(-longest // 16) * 16)
-  notes = []
-  cut = sum(n > max_len + 1 for n in lengths)
-  if cut:
-    notes.append(
-      f"{cut} of {len(lengths)} encoded QA texts are longer than max_len={max_len} "
-      f"bytes and are truncated (the answer's tail is cut; ROUGE references are "
-      f"the visible part)"
-    )
-  return max_len, notes
+    need = int(np.ceil(np.quantile(lengths - 1, 0.99)))
+    max_len = min(256, max(16, -(-need // 16) * 16))
+  widest = max(1 + len(prompt(q)) for q, _ in texts)
+  prompt_len = min(max_len // 2, -(-widest // 8) * 8)
+  cut = int(np.sum(lengths > max_len + 1))
+  notes = [
+    f"tokenizer: {type(tok).__name__} ({tok.vocab_size} ids); sequence length "
+    f"{max_len}: {cut} of {len(lengths)} encoded QA texts ({cut / len(lengths):.1%}) "
+    f"are longer and truncated (the answer's tail is cut; ROUGE references are "
+    f"the visible part); generation prompts {prompt_len} ids"
+  ]
+  return max_len, prompt_len, notes
+
+
+_FACTORIES = {
+  "adam": (
+    lambda learning_rate, weight_decay: optax.adamw(
+      learning_rate, b1=0.9, b2=0.95, weight_decay=weight_decay
+    ),
+    False,
+  ),
+  "dual_optim": (dualoptax.dual_optim, True),
+  "dual_optim_plus": (dualoptax.dual_optim_plus, True),
+  "dual_optim_plus_unstable": (
+    functools.partial(dualoptax.dual_optim_plus, stable=False),
+    True,
+  ),
+  "dual_optim_plus_8bit": (dualoptax.dual_optim_plus_8bit, True),
+}
 
 
 def make_tx(
-  name: str, lr: float, wd: float
+  name: str, lr: Any, wd: float
 ) -> tuple[optax.GradientTransformation, bool]:
-  """The unlearning optimizer ``name`` and whether it takes ``{objective: grads}``."""
-  if name == "adam":
-    return optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=wd), False
-  if name == "dual_optim":
-    return dualoptax.dual_optim(lr, weight_decay=wd), True
-  if name == "dual_optim_plus":
-    return dualoptax.dual_optim_plus(lr, weight_decay=wd), True
-  if name == "dual_optim_plus_8bit":
-    return dualoptax.dual_optim_plus_8bit(lr, weight_decay=wd), True
-  raise ValueError(f"unknown optimizer {name!r}")
+  """The unlearning optimizer ``name`` and whether it takes ``{objective: grads}``.
+
+  The learning rate and weight decay are injected hyperparameters
+  (``optax.inject_hyperparams``): they live in the state, so a sweep can stack
+  states of different learning rates and ``vmap`` one update over them. Adam
+  keeps one state for both objectives; its betas are the authors' (0.9, 0.95),
+  the defaults of DualOptim(+).
+  """
+  if name not in _FACTORIES:
+    raise ValueError(f"unknown optimizer {name!r}")
+  factory, multi = _FACTORIES[name]
+  static = dualoptax.STATIC_8BIT_ARGS if name.endswith("8bit") else ()
+  inject = optax.inject_hyperparams(factory, static_args=static)
+  return inject(learning_rate=lr, weight_decay=wd), multi
 
 
 def train_or_restore(
@@ -141,8 +170,9 @@ def train_or_restore(
   Returns:
     ``(params, seconds)``; ``seconds`` is ``None`` for a restored model.
   """
-  args, lm, tok, mesh = ctx.args, ctx.lm, ctx.tok, ctx.mesh
+  args, lm, tok = ctx.args, ctx.lm, ctx.tok
   fingerprint = {
+    "tokenizer": getattr(tok, "to_json", lambda: "bytes")(),
     "examples": [[qa.question, qa.answer] for qa in examples],
     "model": vars(lm.config),
     "steps": args.finetune_steps,
@@ -152,7 +182,7 @@ def train_or_restore(
   }
   path = os.path.join(ctx.ckpt_root, name)
   meta = path + ".json"
-  init = train.place(lm.init(args.seed), mesh)
+  init = lm.init(args.seed)
   if os.path.isdir(path) and os.path.isfile(meta):
     with open(meta, encoding="utf-8") as f:
       if json.load(f) == fingerprint:
@@ -183,9 +213,8 @@ def train_or_restore(
     batch_size=args.batch_size,
     seed=args.seed,
     chunk_steps=chunk_steps,
-    mesh=mesh,
   )
-  state = train.place(train.TrainState(jnp.int32(0), init, tx.init(init)), mesh)
+  state = train.TrainState(jnp.int32(0), init, tx.init(init))
   t0 = time.time()
   for _ in range(steps // chunk_steps):
     state, losses = chunk(state, enc)
@@ -216,80 +245,93 @@ def unlearning_data(
 
 
 @dataclasses.dataclass
-class UnlearnResult:
-  """One optimizer's run: its history (one record per chunk), the seconds it
-  took, and whether ``--max-chunks`` stopped it early."""
+class SweepResult:
+  """The runs of one optimizer and forget loss over the learning rates and seeds.
 
-  history: list
+  Attributes:
+    runs: one dict per (lr, seed): ``optimizer``, ``forget_loss``, ``lr``,
+      ``seed``, the final ``forget_efficacy``, ``model_utility``,
+      ``forget_quality``, and ``history`` (one record per evaluation).
+    seconds: wall time, compilation included.
+    stopped: whether ``--max-chunks`` stopped it early.
+  """
+
+  runs: list
   seconds: float
   stopped: bool
 
 
-def unlearn(
+def sweep(
   ctx: Context,
   name: str,
+  forget_loss: str,
   ft_params: Any,
   udata: dict,
   evaluator: Evaluator,
   ref_ratios: np.ndarray,
   before: dict,
-) -> UnlearnResult:
-  """Unlearns from ``ft_params`` with optimizer ``name``, one jitted chunk at a
-  time, evaluating every ``--eval-every`` steps and checkpointing every chunk
-  (``--resume`` continues from the latest checkpoint)."""
-  args, mesh = ctx.args, ctx.mesh
-  tx, multi = make_tx(name, args.lr, args.weight_decay)
-  params0 = jax.tree.map(
-    lambda x: x.copy(), ft_params
-  )  # the chunk donates its input
-  state = train.place(
-    train.TrainState(jnp.int32(0), params0, tx.init(params0)), mesh
-  )
-  ckdir = os.path.join(ctx.ckpt_root, f"unlearn_{name}_{args.forget_loss}")
+) -> SweepResult:
+  """Unlearns from ``ft_params`` with optimizer ``name`` at every ``--lrs`` and
+  ``--seeds`` at once: their states are stacked on a leading member axis and one
+  ``vmap``-ed chunk advances them all (seed ``s`` draws the batch order; every
+  lr sees the same orders). Evaluates every ``--eval-every`` steps and
+  checkpoints every chunk (``--resume`` continues from the latest checkpoint).
+  """
+  args = ctx.args
+  members = [(lr, seed) for lr in args.lrs for seed in range(args.seeds)]
+  lrs = jnp.asarray([lr for lr, _ in members], jnp.float32)
+  seeds = jnp.asarray([1000 + seed for _, seed in members], jnp.int32)
+  tx, multi = make_tx(name, 1.0, args.weight_decay)
+  stack = lambda x: jnp.repeat(x[None], len(members), axis=0)
+  params = jax.tree.map(stack, ft_params)
+  opt_state = jax.vmap(
+    lambda p, lr: make_tx(name, lr, args.weight_decay)[0].init(p)
+  )(params, lrs)
+  state = train.TrainState(jnp.int32(0), params, opt_state)
+  ckdir = os.path.join(ctx.ckpt_root, f"unlearn_{name}_{forget_loss}")
   if not args.resume and os.path.isdir(ckdir):
-    shutil.rmtree(
-      ckdir
-    )  # a fresh run replaces an old one (use --resume to continue it)
+    shutil.rmtree(ckdir)  # a fresh run replaces an old one
   ck = train.RunCheckpointer(ckdir)
-  history = [dict(before)]
+  histories = [[dict(before)] for _ in members]
   if args.resume and ck.latest_step() is not None:
-    state, history = ck.restore(ck.latest_step(), state)
-    ctx.log(f"[{name}] resumed at step {int(state.step)}")
-  chunk = train.make_unlearn_chunk(
+    state, histories = ck.restore(ck.latest_step(), state)
+    ctx.log(f"[{name} {forget_loss}] resumed at step {int(state.step)}")
+  chunk = train.make_unlearn_sweep_chunk(
     ctx.lm,
     tx,
     multi_objective=multi,
-    forget_loss=args.forget_loss,
+    forget_loss=forget_loss,
     batch_size=args.batch_size,
-    seed=args.seed + 1,
     chunk_steps=args.chunk_steps,
     forget_freq=args.forget_freq,
     retain_freq=args.retain_freq,
-    mesh=mesh,
   )
   t0, done, stopped = time.time(), 0, False
   while int(state.step) < args.unlearn_steps:
-    state, (losses, index) = chunk(state, udata)
+    state, (losses, index) = chunk(state, seeds, udata)
     step = int(state.step)
-    losses, index = np.asarray(losses), np.asarray(index)
-    rec = {
-      "step": step,
-      "forget_loss": float(losses[index == 0].mean())
-      if (index == 0).any()
-      else None,
-      "retain_loss": float(losses[index == 1].mean())
-      if (index == 1).any()
-      else None,
-    }
+    losses, index = np.asarray(losses), np.asarray(index[0])
+    recs = [
+      {
+        "step": step,
+        "forget_loss": _mean_or_none(losses[i][index == 0]),
+        "retain_loss": _mean_or_none(losses[i][index == 1]),
+      }
+      for i in range(len(members))
+    ]
     if step % args.eval_every == 0 or step == args.unlearn_steps:
-      rec.update(summarize(evaluator.evaluate(state.params, ref_ratios)))
+      evals = evaluator.evaluate_many(state.params, ref_ratios)
+      for rec, ev in zip(recs, evals):
+        rec.update(summarize(ev))
+      fe = np.array([r["forget_efficacy"] for r in recs])
+      mu = np.array([r["model_utility"] for r in recs])
       ctx.log(
-        f"[{name}] step {step:4d}  FQ {rec['forget_quality']:.3g}  "
-        f"MU {rec['model_utility']:.3f}  FE {rec['forget_efficacy']:.3f}  "
-        f"forget prob {rec['forget/prob']:.3f}  ({time.time() - t0:.0f}s)"
+        f"[{name} {forget_loss}] step {step:4d}  FE {fe.min():.3f}..{fe.max():.3f}  "
+        f"MU {mu.min():.3f}..{mu.max():.3f}  ({time.time() - t0:.0f}s)"
       )
-    history.append(rec)
-    ck.save(step, state, history)
+    for hist, rec in zip(histories, recs):
+      hist.append(rec)
+    ck.save(step, state, histories)
     done += 1
     if (
       args.max_chunks is not None
@@ -298,9 +340,29 @@ def unlearn(
     ):
       stopped = True
       ctx.log(
-        f"[{name}] stopped after {done} chunk(s) at step {step} (--max-chunks); "
-        f"rerun with --resume to continue"
+        f"[{name} {forget_loss}] stopped after {done} chunk(s) at step {step} "
+        f"(--max-chunks); rerun with --resume to continue"
       )
       break
   ck.close()
-  return UnlearnResult(history, time.time() - t0, stopped)
+  runs = []
+  for (lr, seed), hist in zip(members, histories):
+    final = next(h for h in reversed(hist) if "model_utility" in h)
+    runs.append(
+      {
+        "optimizer": name,
+        "forget_loss": forget_loss,
+        "lr": lr,
+        "seed": seed,
+        "forget_efficacy": final["forget_efficacy"],
+        "model_utility": final["model_utility"],
+        "forget_quality": final["forget_quality"],
+        "final": final,
+        "history": hist,
+      }
+    )
+  return SweepResult(runs, time.time() - t0, stopped)
+
+
+def _mean_or_none(x: np.ndarray) -> Optional[float]:
+  return float(x.mean()) if x.size else None

@@ -44,33 +44,170 @@ def summarize(ev: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
-def plot(histories: Mapping[str, list], path: str, title: str) -> None:
-  """Six panels of metrics over unlearning steps, one line per optimizer."""
+def lr_points(runs: Sequence[Mapping]) -> dict:
+  """``{(forget_loss, optimizer): [point per lr]}``, each point the lr and the
+  mean and std over seeds of the final FE, MU and FQ (and the per-seed values,
+  keyed by seed)."""
+  groups: dict = {}
+  for r in runs:
+    groups.setdefault((r["forget_loss"], r["optimizer"]), {}).setdefault(
+      r["lr"], []
+    ).append(r)
+  out = {}
+  for key, by_lr in groups.items():
+    pts = []
+    for lr in sorted(by_lr):
+      rs = sorted(by_lr[lr], key=lambda r: r["seed"])
+      pt = {"lr": lr, "seeds": [r["seed"] for r in rs]}
+      for m in ("forget_efficacy", "model_utility", "forget_quality"):
+        v = np.array([r[m] for r in rs], np.float64)
+        pt[m] = v
+        pt[m + "_mean"], pt[m + "_std"] = float(v.mean()), float(v.std(ddof=0))
+      pts.append(pt)
+    out[key] = pts
+  return out
+
+
+def select(points: Sequence[Mapping], mu_floor: float) -> Optional[dict]:
+  """The lr of best mean FE among those whose mean MU is >= ``mu_floor`` (None
+  if none is), with ``edge`` set when it is the smallest or largest lr tried."""
+  ok = [p for p in points if p["model_utility_mean"] >= mu_floor]
+  if not ok:
+    return None
+  best = max(ok, key=lambda p: p["forget_efficacy_mean"])
+  lrs = [p["lr"] for p in points]
+  return {**best, "edge": best["lr"] in (min(lrs), max(lrs))}
+
+
+def study_table(
+  runs: Sequence[Mapping],
+  finetuned_mu: float,
+  reference: str = "dual_optim_plus",
+  mu_ratio: float = 0.9,
+) -> tuple[str, list[dict]]:
+  """Each optimizer at its best FE subject to MU >= ``mu_ratio`` x the
+  fine-tuned model's, as a Markdown table per forget loss, and the rows.
+
+  ``ΔFE`` is the paired difference to ``reference`` at its own chosen lr, over
+  the same seeds (mean ± std); it is marked ``*`` when its mean exceeds the seed
+  spread, the larger of the two optimizers' FE stds (never with one seed).
+  """
+  floor = mu_ratio * finetuned_mu
+  points = lr_points(runs)
+  rows, lines = [], []
+  for loss in dict.fromkeys(r["forget_loss"] for r in runs):
+    names = [n for (l, n) in points if l == loss]
+    chosen = {n: select(points[(loss, n)], floor) for n in names}
+    ref = chosen.get(reference)
+    lines += [
+      f"\n{loss.upper()}+GD: best FE subject to MU >= {mu_ratio:g} x fine-tuned "
+      f"= {floor:.3f} (final values; mean ± std over seeds)",
+      "| optimizer | lr | FE | MU | FQ | ΔFE vs "
+      f"{LABELS.get(reference, reference)} |",
+      "|---|---|---|---|---|---|",
+    ]
+    for n in names:
+      c = chosen[n]
+      if c is None:
+        lines.append(
+          f"| {LABELS.get(n, n)} | none meets the MU floor | | | | |"
+        )
+        rows.append({"forget_loss": loss, "optimizer": n, "lr": None})
+        continue
+      fmt = lambda m: f"{c[m + '_mean']:.3f} ± {c[m + '_std']:.3f}"
+      delta, mark = "—", ""
+      row = {
+        "forget_loss": loss,
+        "optimizer": n,
+        "lr": c["lr"],
+        "edge": c["edge"],
+        **{
+          k: c[k]
+          for k in c
+          if k.endswith("_mean") or k.endswith("_std") or k == "seeds"
+        },
+      }
+      if ref is not None and n != reference and c["seeds"] == ref["seeds"]:
+        d = c["forget_efficacy"] - ref["forget_efficacy"]
+        spread = max(c["forget_efficacy_std"], ref["forget_efficacy_std"])
+        big = len(d) > 1 and abs(d.mean()) > spread
+        mark = " *" if big else ""
+        delta = f"{d.mean():+.3f} ± {d.std(ddof=0):.3f}{mark}"
+        row.update(
+          delta_fe_mean=float(d.mean()),
+          delta_fe_std=float(d.std()),
+          exceeds_spread=bool(big),
+        )
+      lr = f"{c['lr']:g}" + (" (edge)" if c["edge"] else "")
+      lines.append(
+        f"| {LABELS.get(n, n)} | {lr} | {fmt('forget_efficacy')} | "
+        f"{fmt('model_utility')} | {c['forget_quality_mean']:.3g} ± "
+        f"{c['forget_quality_std']:.2g} | {delta} |"
+      )
+      rows.append(row)
+  lines.append(
+    "\n* : the paired FE difference exceeds the seed spread; (edge): the "
+    "chosen lr is at an end of the sweep"
+  )
+  return "\n".join(lines).lstrip("\n"), rows
+
+
+def plot_fronts(
+  runs: Sequence[Mapping], finetuned: Mapping, path: str, y: str, title: str
+) -> None:
+  """One panel per forget loss: ``y`` (FE or FQ) against MU, one line per
+  optimizer through its learning rates (mean ± std over seeds)."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  panels = [
-    ("forget/prob", "forget answer probability"),
-    ("forget/rouge_l", "forget ROUGE-L recall"),
-    ("forget/truth_ratio", "forget truth ratio (1 - mean min(R, 1/R))"),
-    ("forget_quality", "Forget Quality (KS p-value, log)"),
-    ("model_utility", "Model Utility"),
-    ("forget_efficacy", "Forget Efficacy"),
-  ]
-  fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
-  for ax, (key, label) in zip(axes.ravel(), panels):
-    for name, hist in histories.items():
-      pts = [(h["step"], h[key]) for h in hist if h.get(key) is not None]
-      if pts:
-        ax.plot(*zip(*pts), marker="o", ms=3, label=LABELS[name])
-    if key == "forget_quality":
+  points = lr_points(runs)
+  losses = list(dict.fromkeys(r["forget_loss"] for r in runs))
+  fig, axes = plt.subplots(
+    1, len(losses), figsize=(6.5 * len(losses), 5), squeeze=False
+  )
+  for ax, loss in zip(axes[0], losses):
+    for (l, name), pts in points.items():
+      if l != loss:
+        continue
+      ax.errorbar(
+        [p["model_utility_mean"] for p in pts],
+        [p[y + "_mean"] for p in pts],
+        xerr=[p["model_utility_std"] for p in pts],
+        yerr=[p[y + "_std"] for p in pts],
+        marker="o",
+        ms=4,
+        capsize=2,
+        label=LABELS.get(name, name),
+      )
+      ax.annotate(
+        f"{pts[-1]['lr']:g}",
+        (pts[-1]["model_utility_mean"], pts[-1][y + "_mean"]),
+        fontsize=7,
+      )
+    ax.plot(
+      [finetuned["model_utility"]],
+      [finetuned[y]],
+      "k*",
+      ms=12,
+      label="fine-tuned (before)",
+    )
+    ax.axvline(0.9 * finetuned["model_utility"], color="gray", ls="--", lw=1)
+    if y == "forget_quality":
       ax.set_yscale("log")
-    ax.set_title(label, fontsize=10)
-    ax.set_xlabel("unlearning step")
+    ax.set_xlabel("Model Utility (final)")
+    ax.set_ylabel(
+      {
+        "forget_efficacy": "Forget Efficacy",
+        "forget_quality": "Forget Quality (KS p-value)",
+      }[y]
+    )
+    ax.set_title(
+      f"{loss.upper()}+GD (points: lrs; bars: std over seeds)", fontsize=10
+    )
     ax.grid(alpha=0.3)
-  axes[0, 0].legend(fontsize=8)
+    ax.legend(fontsize=8)
   fig.suptitle(title, fontsize=11)
   fig.tight_layout()
   tmp = path + ".tmp.png"

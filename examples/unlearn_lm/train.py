@@ -45,6 +45,7 @@ __all__ = [
   "make_finetune_chunk",
   "alternating_step",
   "make_unlearn_chunk",
+  "make_unlearn_sweep_chunk",
   "reference_sequence_nll",
   "save_pytree",
   "restore_pytree",
@@ -277,6 +278,64 @@ def alternating_step(
   return new_params, new_state, loss, index
 
 
+def _unlearn_step_fn(
+  lm: LanguageModel,
+  tx: optax.GradientTransformation,
+  *,
+  multi_objective: bool,
+  forget_loss: str,
+  batch_size: int,
+  forget_freq: int,
+  retain_freq: int,
+  npo_beta: float,
+  objectives: tuple[str, str],
+  mesh: Optional[Mesh],
+) -> Callable:
+  """``step(state, data, base_key) -> (state, (loss, index))``: one alternating step."""
+  if forget_loss not in FORGET_LOSSES:
+    raise ValueError(
+      f"forget_loss must be one of {FORGET_LOSSES}, got {forget_loss!r}."
+    )
+  _check_batch(batch_size, mesh)
+  alternating_index(0, forget_freq, retain_freq)  # validates the schedule early
+  forget_name, retain_name = objectives
+
+  def objective_loss(name, params, data, key):
+    if name == forget_name:
+      n = data["forget"].inputs.shape[0]
+      idx = jax.random.randint(key, (batch_size,), 0, n)
+      b = _constrain_batch(_gather(data["forget"], idx), mesh)
+      logits = lm.apply(params, b.inputs)
+      if forget_loss == "npo":
+        return losses.npo_loss(
+          logits, b.targets, b.mask, data["ref_nll"][idx], beta=npo_beta
+        )
+      if forget_loss == "ga":
+        return losses.ga_loss(logits, b.targets, b.mask)
+      return losses.me_loss(logits, b.mask)
+    n = data["retain"].inputs.shape[0]
+    idx = jax.random.randint(key, (batch_size,), 0, n)
+    b = _constrain_batch(_gather(data["retain"], idx), mesh)
+    return losses.gd_loss(lm.apply(params, b.inputs), b.targets, b.mask)
+
+  def step(state, data, base_key):
+    key = jax.random.fold_in(base_key, state.step)
+    params, opt_state, loss, index = alternating_step(
+      state.params,
+      state.opt_state,
+      state.step,
+      tx,
+      lambda name, p: objective_loss(name, p, data, key),
+      objectives,
+      forget_freq=forget_freq,
+      retain_freq=retain_freq,
+      multi_objective=multi_objective,
+    )
+    return TrainState(state.step + 1, params, opt_state), (loss, index)
+
+  return step
+
+
 def make_unlearn_chunk(
   lm: LanguageModel,
   tx: optax.GradientTransformation,
@@ -298,6 +357,7 @@ def make_unlearn_chunk(
   (``ref_nll``: summed answer NLL of the frozen fine-tuned model, used by NPO).
   Objective losses (:mod:`dualoptax.unlearning.losses`): forget ``npo`` (β = ``npo_beta``), ``ga`` or ``me``;
   retain GD (mean answer NLL). ``index[s]`` is 0 for a forget step and 1 for a retain step.
+  Step ``s`` draws its batch with the key ``fold_in(key(seed), s)``.
 
   Args:
     lm: the model.
@@ -313,50 +373,24 @@ def make_unlearn_chunk(
     objectives: names of the two objectives, in schedule order.
     mesh: optional ``(data, fsdp)`` mesh.
   """
-  if forget_loss not in FORGET_LOSSES:
-    raise ValueError(
-      f"forget_loss must be one of {FORGET_LOSSES}, got {forget_loss!r}."
-    )
-  _check_batch(batch_size, mesh)
-  alternating_index(0, forget_freq, retain_freq)  # validates the schedule early
+  step = _unlearn_step_fn(
+    lm,
+    tx,
+    multi_objective=multi_objective,
+    forget_loss=forget_loss,
+    batch_size=batch_size,
+    forget_freq=forget_freq,
+    retain_freq=retain_freq,
+    npo_beta=npo_beta,
+    objectives=objectives,
+    mesh=mesh,
+  )
   base = jax.random.key(seed)
-  forget_name, retain_name = objectives
-
-  def objective_loss(name, params, data, key):
-    if name == forget_name:
-      n = data["forget"].inputs.shape[0]
-      idx = jax.random.randint(key, (batch_size,), 0, n)
-      b = _constrain_batch(_gather(data["forget"], idx), mesh)
-      logits = lm.apply(params, b.inputs)
-      if forget_loss == "npo":
-        return losses.npo_loss(
-          logits, b.targets, b.mask, data["ref_nll"][idx], beta=npo_beta
-        )
-      if forget_loss == "ga":
-        return losses.ga_loss(logits, b.targets, b.mask)
-      return losses.me_loss(logits, b.mask)
-    n = data["retain"].inputs.shape[0]
-    idx = jax.random.randint(key, (batch_size,), 0, n)
-    b = _constrain_batch(_gather(data["retain"], idx), mesh)
-    return losses.gd_loss(lm.apply(params, b.inputs), b.targets, b.mask)
 
   def chunk(state, data):
-    def step(state, _):
-      key = jax.random.fold_in(base, state.step)
-      params, opt_state, loss, index = alternating_step(
-        state.params,
-        state.opt_state,
-        state.step,
-        tx,
-        lambda name, p: objective_loss(name, p, data, key),
-        objectives,
-        forget_freq=forget_freq,
-        retain_freq=retain_freq,
-        multi_objective=multi_objective,
-      )
-      return TrainState(state.step + 1, params, opt_state), (loss, index)
-
-    return jax.lax.scan(step, state, None, length=chunk_steps)
+    return jax.lax.scan(
+      lambda s, _: step(s, data, base), state, None, length=chunk_steps
+    )
 
   cache = {}
 
@@ -366,6 +400,57 @@ def make_unlearn_chunk(
     return cache["fn"](state, data)
 
   return run
+
+
+def make_unlearn_sweep_chunk(
+  lm: LanguageModel,
+  tx: optax.GradientTransformation,
+  *,
+  multi_objective: bool,
+  forget_loss: str = "npo",
+  batch_size: int,
+  chunk_steps: int,
+  forget_freq: int = 1,
+  retain_freq: int = 5,
+  npo_beta: float = 0.1,
+  objectives: tuple[str, str] = ("forget", "retain"),
+) -> Callable:
+  r"""``chunk(states, seeds, data) -> (states, (losses, index))``: the chunk of
+  :func:`make_unlearn_chunk` for a stack of runs at once, ``vmap``-ed.
+
+  ``states`` is a :class:`TrainState` whose ``params`` and ``opt_state`` have a
+  leading *member* axis (e.g. one member per learning rate and seed: give ``tx``
+  its learning rate through ``optax.inject_hyperparams`` so each member's state
+  holds its own) and whose ``step`` is one scalar shared by all (a batched step
+  would turn the schedule's ``lax.switch`` into computing both objectives);
+  ``seeds[i]`` (int32) is member ``i``'s batch-sampling seed. Member ``i``
+  takes exactly the steps of ``make_unlearn_chunk(..., seed=seeds[i])``.
+  Jitted, the states donated; one device.
+  """
+  step = _unlearn_step_fn(
+    lm,
+    tx,
+    multi_objective=multi_objective,
+    forget_loss=forget_loss,
+    batch_size=batch_size,
+    forget_freq=forget_freq,
+    retain_freq=retain_freq,
+    npo_beta=npo_beta,
+    objectives=objectives,
+    mesh=None,
+  )
+
+  def member(state, seed, data):
+    base = jax.random.key(seed)
+    return jax.lax.scan(
+      lambda s, _: step(s, data, base), state, None, length=chunk_steps
+    )
+
+  axes = TrainState(None, 0, 0)
+  return jax.jit(
+    jax.vmap(member, in_axes=(axes, 0, None), out_axes=(axes, 0)),
+    donate_argnums=0,
+  )
 
 
 def reference_sequence_nll(
