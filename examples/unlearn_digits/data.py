@@ -57,20 +57,8 @@ class SeedSets(NamedTuple):
   retain_idx: jax.Array
 
 
-def forget_sets(split: Split, keys: jax.Array, n_forget: int) -> SeedSets:
-  """A random forget set of ``n_forget`` training rows per seed key.
-
-  Args:
-    split: the data.
-    keys: ``[S]`` PRNG keys, one per seed.
-    n_forget: rows to forget, in ``[1, N)``.
-  """
-  n_train = split.x_train.shape[0]
-  if not 1 <= n_forget < n_train:
-    raise ValueError(f"n_forget must lie in [1, {n_train}), got {n_forget}")
-  perm = jax.vmap(lambda k: jax.random.permutation(k, n_train))(keys)
-  f_idx, r_idx = perm[:, :n_forget], perm[:, n_forget:]
-  s = keys.shape[0]
+def _gather(split: Split, f_idx: jax.Array, r_idx: jax.Array) -> SeedSets:
+  s = f_idx.shape[0]
   x, y = split.x_train, split.y_train
   sets = {
     "forget": (x[f_idx], y[f_idx]),
@@ -81,3 +69,42 @@ def forget_sets(split: Split, keys: jax.Array, n_forget: int) -> SeedSets:
     ),
   }
   return SeedSets(sets, f_idx, r_idx)
+
+
+def forget_sets(
+  split: Split, keys: jax.Array, n_forget: int, n_use: int | None = None
+) -> SeedSets:
+  """A random forget set of ``n_forget`` training rows per seed key.
+
+  Each seed draws ``n_use`` of the training rows at random (all by default);
+  the first ``n_forget`` of them are forgotten, the rest are the retain set.
+
+  Args:
+    split: the data.
+    keys: ``[S]`` PRNG keys, one per seed.
+    n_forget: rows to forget, in ``[1, n_use)``.
+    n_use: training rows used per seed, in ``[2, N]``; default ``N``.
+  """
+  n_train = split.x_train.shape[0]
+  n_use = n_train if n_use is None else n_use
+  if not 2 <= n_use <= n_train:
+    raise ValueError(f"n_use must lie in [2, {n_train}], got {n_use}")
+  if not 1 <= n_forget < n_use:
+    raise ValueError(f"n_forget must lie in [1, {n_use}), got {n_forget}")
+  perm = jax.vmap(lambda k: jax.random.permutation(k, n_train))(keys)
+  return _gather(split, perm[:, :n_forget], perm[:, n_forget:n_use])
+
+
+def class_forget_sets(split: Split, seeds: int, forget_class: int) -> SeedSets:
+  """Class-wise forgetting: every training row of ``forget_class`` is forgotten.
+
+  The sets are the same for every seed (only initialization and batches
+  differ); they are stacked ``seeds`` times like :func:`forget_sets`'.
+  """
+  y = np.asarray(split.y_train)
+  if forget_class not in set(y.tolist()):
+    raise ValueError(f"no training image has class {forget_class}")
+  tile = lambda idx: jnp.broadcast_to(jnp.asarray(idx), (seeds, idx.size))
+  f_idx = np.flatnonzero(y == forget_class)
+  r_idx = np.flatnonzero(y != forget_class)
+  return _gather(split, tile(f_idx), tile(r_idx))

@@ -1,76 +1,215 @@
-"""Scoring against Retrain, the printed table and the summary figure."""
+"""Scoring against Retrain, the paired comparisons, the table and the figure."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 
 from dualoptax.unlearning import metrics
-from unlearn_digits.config import LOSS_NAMES, METHODS
+from unlearn_digits import stats
+from unlearn_digits.config import BASELINE, LOSS_NAMES, METHODS
 
 SET_NAMES = ("forget", "retain", "test")
+RANDOM_METRICS = ("UA", "RA", "TA", "MIA")
+CLASS_METRICS = ("UA", "RA", "TA_other", "TA_class", "MIA")
+
+
+def metric_names(forget_class: Optional[int]) -> tuple:
+  """The reported metrics (and those of the gap): UA, RA, TA, MIA for random
+  forgetting; UA, RA, TA on the other classes, TA on the class, MIA for
+  class-wise forgetting."""
+  return RANDOM_METRICS if forget_class is None else CLASS_METRICS
 
 
 def seed_metrics(
   logits: Mapping[str, jax.Array],
   sets: Mapping[str, tuple[jax.Array, jax.Array]],
+  forget_class: Optional[int] = None,
 ) -> list[dict]:
-  """Per-seed UA/RA/TA/MIA dicts from logits and labels stacked over seeds."""
+  """Per-seed metric dicts (×100) from logits and labels stacked over seeds.
+
+  Non-finite logits (a diverged run) are scored as they come out, after
+  ``nan -> 0`` and clipping to ±1e4, so a diverged run gets a (bad) finite
+  score rather than failing the attack's fit.
+  """
   n = next(iter(logits.values())).shape[0]
   out = []
   for s in range(n):
-    args = []
-    for name in SET_NAMES:
-      args += [np.asarray(logits[name][s]), np.asarray(sets[name][1][s])]
-    out.append(metrics.unlearning_metrics(*args))
+    lg = {
+      k: np.clip(np.nan_to_num(np.asarray(logits[k][s], np.float32)), -1e4, 1e4)
+      for k in SET_NAMES
+    }
+    lab = {k: np.asarray(sets[k][1][s]) for k in SET_NAMES}
+    m = metrics.unlearning_metrics(
+      *[a[k] for k in SET_NAMES for a in (lg, lab)]
+    )
+    if forget_class is not None:
+      on = lab["test"] == forget_class
+      ta = lambda mask: float(
+        metrics.accuracy(lg["test"][mask], lab["test"][mask])
+      )
+      m = dict(
+        UA=m["UA"], RA=m["RA"], TA_other=ta(~on), TA_class=ta(on), MIA=m["MIA"]
+      )
+    out.append(m)
   return out
 
 
-def summary(runs: list[dict], reference: Mapping[str, Any] | None) -> dict:
-  """Mean/std over seeds, the per-seed values, and the average gap to
-  ``reference`` (Retrain's summary) when given."""
-  out = dict(metrics.summarize(runs), per_seed=runs)
+def summary(runs: list[dict], reference: Optional[list[dict]], names) -> dict:
+  """Mean/std over seeds, the per-seed values and, against ``reference``
+  (the same seeds' Retrain metrics), the per-seed gaps, their mean
+  ``avg_gap`` and std, and ``gap_of_means`` (the authors' average gap of the
+  mean metrics, for reference)."""
+  out = dict(stats.summarize(runs, names), per_seed=runs)
   if reference is not None:
-    out["avg_gap"] = metrics.average_gap(out["mean"], reference["mean"])
+    gaps = stats.seed_gaps(runs, reference, names)
+    ref_mean = stats.summarize(reference, names)["mean"]
+    out.update(
+      gaps=gaps.tolist(),
+      avg_gap=float(gaps.mean()),
+      avg_gap_std=float(gaps.std(ddof=1)) if gaps.size > 1 else 0.0,
+      gap_of_means=float(
+        np.mean([abs(out["mean"][m] - ref_mean[m]) for m in names])
+      ),
+    )
   return out
 
 
-def grid_summaries(
-  logits: Mapping[str, jax.Array],
-  sets: Mapping,
-  forget_lrs: Sequence[float],
-  reference: Mapping,
-) -> list[dict]:
-  """One :func:`summary` per forget lr; ``logits[name]`` is ``[S, len(lrs), ...]``."""
-  grid = []
-  for j, lr in enumerate(forget_lrs):
-    runs = seed_metrics({k: v[:, j] for k, v in logits.items()}, sets)
-    grid.append(dict(forget_lr=lr, **summary(runs, reference)))
-  return grid
+def compare(
+  rows: Sequence[dict],
+  original: Mapping,
+  finetune: Mapping,
+  reference_runs: list[dict],
+  names: Sequence[str],
+  confidence: float,
+) -> dict:
+  """Paired differences against DualOptim+ (per loss) and the verdicts.
+
+  Adds to each row ``vs_baseline``: the paired difference of its per-seed gap
+  to DualOptim+'s under the same loss, and ``vs_baseline_per_metric``, the same
+  for each metric's ``|m - Retrain|``. Returns, per loss, the best method,
+  :func:`stats.ranking_verdict` of the Original against it, the Original's
+  paired difference to DualOptim+, and GD-only fine-tuning (``finetune``)
+  against the best method.
+  """
+  dist = lambda r: {
+    m: [abs(a[m] - b[m]) for a, b in zip(r["per_seed"], reference_runs)]
+    for m in names
+  }
+  verdicts = {}
+  for loss in dict.fromkeys(r["loss"] for r in rows):
+    group = [r for r in rows if r["loss"] == loss]
+    base = next((r for r in group if r["method"] == METHODS[BASELINE]), None)
+    for r in group:
+      if base is not None and r is not base:
+        r["vs_baseline"] = stats.paired_difference(
+          r["gaps"], base["gaps"], confidence
+        )
+        d, db = dist(r), dist(base)
+        r["vs_baseline_per_metric"] = {
+          m: stats.paired_difference(d[m], db[m], confidence) for m in names
+        }
+    best = min(group, key=lambda r: r["avg_gap"])
+    verdicts[loss] = dict(
+      best=best["method"],
+      original_minus_best=stats.ranking_verdict(
+        original["gaps"], best["gaps"], confidence
+      ),
+      original_minus_baseline=None
+      if base is None
+      else stats.paired_difference(original["gaps"], base["gaps"], confidence),
+      finetune_minus_best=stats.paired_difference(
+        finetune["gaps"], best["gaps"], confidence
+      ),
+    )
+  return verdicts
+
+
+def _interval(d: Mapping) -> str:
+  star = " *" if d["significant"] else ""
+  return f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]{star}"
 
 
 def table(
   reference: Mapping,
   original: Mapping,
+  finetune: Mapping,
   rows: Sequence[Mapping],
-  losses: Sequence[str],
+  names: Sequence[str],
+  forget_class: Optional[int] = None,
 ) -> str:
-  """Retrain, Original, then every (loss, method) row, grouped by loss."""
-  table_rows = {
-    "Retrain (gold standard)": dict(reference, avg_gap=None),
-    "Original (no unlearning)": original,
-  }
-  for loss in [LOSS_NAMES[name] for name in losses]:
-    for r in rows:
-      if r["loss"] == loss:
-        table_rows[f"{loss}  {r['method']}"] = dict(
-          r, note=f"forget lr {r['forget_lr']:g}"
-        )
-  return metrics.format_table(table_rows)
+  """Retrain, Original, GD-only fine-tuning, then every (loss, method) row
+  grouped by loss: ``mean ± std`` per metric, avg gap ``mean ± std`` over seeds, the authors'
+  gap of the mean metrics, the paired difference of the avg gap to DualOptim+
+  with its interval (``*``: excludes 0), and the chosen forget lr (``EDGE``
+  when on the edge of the lrs tried)."""
+  label = {"TA_other": "TA other", "TA_class": f"TA on {forget_class}"}
+  header = ["method", *[label.get(m, m) for m in names]]
+  header += ["avg gap", "gap of means", "Δ gap vs DualOptim+ [CI]"]
+  header += ["forget lr"]
+  entries = [
+    ("Retrain (gold standard)", reference),
+    ("Original (no unlearning)", original),
+    ("Fine-tune (GD only)", finetune),
+  ]
+  entries += [(f"{r['loss']}  {r['method']}", r) for r in rows]
+  lines = []
+  for name, r in entries:
+    cells = [name] + [
+      f"{r['mean'][m]:6.2f} ± {r['std'][m]:5.2f}" for m in names
+    ]
+    gap = r.get("avg_gap")
+    cells.append(
+      "—" if gap is None else f"{gap:5.2f} ± {r['avg_gap_std']:4.2f}"
+    )
+    cells.append("—" if gap is None else f"{r['gap_of_means']:5.2f}")
+    cells.append(_interval(r["vs_baseline"]) if "vs_baseline" in r else "")
+    if "forget_lr" in r:
+      flag = f" EDGE ({r['edge']})" if r["edge"] else ""
+      cells.append(f"{r['forget_lr']:.3g}{flag}")
+    else:
+      cells.append("")
+    lines.append(cells)
+  widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
+  fmt = lambda cells: "  ".join(
+    str(c).ljust(w) for c, w in zip(cells, widths)
+  ).rstrip()
+  rule = "  ".join("-" * w for w in widths)
+  return "\n".join([fmt(header), rule] + [fmt(c) for c in lines])
+
+
+def verdict_lines(verdicts: Mapping, confidence: float) -> str:
+  """One line per loss: can the setting rank methods, the Original's
+  distance to the best method and to DualOptim+, and GD-only fine-tuning's
+  distance to the best method."""
+  pct = f"{100 * confidence:g}%"
+  lines = []
+  for loss, v in verdicts.items():
+    d = v["original_minus_best"]
+    if d["can_rank"]:
+      head = "can rank: the Original is significantly farther from Retrain"
+    else:
+      head = (
+        "CANNOT RANK: the untouched Original is not significantly farther "
+        "from Retrain"
+      )
+    line = f"{loss}: {head} than the best method ({v['best']}); Original − best = {_interval(d)}"
+    if v["original_minus_baseline"] is not None:
+      line += (
+        f", Original − DualOptim+ = {_interval(v['original_minus_baseline'])}"
+      )
+    ft = _interval(v["finetune_minus_best"])
+    line += f"; Fine-tune (GD only) − best = {ft}"
+    lines.append(line)
+  lines.append(
+    f"[a, b]: {pct} t-interval over seeds of the paired difference of per-seed "
+    "avg gaps; * = excludes 0."
+  )
+  return "\n".join(lines)
 
 
 def write(out: Path, result: Mapping, table_text: str) -> list[Path]:
@@ -101,11 +240,13 @@ def plot_summary(
   ]
   colors = dict(
     zip(
-      METHODS.values(), ["#8c8c8c", "#c7b72a", "#1f77b4", "#d62728", "#ff9f4a"]
+      METHODS.values(),
+      ["#8c8c8c", "#c7b72a", "#1f77b4", "#d62728", "#9467bd", "#ff9f4a"],
     )
   )
   markers = dict(zip(LOSS_NAMES.values(), ["o", "s", "^"]))
   by = {(r["loss"], r["method"]): r for r in rows}
+  ta = "TA" if "TA" in reference["mean"] else "TA_other"
   fig, axes = plt.subplots(
     1, 3, figsize=(16, 4.8), gridspec_kw=dict(width_ratios=[1, 1, 1.1])
   )
@@ -168,7 +309,7 @@ def plot_summary(
   for r in rows:
     ax.scatter(
       r["mean"]["UA"],
-      r["mean"]["TA"],
+      r["mean"][ta],
       color=colors[r["method"]],
       marker=markers[r["loss"]],
       s=60,
@@ -181,7 +322,7 @@ def plot_summary(
   ):
     ax.scatter(
       row["mean"]["UA"],
-      row["mean"]["TA"],
+      row["mean"][ta],
       color="k",
       marker=mk,
       s=160,
@@ -189,13 +330,15 @@ def plot_summary(
     )
     ax.annotate(
       name,
-      (row["mean"]["UA"], row["mean"]["TA"]),
+      (row["mean"]["UA"], row["mean"][ta]),
       textcoords="offset points",
       xytext=(7, 4),
       fontsize=9,
     )
   ax.set_xlabel("UA = 100 − forget accuracy")
-  ax.set_ylabel("TA = test accuracy")
+  ax.set_ylabel(
+    "TA = test accuracy" + (" (other classes)" if ta != "TA" else "")
+  )
   ax.set_title(
     "UA–TA trade-off (means over seeds; Retrain is the target)", fontsize=10
   )
@@ -216,7 +359,7 @@ def plot_summary(
     frameon=False,
   )
   fig.suptitle(
-    "Unlearning a random forget set of the digits CNN: which "
+    "Unlearning a forget set of the digits CNN: which "
     "optimizer lands closest to Retrain, and how reliably",
     fontsize=11,
   )

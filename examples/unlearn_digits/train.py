@@ -2,7 +2,8 @@
 
 Every function here is pure and jit-able: a whole run (every step) is one
 ``lax.scan`` (:mod:`unlearn_digits.loop`), and seeds and the forget learning-rate
-grid are ``vmap``-ed over it, so each optimizer compiles one program.
+grid are ``vmap``-ed over it (one flat batch of runs), so each optimizer
+compiles one program.
 """
 
 from __future__ import annotations
@@ -163,6 +164,8 @@ def unlearn(
     tx = dualoptax.dual_optim(lrs, **C.BETAS)
   elif method == "dual_optim_plus":
     tx = dualoptax.dual_optim_plus(lrs, **C.BETAS)
+  elif method == "dual_optim_plus_unstable":  # the published rule
+    tx = dualoptax.dual_optim_plus(lrs, **C.BETAS, stable=False)
   elif method == "dual_optim_plus_8bit":
     # Default min_size=4096: conv2 and fc1 (97.6% of the 38k parameters) are 8-bit.
     tx = dualoptax.dual_optim_plus_8bit(lrs, **C.BETAS)
@@ -176,22 +179,50 @@ def sets_logits(params: Params, sets: Sets) -> dict[str, jax.Array]:
   return {name: apply(params, x) for name, (x, _) in sets.items()}
 
 
-def make_grid_run(method: str, steps: int) -> Callable:
-  """``run(loss_id, lrs, originals, forget, retain, keys, sets) -> logits``.
+def make_run(method: str, steps: int) -> Callable:
+  """``run(loss_ids, lrs, seed_idx, originals, forget, retain, keys, sets)``.
 
-  One jitted program per method: ``vmap`` over the forget lr grid (inner) and
-  the seeds (outer). The loss id is a traced scalar, so GA, NPO and RL reuse
-  the compiled program. ``logits[name]`` is ``[S, len(lrs), n, classes]``.
+  One jitted program per method and batch size ``B``: run ``b`` unlearns seed
+  ``seed_idx[b]``'s Original with forget loss ``loss_ids[b]`` at forget lr
+  ``lrs[b]`` (all ``[B]``, traced), so a tuning grid (lrs × tuning seeds) and
+  the reported runs (losses × reported seeds) share the compiled program when
+  padded to one ``B`` (:func:`run_padded`). The per-seed arguments have a
+  leading seed axis; ``logits[name]`` is ``[B, n, classes]``.
   """
 
-  def run(loss_id, lrs, originals, forget, retain, keys, sets):
-    def one_seed(params, forget, retain, key, sets):
-      def one_lr(lr):
-        p = unlearn(method, steps, loss_id, lr, params, forget, retain, key)
-        return sets_logits(p, sets)
+  def run(loss_ids, lrs, seed_idx, originals, forget, retain, keys, sets):
+    def one(loss_id, lr, i):
+      take = lambda tree: jax.tree.map(lambda a: a[i], tree)
+      p = unlearn(
+        method,
+        steps,
+        loss_id,
+        lr,
+        take(originals),
+        take(forget),
+        take(retain),
+        keys[i],
+      )
+      return sets_logits(p, take(sets))
 
-      return jax.vmap(one_lr)(lrs)
-
-    return jax.vmap(one_seed)(originals, forget, retain, keys, sets)
+    return jax.vmap(one)(loss_ids, lrs, seed_idx)
 
   return jax.jit(run)
+
+
+def run_padded(
+  run: Callable, size: int, loss_ids, lrs, seed_idx, per_seed: tuple
+) -> dict[str, jax.Array]:
+  """``run`` (from :func:`make_run`) on ``len(lrs) <= size`` runs, padded to
+  ``size`` by repeating the last run; returns the first ``len(lrs)`` logits."""
+  n = len(lrs)
+  if not 1 <= n <= size:
+    raise ValueError(f"need 1 to {size} runs, got {n}")
+  pad = lambda v, dtype: jnp.asarray(list(v) + [v[-1]] * (size - n), dtype)
+  logits = run(
+    pad(loss_ids, jnp.int32),
+    pad(lrs, jnp.float32),
+    pad(seed_idx, jnp.int32),
+    *per_seed,
+  )
+  return {k: v[:n] for k, v in logits.items()}
