@@ -21,12 +21,12 @@ OPTIONAL = (
   "matplotlib",
   "tqdm",
   "rouge_score",
+  "tokenizers",
   "nltk",
 )
-# numba is forbidden too. Its only user is the compiled CPU kernels
-# (dualoptax/_cpu_kernel*.py), which are being removed; while they exist they
-# import numba lazily, so this passes today and guards that no import path
-# brings it back. A separate test, so that a failure names it.
+# numba is forbidden too: the compiled CPU kernels that used it are gone, and
+# this guards that no import path brings it back. A separate test, so that a
+# failure names it.
 NUMBA = ("numba",)
 
 

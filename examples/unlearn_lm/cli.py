@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-from typing import Optional
 
 OPTIMIZERS = (
   "adam",
@@ -80,7 +78,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     "--lrs",
     default=None,
     help="comma-separated unlearning learning rates, the same sweep for every "
-    "optimizer and loss (default: 7 values, 1e-4..1e-2 (TOFU) or 3e-4..3e-2 "
+    "optimizer and loss (default: 5 values, 1e-4..1e-2 (TOFU) or 3e-4..3e-2 "
     "(generated); --quick: 3)",
   )
   u.add_argument(
@@ -158,14 +156,14 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
   tofu = args.data_dir is not None
   defaults = dict(
     d_model=128,
-    layers=4 if tofu else 2,
-    finetune_steps=1200 if tofu else 1000,
-    unlearn_steps=120,
+    layers=2,
+    finetune_steps=1000,
+    unlearn_steps=60,
     chunk_steps=30,
-    eval_every=60,
+    eval_every=30,
     forget_losses="npo" if q else "npo,ga",
     lrs=(
-      ("1e-4,1e-3,1e-2" if q else "1e-4,2e-4,5e-4,1e-3,2e-3,5e-3,1e-2")
+      ("1e-4,1e-3,1e-2" if q else "1e-4,3e-4,1e-3,3e-3,1e-2")
       if tofu
       else ("3e-4,3e-3,3e-2" if q else "3e-4,1e-3,3e-3,1e-2,3e-2")
     ),

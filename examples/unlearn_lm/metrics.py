@@ -199,8 +199,10 @@ class Evaluator:
 
   Each evaluation set is encoded once: answers, paraphrased answers and the ``K``
   perturbed answers (every question of a set must have the same ``K``), plus
-  left-padded prompts for greedy generation. Scoring and generation run in fixed
-  blocks, ``vmap``-ed over a stack of parameter sets (:meth:`evaluate_many`, e.g.
+  left-padded prompts for greedy generation. Sequences that fit in half the
+  length are scored cut to it (the model is causal, so right padding changes
+  nothing before it). Scoring and generation run in fixed blocks, ``vmap``-ed
+  over a stack of parameter sets (:meth:`evaluate_many`, e.g.
   every learning rate and seed of a sweep at once); each jitted function compiles
   once per stack size.
 
@@ -220,7 +222,7 @@ class Evaluator:
     tokenizer: ByteTokenizer,
     data: UnlearningData,
     max_len: int,
-    batch_size: int = 64,
+    batch_size: int = 256,
     prompt_len: Optional[int] = None,
   ):
     self.lm, self.tok, self.max_len, self.batch_size = (
@@ -296,6 +298,21 @@ class Evaluator:
   def _rows(self, members: int) -> int:
     return max(8, self.batch_size // members)
 
+  def _score(self, params, members: int, enc) -> np.ndarray:
+    """Mean answer NLL ``[members, rows]``: short rows cut to half the length."""
+    ends = np.where(
+      enc.mask.any(-1),
+      enc.mask.shape[1] - np.argmax(enc.mask[:, ::-1] > 0, -1),
+      0,
+    )
+    out = np.zeros((members, enc.inputs.shape[0]))
+    short = ends <= self.max_len // 2
+    for rows, width in ((short, self.max_len // 2), (~short, self.max_len)):
+      if rows.any():
+        cut = [a[rows, :width] for a in enc]
+        out[:, rows] = self._blocks(self._avg_nll, params, members, *cut)
+    return out
+
   def _blocks(self, fn, params, members: int, *arrays) -> np.ndarray:
     """``fn(params, *block)`` over row blocks: ``[members, rows, ...]``."""
     rows, n = self._rows(members), arrays[0].shape[0]
@@ -345,7 +362,7 @@ class Evaluator:
     members = jax.tree.leaves(params)[0].shape[0]
     raw = {}
     for name, s in self.sets.items():
-      score = lambda enc: self._blocks(self._avg_nll, params, members, *enc)
+      score = lambda enc: self._score(params, members, enc)
       raw[name] = (
         score(s["answer"]),
         score(s["paraphrase"]),

@@ -96,7 +96,7 @@ def study_table(
   points = lr_points(runs)
   rows, lines = [], []
   for loss in dict.fromkeys(r["forget_loss"] for r in runs):
-    names = [n for (l, n) in points if l == loss]
+    names = [n for (fl, n) in points if fl == loss]
     chosen = {n: select(points[(loss, n)], floor) for n in names}
     ref = chosen.get(reference)
     lines += [
@@ -168,8 +168,8 @@ def plot_fronts(
     1, len(losses), figsize=(6.5 * len(losses), 5), squeeze=False
   )
   for ax, loss in zip(axes[0], losses):
-    for (l, name), pts in points.items():
-      if l != loss:
+    for (fl, name), pts in points.items():
+      if fl != loss:
         continue
       ax.errorbar(
         [p["model_utility_mean"] for p in pts],

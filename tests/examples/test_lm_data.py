@@ -13,7 +13,7 @@ from unlearn_lm.data import (
   read_jsonl,
   visible_answer,
 )
-from unlearn_lm.tokenizer import ByteTokenizer
+from unlearn_lm.tokenizer import ByteTokenizer, SubwordTokenizer
 
 TOK = ByteTokenizer()
 
@@ -36,6 +36,26 @@ def test_tokenizer_stops_at_eos_and_survives_cut_characters():
   assert TOK.decode(cut) == "\ufffd"
   with pytest.raises(TypeError, match="text"):
     TOK.encode(b"bytes")
+
+
+def test_subword_tokenizer_round_trips_and_shortens_seen_text():
+  pytest.importorskip("tokenizers")
+  people = generate_people(12, seed=3)
+  texts = [qa.question + " " + qa.answer for qa in people.finetune_set]
+  tok = SubwordTokenizer.train(texts, 600)
+  assert 259 < tok.vocab_size <= 600
+  for text in texts[:5] + ["Ünïcödé — 東京 🙂", ""]:  # unseen characters too
+    ids = tok.encode(text, add_bos=True, add_eos=True)
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.decode(ids + [tok.pad_id] * 2) == text
+  assert tok.decode(tok.encode("ab") + [tok.eos_id] + tok.encode("zz")) == "ab"
+  # merges learned from the data: a seen text is several times shorter than bytes
+  assert len(tok.encode(texts[0])) * 2 < len(TOK.encode(texts[0]))
+  again = SubwordTokenizer.from_json(tok.to_json())
+  assert [again.encode(t) for t in texts] == [tok.encode(t) for t in texts]
+  with pytest.raises(ValueError, match="vocab_size"):
+    SubwordTokenizer.train(texts, 100)
 
 
 def test_generator_is_deterministic_and_well_formed():

@@ -124,7 +124,7 @@ def test_cached_generation_equals_naive_greedy_and_evaluator_scores():
 
   data = generate_people(4, num_general=3, retain_eval_size=2)
   ev = metrics.Evaluator(lm, tok, data, max_len=64, batch_size=8)
-  res = ev.evaluate_set(params, "general", generate=False)
+  res = ev.evaluate(params)["sets"]["general"]
   # relative probability by hand from per-token NLLs
   qa = data.eval_sets["general"][0]
 
@@ -143,8 +143,33 @@ def test_cached_generation_equals_naive_greedy_and_evaluator_scores():
   # probability of the first question alone vs the set's mean over its 3 questions
   probs = [res["prob"]]
   assert 0.0 < p / (p + sum(q)) < 1.0 and 0.0 < probs[0] < 1.0
+  # scored cut to half the length (short rows) or whole: the same NLL
+  stacked = jax.tree.map(lambda x: x[None], params)
   np.testing.assert_allclose(
-    ev._scores(params, ev.sets["general"]["answer"])[0],
+    ev._score(stacked, 1, ev.sets["general"]["answer"])[0, 0],
     avg_nll(qa.answer),
     rtol=1e-5,
   )
+
+
+def test_stacked_evaluation_equals_one_at_a_time():
+  """evaluate_many over a stack of parameter sets = evaluate of each (to
+  float32 rounding of the NLLs, ~1e-6 absolute after exp of differences)."""
+  tok = ByteTokenizer()
+  lm = LanguageModel(
+    TransformerConfig(max_len=64, d_model=16, num_heads=2, num_layers=1)
+  )
+  data = generate_people(4, num_general=3, retain_eval_size=2)
+  ev = metrics.Evaluator(lm, tok, data, max_len=64, batch_size=8)
+  each = [lm.init(seed) for seed in (1, 2, 3)]
+  stacked = jax.tree.map(lambda *x: jnp.stack(x), *each)
+  together = ev.evaluate_many(stacked)
+  for params, got in zip(each, together):
+    want = ev.evaluate(params)
+    for name, s in want["sets"].items():
+      assert got["sets"][name]["samples"] == s["samples"]
+      for k in ("prob", "rouge_l", "truth_ratio"):
+        assert got["sets"][name][k] == pytest.approx(s[k], rel=1e-5, abs=1e-5)
+    assert got["model_utility"] == pytest.approx(
+      want["model_utility"], rel=1e-5
+    )

@@ -1,4 +1,5 @@
-"""Unlearning loop: sharded == single-device, exact resume, a tiny end-to-end run, bad input.
+"""Unlearning loop: sharded == single-device, a vmapped sweep == its runs one by
+one, exact resume, a tiny end-to-end study, bad input.
 
 The sharding checks need 8 devices. They run in a fresh process with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (this process may have
@@ -18,7 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-for _name in ("flax", "orbax.checkpoint", "scipy", "rouge_score", "matplotlib"):
+for _name in (
+  "flax",
+  "orbax.checkpoint",
+  "scipy",
+  "rouge_score",
+  "matplotlib",
+  "tokenizers",
+):
   pytest.importorskip(_name)
 
 from unlearn_lm import main as script  # noqa: E402
@@ -278,6 +286,55 @@ def test_resume_from_checkpoint_is_exact(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def test_sweep_members_take_the_steps_of_single_runs():
+  """The vmapped sweep chunk (lr injected in each member's state, one seed per
+  member) takes exactly the steps of make_unlearn_chunk run alone per member."""
+  from unlearn_lm import pipeline
+
+  lm, params, udata = _setup()
+  lrs, seeds = [1e-3, 1e-2, 1e-3], [5, 5, 6]
+  kw = dict(
+    multi_objective=True, forget_loss="npo", batch_size=4, chunk_steps=6
+  )
+  for name in ("dual_optim_plus", "dual_optim_plus_8bit", "adam"):
+    tx, multi = pipeline.make_tx(name, 1.0, 0.01)
+    kw["multi_objective"] = multi
+    stacked = jax.tree.map(lambda x: jnp.stack([x] * 3), params)
+    opt = jax.vmap(lambda p, lr: pipeline.make_tx(name, lr, 0.01)[0].init(p))(
+      stacked, jnp.asarray(lrs)
+    )
+    sweep = train.make_unlearn_sweep_chunk(lm, tx, **kw)
+    out, (losses, _) = sweep(
+      train.TrainState(jnp.int32(0), stacked, opt),
+      jnp.asarray(seeds, jnp.int32),
+      udata,
+    )
+    assert int(out.step) == 6
+    for i, (lr, seed) in enumerate(zip(lrs, seeds)):
+      tx_i = pipeline.make_tx(name, lr, 0.01)[0]
+      one = train.make_unlearn_chunk(lm, tx_i, seed=seed, **kw)
+      alone, (loss_i, _) = one(
+        train.TrainState(
+          jnp.int32(0), jax.tree.map(jnp.copy, params), tx_i.init(params)
+        ),
+        udata,
+      )
+      # The same batches and steps. vmapped matmuls round differently in
+      # float32, and a normalized step turns that noise on a near-zero
+      # gradient element into up to O(lr) (see the sharded check above): so
+      # almost every element agrees to 1e-3 lr and none is off by lr. A wrong
+      # lr or seed moves most elements by O(lr) and fails.
+      np.testing.assert_allclose(losses[i], loss_i, rtol=1e-5)
+      got = jax.tree.map(lambda x: x[i], out.params)
+      for a, c in zip(jax.tree.leaves(alone.params), jax.tree.leaves(got)):
+        diff = np.abs(np.asarray(a) - np.asarray(c))
+        assert np.mean(diff > 1e-3 * lr) < 0.01 and diff.max() < lr, name
+    moved = np.abs(
+      out.params["embed"]["embedding"][1] - params["embed"]["embedding"]
+    )
+    assert moved.max() > 1e-3, name  # the lr-1e-2 member really moved
+
+
 TINY = [
   "--num-people",
   "4",
@@ -299,10 +356,16 @@ TINY = [
   "8",
   "--max-len",
   "64",
+  "--lrs",
+  "1e-3,1e-2",
+  "--seeds",
+  "2",
+  "--forget-losses",
+  "npo",
 ]
 
 
-def test_end_to_end_tiny_run_and_resume(tmp_path, capsys):
+def test_end_to_end_tiny_study_and_resume(tmp_path, capsys):
   out = str(tmp_path / "run")
   args = TINY + ["--out", out, "--optimizers", "adam,dual_optim_plus"]
   # interrupted after the first chunk of the first optimizer: no results yet
@@ -312,26 +375,40 @@ def test_end_to_end_tiny_run_and_resume(tmp_path, capsys):
   assert script.main(args + ["--resume"]) == 0
   log = capsys.readouterr().out
   assert (
-    "reusing the Orbax checkpoint" in log and "[adam] resumed at step 6" in log
+    "reusing the Orbax checkpoint" in log
+    and "[adam npo] resumed at step 6" in log
   )
   with open(os.path.join(out, "results.json")) as f:
     res = json.load(f)
-  assert set(res["final"]) == {"adam", "dual_optim_plus"}
-  for name, hist in res["history"].items():
-    assert [h["step"] for h in hist] == [0, 6, 12]
-    final = res["final"][name]
-    for key in (
+  for key in ("finetuned", "retain_only"):
+    for m in (
+      "forget/rouge_l",
+      "retain/rouge_l",
       "model_utility",
       "forget_efficacy",
-      "forget_quality",
-      "forget/prob",
-      "forget/rouge_l",
-      "forget/truth_ratio",
-      "general/prob",
     ):
-      assert np.isfinite(final[key]) and 0.0 <= final[key] <= 1.0, (name, key)
-  assert os.path.getsize(os.path.join(out, "metrics.png")) > 10_000
-  assert "| DualOptim+" in log and "Forget Quality" in log
+      assert 0.0 <= res[key][m] <= 1.0, (key, m)
+  runs = res["runs"]
+  assert sorted((r["optimizer"], r["lr"], r["seed"]) for r in runs) == sorted(
+    (n, lr, s)
+    for n in ("adam", "dual_optim_plus")
+    for lr in (1e-3, 1e-2)
+    for s in (0, 1)
+  )
+  for r in runs:
+    assert r["forget_loss"] == "npo"
+    assert [h["step"] for h in r["history"]] == [0, 6, 12]
+    for key in ("model_utility", "forget_efficacy", "forget_quality"):
+      assert np.isfinite(r[key]) and 0.0 <= r[key] <= 1.0, (r["optimizer"], key)
+      assert r[key] == r["history"][-1][key]
+  # seeds are batch orders: two seeds at one lr end in different models
+  fe = {
+    (r["optimizer"], r["lr"], r["seed"]): r["forget_efficacy"] for r in runs
+  }
+  assert fe[("dual_optim_plus", 1e-2, 0)] != fe[("dual_optim_plus", 1e-2, 1)]
+  for png in ("fe_mu.png", "fq_mu.png"):
+    assert os.path.getsize(os.path.join(out, png)) > 10_000
+  assert "| DualOptim+ |" in log and "best FE subject to MU" in log
   assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
@@ -350,6 +427,9 @@ def test_end_to_end_tiny_run_and_resume(tmp_path, capsys):
     (["--data-dir", "{tofu}", "--task-id", "3"], "Empty forget set"),
     (["--data-dir", "{bad}"], r"forget01\.json, line 2: malformed JSON"),
     (["--optimizers", "sgd"], "unknown"),
+    (["--forget-losses", "kl"], "--forget-losses: unknown"),
+    (["--lrs", "1e-3,x"], "--lrs: expected comma-separated numbers"),
+    (["--lrs", "0"], "--lrs: need positive"),
   ],
 )
 def test_bad_input_fails_cleanly(tmp_path, capsys, extra, message):
@@ -390,17 +470,17 @@ def test_bad_input_fails_cleanly(tmp_path, capsys, extra, message):
 
 def test_runs_as_a_script_from_the_repo_root():
   # `python examples/unlearn_lm/main.py` (not a package import): the script makes
-  # its folder importable itself (PYTHONPATH names only the library). A batch size
-  # the mesh cannot split fails after every module is imported, before any output.
+  # its folder importable itself (PYTHONPATH names only the library). An unknown
+  # forget split fails after the flags are read, before any output.
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
   r = subprocess.run(
     [
       sys.executable,
       "examples/unlearn_lm/main.py",
-      "--mesh",
-      "data=2",
-      "--batch-size",
-      "3",
+      "--data-dir",
+      "examples",
+      "--forget-split",
+      "forget99",
       "--out",
       "runs/never_written",
     ],
@@ -411,5 +491,5 @@ def test_runs_as_a_script_from_the_repo_root():
     timeout=300,
   )
   assert r.returncode == 2, r.stderr
-  assert "must be divisible by the mesh size 2" in r.stderr
+  assert "Unknown forget split" in r.stderr
   assert not os.path.exists(os.path.join(ROOT, "runs", "never_written"))
