@@ -170,7 +170,9 @@ def run(args: argparse.Namespace, names: list[str], t_start: float) -> int:
       ("forget_efficacy", "fe_mu.png"),
       ("forget_quality", "fq_mu.png"),
     ):
-      report.plot_fronts(runs, before, os.path.join(args.out, file), y, title)
+      report.plot_fronts(
+        runs, before, ro_eval, os.path.join(args.out, file), y, title
+      )
   log("\n" + title)
   log(table)
   log(report.LEGEND)

@@ -1,4 +1,4 @@
-"""Outputs of the LM job: flat metrics, the printed table, the figure, JSON."""
+"""Outputs of the LM study: flat metrics, the study table, the figures, JSON."""
 
 from __future__ import annotations
 
@@ -153,10 +153,16 @@ def study_table(
 
 
 def plot_fronts(
-  runs: Sequence[Mapping], finetuned: Mapping, path: str, y: str, title: str
+  runs: Sequence[Mapping],
+  finetuned: Mapping,
+  retain_only: Mapping,
+  path: str,
+  y: str,
+  title: str,
 ) -> None:
-  """One panel per forget loss: ``y`` (FE or FQ) against MU, one line per
-  optimizer through its learning rates (mean ± std over seeds)."""
+  """One panel per forget loss: ``y`` (FE, or FQ as log10) against MU, one
+  line per optimizer through its learning rates (mean ± std over seeds), with
+  the fine-tuned and the retain-only (the ideal) models as stars."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -171,11 +177,16 @@ def plot_fronts(
     for (fl, name), pts in points.items():
       if fl != loss:
         continue
+      if y == "forget_quality":  # p-values span decades: log10 per seed
+        ys = [np.log10(np.maximum(p[y], 1e-300)) for p in pts]
+        ym, ye = [v.mean() for v in ys], [v.std() for v in ys]
+      else:
+        ym, ye = [p[y + "_mean"] for p in pts], [p[y + "_std"] for p in pts]
       ax.errorbar(
         [p["model_utility_mean"] for p in pts],
-        [p[y + "_mean"] for p in pts],
+        ym,
         xerr=[p["model_utility_std"] for p in pts],
-        yerr=[p[y + "_std"] for p in pts],
+        yerr=ye,
         marker="o",
         ms=4,
         capsize=2,
@@ -183,24 +194,23 @@ def plot_fronts(
       )
       ax.annotate(
         f"{pts[-1]['lr']:g}",
-        (pts[-1]["model_utility_mean"], pts[-1][y + "_mean"]),
+        (pts[-1]["model_utility_mean"], ym[-1]),
         fontsize=7,
       )
-    ax.plot(
-      [finetuned["model_utility"]],
-      [finetuned[y]],
-      "k*",
-      ms=12,
-      label="fine-tuned (before)",
-    )
+    for model, style, label in (
+      (finetuned, "k*", "fine-tuned (before)"),
+      (retain_only, "g*", "retain-only (never saw the forget set)"),
+    ):
+      value = model[y]
+      if y == "forget_quality":
+        value = np.log10(max(value, 1e-300))
+      ax.plot([model["model_utility"]], [value], style, ms=12, label=label)
     ax.axvline(0.9 * finetuned["model_utility"], color="gray", ls="--", lw=1)
-    if y == "forget_quality":
-      ax.set_yscale("log")
     ax.set_xlabel("Model Utility (final)")
     ax.set_ylabel(
       {
         "forget_efficacy": "Forget Efficacy",
-        "forget_quality": "Forget Quality (KS p-value)",
+        "forget_quality": "log10 Forget Quality (KS p-value)",
       }[y]
     )
     ax.set_title(
@@ -216,44 +226,10 @@ def plot_fronts(
   os.replace(tmp, path)
 
 
-def format_table(
-  rows: Sequence[tuple[str, Mapping, Optional[float]]],
-  forget_name: str = "forget",
-) -> str:
-  """A Markdown table of ``(label, flat metrics, wall seconds)`` rows."""
-  cols = [
-    ("FQ", "forget_quality", "{:.3g}"),
-    ("MU", "model_utility", "{:.3f}"),
-    ("FE", "forget_efficacy", "{:.3f}"),
-    ("F prob", f"{forget_name}/prob", "{:.3f}"),
-    ("F ROUGE", f"{forget_name}/rouge_l", "{:.3f}"),
-    ("F TR", f"{forget_name}/truth_ratio", "{:.3f}"),
-    ("R prob", "retain/prob", "{:.3f}"),
-    ("R ROUGE", "retain/rouge_l", "{:.3f}"),
-  ]
-  header = (
-    f"| {'model':<24} | "
-    + " | ".join(f"{c:>7}" for c, _, _ in cols)
-    + " | wall s |"
-  )
-  lines = [
-    header,
-    "|" + "|".join("-" * len(h) for h in header.split("|")[1:-1]) + "|",
-  ]
-  for label, m, secs in rows:
-    vals = [("—" if m.get(k) is None else f.format(m[k])) for _, k, f in cols]
-    wall = "—" if secs is None else f"{secs:.0f}"
-    lines.append(
-      f"| {label:<24} | "
-      + " | ".join(f"{v:>7}" for v in vals)
-      + f" | {wall:>6} |"
-    )
-  return "\n".join(lines)
-
-
 LEGEND = (
+  "FE: Forget Efficacy (1 - mean of the forget set's answer probability, "
+  "ROUGE-L recall and truth-ratio value; higher = more forgotten); MU: Model "
+  "Utility (harmonic mean of the same scores on the retain and held-out sets); "
   "FQ: Forget Quality (KS p-value vs the retain-only model; higher = closer to "
-  "never having seen the forget set); MU: Model Utility; FE: Forget Efficacy; "
-  "F/R: forget/retain set; TR: truth-ratio value; wall s: unlearning (or "
-  "training) time incl. compilation."
+  "never having seen the forget set)."
 )
