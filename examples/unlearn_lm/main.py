@@ -112,8 +112,9 @@ def run(args: argparse.Namespace, names: list[str], t_start: float) -> int:
   log(
     "fine-tuned: "
     + ", ".join(f"{k} ROUGE-L {before[f'{k}/rouge_l']:.3f}" for k in learned)
-    + f", MU {before['model_utility']:.3f}; learned its data "
-    f"(forget >= 0.9, retain >= 0.8): {'yes' if all(learned.values()) else 'NO'}"
+    + f", MU {before['model_utility']:.3f}; learned its data ("
+    + ", ".join(f"{k} >= {v:g}" for k, v in ROUGE_TARGETS.items())
+    + f"): {'yes' if all(learned.values()) else 'NO'}"
   )
   log(
     f"retain-only: forget ROUGE-L {ro_eval['forget/rouge_l']:.3f}, "

@@ -194,6 +194,23 @@ def _pad_rows(a: np.ndarray, multiple: int) -> np.ndarray:
   return np.concatenate([a, np.zeros((extra,) + a.shape[1:], a.dtype)])
 
 
+def _by_length(enc, half: int) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+  """``enc``'s rows split into those that end within ``half`` positions (cut
+  to ``half``: the model is causal, so right padding changes nothing before
+  it) and the rest: ``[(row indices, [inputs, targets, mask])]``."""
+  ends = np.where(
+    enc.mask.any(-1),
+    enc.mask.shape[1] - np.argmax(enc.mask[:, ::-1] > 0, -1),
+    0,
+  )
+  short = ends <= half
+  return [
+    (np.flatnonzero(rows), [a[rows, :width] for a in enc])
+    for rows, width in ((short, half), (~short, enc.mask.shape[1]))
+    if rows.any()
+  ]
+
+
 class Evaluator:
   r"""Evaluates a :class:`~unlearn_lm.model.LanguageModel` on :class:`UnlearningData`.
 
@@ -250,19 +267,16 @@ class Evaluator:
       prompts, num_pad = encode_prompts(
         tokenizer, qs, max_len, width=self.prompt_len
       )
+      encode = lambda questions, answers: _by_length(
+        encode_qa(tokenizer, questions, answers, max_len), max_len // 2
+      )
       self.sets[name] = dict(
         k=k,
-        answer=encode_qa(
-          tokenizer, qs, [qa.answer for qa in examples], max_len
-        ),
-        paraphrase=encode_qa(
-          tokenizer, qs, [qa.paraphrase for qa in examples], max_len
-        ),
-        perturbed=encode_qa(
-          tokenizer,
+        answer=encode(qs, [qa.answer for qa in examples]),
+        paraphrase=encode(qs, [qa.paraphrase for qa in examples]),
+        perturbed=encode(
           [q for q in qs for _ in range(k)],
           [p for qa in examples for p in qa.perturbed_answers],
-          max_len,
         ),
         prompts=prompts,
         num_pad=num_pad,
@@ -298,19 +312,12 @@ class Evaluator:
   def _rows(self, members: int) -> int:
     return max(8, self.batch_size // members)
 
-  def _score(self, params, members: int, enc) -> np.ndarray:
-    """Mean answer NLL ``[members, rows]``: short rows cut to half the length."""
-    ends = np.where(
-      enc.mask.any(-1),
-      enc.mask.shape[1] - np.argmax(enc.mask[:, ::-1] > 0, -1),
-      0,
-    )
-    out = np.zeros((members, enc.inputs.shape[0]))
-    short = ends <= self.max_len // 2
-    for rows, width in ((short, self.max_len // 2), (~short, self.max_len)):
-      if rows.any():
-        cut = [a[rows, :width] for a in enc]
-        out[:, rows] = self._blocks(self._avg_nll, params, members, *cut)
+  def _score(self, params, members: int, buckets) -> np.ndarray:
+    """Mean answer NLL ``[members, rows]`` of an encoding split by
+    :func:`_by_length`."""
+    out = np.zeros((members, sum(rows.size for rows, _ in buckets)))
+    for rows, cut in buckets:
+      out[:, rows] = self._blocks(self._avg_nll, params, members, *cut)
     return out
 
   def _blocks(self, fn, params, members: int, *arrays) -> np.ndarray:
@@ -322,11 +329,6 @@ class Evaluator:
       for s in range(0, padded[0].shape[0], rows)
     ]
     return np.concatenate(out, axis=1)[:, :n]
-
-  def generate(self, params, name: str) -> list[str]:
-    """Greedy answers of one parameter set to the questions of set ``name``."""
-    stacked = jax.tree.map(lambda x: x[None], params)
-    return self._generate_many(stacked, 1, name)[0]
 
   def _generate_many(self, params, members: int, name: str) -> list:
     s = self.sets[name]

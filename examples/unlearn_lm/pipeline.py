@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -172,7 +173,9 @@ def train_or_restore(
   """
   args, lm, tok = ctx.args, ctx.lm, ctx.tok
   fingerprint = {
-    "tokenizer": getattr(tok, "to_json", lambda: "bytes")(),
+    "tokenizer": hashlib.sha256(
+      getattr(tok, "to_json", lambda: "bytes")().encode()
+    ).hexdigest(),
     "examples": [[qa.question, qa.answer] for qa in examples],
     "model": vars(lm.config),
     "steps": args.finetune_steps,
@@ -251,7 +254,8 @@ class SweepResult:
   Attributes:
     runs: one dict per (lr, seed): ``optimizer``, ``forget_loss``, ``lr``,
       ``seed``, the final ``forget_efficacy``, ``model_utility``,
-      ``forget_quality``, and ``history`` (one record per evaluation).
+      ``forget_quality``, and ``history`` (one record per chunk; the
+      evaluated ones hold every metric, the last of them the final values).
     seconds: wall time, compilation included.
     stopped: whether ``--max-chunks`` stopped it early.
   """
@@ -357,7 +361,6 @@ def sweep(
         "forget_efficacy": final["forget_efficacy"],
         "model_utility": final["model_utility"],
         "forget_quality": final["forget_quality"],
-        "final": final,
         "history": hist,
       }
     )

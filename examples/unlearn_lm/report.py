@@ -45,9 +45,9 @@ def summarize(ev: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def lr_points(runs: Sequence[Mapping]) -> dict:
-  """``{(forget_loss, optimizer): [point per lr]}``, each point the lr and the
-  mean and std over seeds of the final FE, MU and FQ (and the per-seed values,
-  keyed by seed)."""
+  """``{(forget_loss, optimizer): [point per lr]}``: each point holds the lr,
+  the ``seeds`` in order, and for each of the final FE, MU and FQ its per-seed
+  values (under the metric's name) and their ``_mean`` and ``_std``."""
   groups: dict = {}
   for r in runs:
     groups.setdefault((r["forget_loss"], r["optimizer"]), {}).setdefault(
@@ -79,11 +79,14 @@ def select(points: Sequence[Mapping], mu_floor: float) -> Optional[dict]:
   return {**best, "edge": best["lr"] in (min(lrs), max(lrs))}
 
 
+MU_RATIO = 0.9  # the table's utility floor, as a fraction of the fine-tuned MU
+
+
 def study_table(
   runs: Sequence[Mapping],
   finetuned_mu: float,
   reference: str = "dual_optim_plus",
-  mu_ratio: float = 0.9,
+  mu_ratio: float = MU_RATIO,
 ) -> tuple[str, list[dict]]:
   """Each optimizer at its best FE subject to MU >= ``mu_ratio`` x the
   fine-tuned model's, as a Markdown table per forget loss, and the rows.
@@ -152,6 +155,10 @@ def study_table(
   return "\n".join(lines).lstrip("\n"), rows
 
 
+def _log10(p):
+  return np.log10(np.maximum(p, 1e-300))  # a KS p-value can underflow to 0
+
+
 def plot_fronts(
   runs: Sequence[Mapping],
   finetuned: Mapping,
@@ -178,7 +185,7 @@ def plot_fronts(
       if fl != loss:
         continue
       if y == "forget_quality":  # p-values span decades: log10 per seed
-        ys = [np.log10(np.maximum(p[y], 1e-300)) for p in pts]
+        ys = [_log10(p[y]) for p in pts]
         ym, ye = [v.mean() for v in ys], [v.std() for v in ys]
       else:
         ym, ye = [p[y + "_mean"] for p in pts], [p[y + "_std"] for p in pts]
@@ -201,11 +208,11 @@ def plot_fronts(
       (finetuned, "k*", "fine-tuned (before)"),
       (retain_only, "g*", "retain-only (never saw the forget set)"),
     ):
-      value = model[y]
-      if y == "forget_quality":
-        value = np.log10(max(value, 1e-300))
+      value = _log10(model[y]) if y == "forget_quality" else model[y]
       ax.plot([model["model_utility"]], [value], style, ms=12, label=label)
-    ax.axvline(0.9 * finetuned["model_utility"], color="gray", ls="--", lw=1)
+    ax.axvline(
+      MU_RATIO * finetuned["model_utility"], color="gray", ls="--", lw=1
+    )
     ax.set_xlabel("Model Utility (final)")
     ax.set_ylabel(
       {

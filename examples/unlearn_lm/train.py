@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from dualoptax.schedules import alternating_index, switch_objective
 from dualoptax.unlearning import losses
+from unlearn_lm.cli import FORGET_LOSSES
 from unlearn_lm.data import EncodedQA
 from unlearn_lm.model import LanguageModel
 
@@ -51,8 +52,6 @@ __all__ = [
   "restore_pytree",
   "RunCheckpointer",
 ]
-
-FORGET_LOSSES = ("npo", "ga", "me")
 
 
 class TrainState(NamedTuple):
