@@ -66,8 +66,10 @@ def _read(env: dict, v: Any) -> Any:
   return v.val if isinstance(v, jex_core.Literal) else env[v]
 
 
-def _bind(eqn, invals):
-  params = eqn.primitive.get_bind_params(eqn.params)
+def _bind(eqn, invals, params=None):
+  params = eqn.primitive.get_bind_params(
+    eqn.params if params is None else params
+  )
   subfuns = ()
   if isinstance(params, tuple):  # jax < 0.7 returned (subfuns, params)
     subfuns, params = params
@@ -200,12 +202,24 @@ def _is_elementwise(jaxpr, eqn_ids, shape) -> bool:
   return True
 
 
-def _eval_equations(jaxpr, consts, env: dict, eqn_ids, outvars) -> list:
+def _eval_equations(
+  jaxpr, consts, env: dict, eqn_ids, outvars, shape=None
+) -> list:
+  """Evaluates equations ``eqn_ids`` of ``jaxpr`` on ``env``.
+
+  With ``shape``, the equations are element-wise ones traced on arrays of
+  another shape (a leaf's), evaluated on arrays of ``shape`` (a chunk's): only
+  a broadcast names its output shape, so it is rebound with ``shape``. This
+  spares tracing the update a second time at chunk shapes.
+  """
   env = {**dict(zip(jaxpr.constvars, consts)), **env}
   for k in eqn_ids:
     eqn = jaxpr.eqns[k]
+    params = None
+    if shape is not None and eqn.primitive.name == "broadcast_in_dim":
+      params = {**eqn.params, "shape": tuple(shape)}
     for v, x in zip(
-      eqn.outvars, _bind(eqn, [_read(env, v) for v in eqn.invars])
+      eqn.outvars, _bind(eqn, [_read(env, v) for v in eqn.invars], params)
     ):
       if not isinstance(v, jex_core.DropVar):
         env[v] = x
@@ -435,25 +449,17 @@ def apply_in_chunks(
       found.setdefault(key, []).append(g - 1)
     return list(found.values())
 
-  # Chunk counts from the buckets of the full-shape trace; then trace again
-  # with every chunked array at its chunk shape.
-  buckets1 = buckets(j1.jaxpr, eqns1)
+  # Chunk counts per bucket; each group's element-wise equations are then
+  # evaluated on chunks (see _eval_equations).
+  bucket_list = buckets(j1.jaxpr, eqns1)
   chunks = [1] * len(groups)
-  for bucket in buckets1:
+  for bucket in bucket_list:
     k = num_chunks(
       groups[bucket[0]].shape, max(chunk_size // len(bucket), 1), devices
     )
     for g in bucket:
       chunks[g] = k
-  chunk_of = {i: chunks[g] for g, grp in enumerate(groups) for i in grp.inputs}
-  chunked = [
-    jax.ShapeDtypeStruct(_chunk_shape(a.shape, chunk_of.get(i, 1)), a.dtype)
-    if tracked[i]
-    else a
-    for i, a in enumerate(full)
-  ]
-  j2 = j1 if all(k == 1 for k in chunks) else _flat_jaxpr(fn, chunked)
-  jaxpr, consts = j2.jaxpr, j2.consts
+  jaxpr, consts = j1.jaxpr, j1.consts
   invar_index = {v: i for i, v in enumerate(jaxpr.invars)}
   out_group, eqns, need = plan(jaxpr, groups)
 
@@ -497,8 +503,7 @@ def apply_in_chunks(
   scalars = {jaxpr.invars[i]: inputs[i] for i in range(n_in) if not tracked[i]}
 
   # 2. Each bucket of same-signature groups: one loop over chunks.
-  # The same trace (nothing chunked) has the same buckets.
-  for bucket in buckets1 if j2 is j1 else buckets(jaxpr, eqns):
+  for bucket in bucket_list:
     _run_bucket(
       jaxpr,
       consts,
@@ -596,7 +601,12 @@ def _run_bucket(
 
   def evaluate(*xs):
     return _eval_equations(
-      jaxpr, consts, {**scalars, **dict(zip(local, xs))}, eqns[0], outvars
+      jaxpr,
+      consts,
+      {**scalars, **dict(zip(local, xs))},
+      eqns[0],
+      outvars,
+      cshape,
     )
 
   stacked_eval = jax.vmap(evaluate) if n > 1 else evaluate

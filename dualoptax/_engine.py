@@ -156,11 +156,14 @@ def dual_optim_plus_leaf(
   mdt, vdt = base_mu.dtype, base_nu.dtype
   b1, b2 = jnp.asarray(hyper.b1, mdt), jnp.asarray(hyper.b2, vdt)
   mhB, vhB = base_mu * base_r1, base_nu * base_r2
-  update, mus, nus = None, [], []
+  update, mus, nus, g_sum, g2_sum = None, [], [], None, None
   for g, m, v, s in zip(grads, mu, nu, scalars):
     g_m, g_v = g.astype(mdt), g.astype(vdt)
+    g2 = g_v * g_v
+    g_sum = g_m if g_sum is None else g_sum + g_m
+    g2_sum = g2 if g2_sum is None else g2_sum + g2
     m = b1 * m + (1 - b1) * (g_m - mhB)
-    v = b2 * v + (1 - b2) * (g_v * g_v - vhB)
+    v = b2 * v + (1 - b2) * (g2 - vhB)
     num = m * s.r1 + mhB
     second = jnp.abs(v * s.r2 + vhB)
     term = s.coefficient * _decayed(
@@ -169,9 +172,11 @@ def dual_optim_plus_leaf(
     update = term if update is None else update + term
     mus.append(m)
     nus.append(v)
+  # Every operation here is compiled once per leaf: a mean of one gradient is
+  # the gradient itself.
   n = len(grads)
-  g_mean = sum(g.astype(mdt) for g in grads) / n
-  g2_mean = sum(jnp.square(g.astype(vdt)) for g in grads) / n
+  g_mean = g_sum if n == 1 else g_sum / n
+  g2_mean = g2_sum if n == 1 else g2_sum / n
   bb1, bb2 = jnp.asarray(hyper.base_b1, mdt), jnp.asarray(hyper.base_b2, vdt)
   return LeafStep(
     update.astype(out_dtype),
@@ -280,16 +285,34 @@ def multi_objective_step(
   p_leaves = flat(params) if params is not None else [None] * treedef.num_leaves
   use_decay = _objectives.decay_enabled(weight_decay)
 
-  def scalars(dtype_m, dtype_v):
-    return [
-      ObjectiveScalars(
-        coefficients[k],
-        inverse_bias_correction(hyper.b1, deltas[k].count + 1, dtype_m),
-        inverse_bias_correction(hyper.b2, deltas[k].count + 1, dtype_v),
-      )
-      for k in names
-    ]
+  # Per-call scalars, computed once per moment dtype rather than per leaf:
+  # tracing and lowering time grow with the operations of every leaf.
+  cache: dict = {}
 
+  def scalars(dtype_m, dtype_v):
+    key = ("delta", jnp.dtype(dtype_m), jnp.dtype(dtype_v))
+    if key not in cache:
+      cache[key] = [
+        ObjectiveScalars(
+          coefficients[k],
+          inverse_bias_correction(hyper.b1, deltas[k].count + 1, dtype_m),
+          inverse_bias_correction(hyper.b2, deltas[k].count + 1, dtype_v),
+        )
+        for k in names
+      ]
+    return cache[key]
+
+  def base_scalars(dtype_m, dtype_v):
+    key = ("base", jnp.dtype(dtype_m), jnp.dtype(dtype_v))
+    if key not in cache:
+      cache[key] = (
+        inverse_bias_correction(hyper.base_b1, base.count, dtype_m),
+        inverse_bias_correction(hyper.base_b2, base.count, dtype_v),
+      )
+    return cache[key]
+
+  if base is not None:
+    mB_leaves, vB_leaves = flat(base.mu), flat(base.nu)
   steps = []
   for i in range(treedef.num_leaves):
     g = [c[i] for c in g_leaves]
@@ -299,7 +322,7 @@ def multi_objective_step(
     out_dtype = p.dtype if p is not None else g[0].dtype
     param = p if use_decay and decay_flags[i] else None
     if base is not None:
-      mB, vB = flat(base.mu)[i], flat(base.nu)[i]
+      mB, vB = mB_leaves[i], vB_leaves[i]
       steps.append(
         dual_optim_plus_leaf(
           g,
@@ -309,8 +332,7 @@ def multi_objective_step(
           vB,
           param,
           scalars(mB.dtype, vB.dtype),
-          inverse_bias_correction(hyper.base_b1, base.count, mB.dtype),
-          inverse_bias_correction(hyper.base_b2, base.count, vB.dtype),
+          *base_scalars(mB.dtype, vB.dtype),
           weight_decay,
           hyper,
           out_dtype,

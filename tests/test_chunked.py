@@ -33,6 +33,25 @@ def _grads(step, params):
   )
 
 
+def _adam_with_full_like_cap():
+  """Adam whose direction is capped by an array built inside the update
+  (``jnp.full_like``: a broadcast naming the leaf's shape, which the chunked
+  step evaluates at chunk shape)."""
+
+  def cap(updates, state, params=None):
+    del params
+    capped = jax.tree.map(
+      lambda u: jnp.minimum(u, jnp.full_like(u, 0.5)), updates
+    )
+    return capped, state
+
+  return optax.chain(
+    optax.scale_by_adam(),
+    optax.GradientTransformation(lambda p: optax.EmptyState(), cap),
+    optax.scale(-1e-2),
+  )
+
+
 CASES = {
   "adamw": (
     lambda cs: dualoptax.quantize_state(
@@ -46,6 +65,12 @@ CASES = {
         learning_rate=optax.linear_schedule(1e-2, 1e-3, 10)
       ),
       chunk_size=cs,
+    ),
+    False,
+  ),
+  "full_like_in_update": (
+    lambda cs: dualoptax.quantize_state(
+      _adam_with_full_like_cap(), chunk_size=cs
     ),
     False,
   ),
