@@ -11,7 +11,8 @@ moments once), and :func:`dualoptax.quantize_state` can run it chunk by chunk.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple, Optional, Sequence
+import functools
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -222,6 +223,27 @@ def dual_optim_leaf(
   return LeafStep(update.astype(out_dtype), tuple(mus), tuple(nus))
 
 
+def _traced_once(leaf_fn: Callable) -> Callable:
+  """``leaf_fn`` under ``jax.jit``: leaves of one shape and dtype are traced
+  and lowered once, not once per leaf (XLA inlines the calls, so the compiled
+  step is the same). The numeric hyperparameters are arguments, so they may
+  be traced (``optax.inject_hyperparams``)."""
+
+  @functools.partial(jax.jit, static_argnames=("stable", "out_dtype"))
+  def jitted(args, numbers, *, stable, out_dtype):
+    return leaf_fn(*args, Hyper(*numbers, stable), out_dtype)
+
+  def call(*args, hyper: Hyper, out_dtype):
+    return jitted(
+      args,
+      tuple(hyper[:-1]),
+      stable=bool(hyper.stable),
+      out_dtype=jnp.dtype(out_dtype),
+    )
+
+  return call
+
+
 def init_moments(params: Any, dtype) -> Any:
   # Tree-map only, so optax.tree.map_params and sharding propagation see
   # through it.
@@ -247,6 +269,10 @@ class Base(NamedTuple):
   mu: Any
   nu: Any
   count: jax.Array
+
+
+_plus_leaf = _traced_once(dual_optim_plus_leaf)
+_adam_leaf = _traced_once(dual_optim_leaf)
 
 
 def multi_objective_step(
@@ -324,7 +350,7 @@ def multi_objective_step(
     if base is not None:
       mB, vB = mB_leaves[i], vB_leaves[i]
       steps.append(
-        dual_optim_plus_leaf(
+        _plus_leaf(
           g,
           m,
           v,
@@ -334,21 +360,21 @@ def multi_objective_step(
           scalars(mB.dtype, vB.dtype),
           *base_scalars(mB.dtype, vB.dtype),
           weight_decay,
-          hyper,
-          out_dtype,
+          hyper=hyper,
+          out_dtype=out_dtype,
         )
       )
     else:
       steps.append(
-        dual_optim_leaf(
+        _adam_leaf(
           g,
           m,
           v,
           param,
           scalars(m[0].dtype, v[0].dtype),
           weight_decay,
-          hyper,
-          out_dtype,
+          hyper=hyper,
+          out_dtype=out_dtype,
         )
       )
 
