@@ -230,11 +230,11 @@ def _traced_once(leaf_fn: Callable) -> Callable:
   be traced (``optax.inject_hyperparams``)."""
 
   @functools.partial(jax.jit, static_argnames=("stable", "out_dtype"))
-  def jitted(args, numbers, *, stable, out_dtype):
+  def leaf_step(args, numbers, *, stable, out_dtype):
     return leaf_fn(*args, Hyper(*numbers, stable), out_dtype)
 
   def call(*args, hyper: Hyper, out_dtype):
-    return jitted(
+    return leaf_step(
       args,
       tuple(hyper[:-1]),
       stable=bool(hyper.stable),

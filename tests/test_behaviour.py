@@ -211,6 +211,37 @@ def test_default_moment_dtype_follows_params():
   assert state.base_nu["w"].dtype == jnp.bfloat16
 
 
+# ------------------------------------------------------------------------------ tracing
+
+
+def _leaf_step_jaxprs(jaxpr, found):
+  for eqn in jaxpr.eqns:
+    if eqn.params.get("name") == "leaf_step":
+      found.append(eqn.params["jaxpr"])
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else [value]:
+        if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+          _leaf_step_jaxprs(sub.jaxpr, found)
+  return found
+
+
+@pytest.mark.parametrize(
+  "make", [dualoptax.dual_optim_plus, dualoptax.dual_optim]
+)
+def test_leaves_of_one_shape_share_one_traced_step(make):
+  # Tracing and lowering time grow with the distinct leaf signatures, not the
+  # leaves: a model's layers are traced once.
+  params = {f"w{i}": jnp.zeros((8, 8)) for i in range(6)} | {"b": jnp.zeros(8)}
+  tx = make(1e-3, weight_decay=0.1)
+  state = tx.init(params)
+  jaxpr = jax.make_jaxpr(lambda g, s, p: tx.update({"forget": g}, s, p))(
+    params, state, params
+  )
+  steps = _leaf_step_jaxprs(jaxpr.jaxpr, [])
+  assert len(steps) == 7
+  assert len({id(j) for j in steps}) == 2  # one per shape
+
+
 # ------------------------------------------------------------------------ lax.scan loop
 
 
