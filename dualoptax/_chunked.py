@@ -20,7 +20,8 @@ cross a row, so a chunk's codes and absmax are those of a whole-array pass up
 to the float32 rounding of differently fused loops.
 
 What is not element-wise (a global-norm clip or a finiteness check over all
-leaves, a per-leaf norm, control flow) stays correct: those groups are decoded
+leaves, a per-leaf norm, control flow, an array the update closes over) stays
+correct: those groups are decoded
 whole, and a warning names them.
 """
 
@@ -184,9 +185,16 @@ def _group_equations(jaxpr, out_group: Sequence[int], n_groups: int):
 
 def _is_elementwise(jaxpr, eqn_ids, shape) -> bool:
   """Whether every array equation maps elements of ``shape`` to elements of
-  ``shape`` (scalars may be broadcast)."""
+  ``shape`` (scalars may be broadcast), reading no array closed over by the
+  update (a constant is whole, not a chunk)."""
+  constvars = set(jaxpr.constvars)
   for k in eqn_ids:
     eqn = jaxpr.eqns[k]
+    if any(
+      not isinstance(v, jex_core.Literal) and v in constvars and _aval_shape(v)
+      for v in eqn.invars
+    ):
+      return False
     shapes = [_aval_shape(v) for v in (*eqn.invars, *eqn.outvars)]
     arrays = [s for s in shapes if s != ()]
     if not arrays:
@@ -428,8 +436,9 @@ def apply_in_chunks(
       f"{len(coupled)} quantized state leaves (e.g. "
       f"{', '.join(describe(i) for i in coupled[:3])}): a reduction across "
       "elements or leaves (a global-norm clip, a finiteness check), control "
-      "flow, or mixed shapes. They are decoded whole at each step. Put such "
-      "a transformation outside quantize_state to bound the step's memory.",
+      "flow, mixed shapes, or an array the update closes over. They are "
+      "decoded whole at each step. Put such a transformation outside "
+      "quantize_state to bound the step's memory.",
       stacklevel=4,
     )
 

@@ -275,7 +275,8 @@ def quantize_state(
   step's up to float32 rounding (rarely, a code one step away at a code
   boundary). Math that is not
   element-wise per leaf — a global-norm clip or finiteness check inside
-  ``inner``, per-leaf norms (LAMB, LARS), control flow — stays correct: those
+  ``inner``, per-leaf norms (LAMB, LARS), control flow, an array of a leaf's
+  shape that ``inner``'s update closes over — stays correct: those
   leaves are decoded whole each step, with a warning. Put such transformations
   outside (``optax.chain(optax.clip_by_global_norm(1.0),
   quantize_state(optax.adam(1e-3)))``) to keep the bound. ``chunk_size=None``

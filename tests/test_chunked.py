@@ -89,6 +89,24 @@ CASES = {
 }
 
 
+def _assert_states_close(s1, s2):
+  q1 = jax.tree.leaves(s1, is_leaf=lambda x: isinstance(x, QuantizedArray))
+  q2 = jax.tree.leaves(s2, is_leaf=lambda x: isinstance(x, QuantizedArray))
+  assert [type(x) for x in q1] == [type(x) for x in q2]
+  assert any(isinstance(x, QuantizedArray) for x in q1)
+  # The same float32 math in differently fused loops: XLA may contract a
+  # multiply-add into an FMA in one and not the other, so a moment can differ
+  # by an ulp, its block's absmax by an ulp and, rarely, a code by one step
+  # where the value sits on a code boundary.
+  for x, y in zip(q1, q2):
+    if isinstance(x, QuantizedArray):
+      np.testing.assert_allclose(x.absmax, y.absmax, rtol=3e-7)
+      diff = np.abs(np.asarray(x.codes, int) - np.asarray(y.codes, int))
+      assert diff.max() <= 1 and diff.mean() < 1e-3, diff.mean()
+    else:
+      np.testing.assert_allclose(x, y, rtol=3e-7, atol=1e-30)
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_chunked_step_equals_whole_step(name):
   make, multi = CASES[name]
@@ -104,21 +122,7 @@ def test_chunked_step_equals_whole_step(name):
     # From the same state: several chunks per leaf, and two per leaf.
     for update in chunked.values():
       u2, s2 = update(g, state, params)
-      q1 = jax.tree.leaves(s1, is_leaf=lambda x: isinstance(x, QuantizedArray))
-      q2 = jax.tree.leaves(s2, is_leaf=lambda x: isinstance(x, QuantizedArray))
-      assert [type(x) for x in q1] == [type(x) for x in q2]
-      assert any(isinstance(x, QuantizedArray) for x in q1)
-      # The same float32 math in differently fused loops: XLA may contract a
-      # multiply-add into an FMA in one and not the other, so a moment can
-      # differ by an ulp, its block's absmax by an ulp and, rarely, a code by
-      # one step where the value sits on a code boundary.
-      for x, y in zip(q1, q2):
-        if isinstance(x, QuantizedArray):
-          np.testing.assert_allclose(x.absmax, y.absmax, rtol=3e-7)
-          diff = np.abs(np.asarray(x.codes, int) - np.asarray(y.codes, int))
-          assert diff.max() <= 1 and diff.mean() < 1e-3, diff.mean()
-        else:
-          np.testing.assert_allclose(x, y, rtol=3e-7, atol=1e-30)
+      _assert_states_close(s1, s2)
       # Updates: the same rounding, amplified where DualOptim+'s v_k + v_B
       # cancels (an ulp of v over a small |v_k + v_B|); |u| <= 1 bounds the
       # direction, so the tolerance is a fraction of lr = 1e-2 (seen: 3.3e-6
@@ -174,6 +178,39 @@ def test_coupled_inner_update_warns_and_stays_exact():
     np.testing.assert_allclose(
       np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=2e-6, atol=1e-9
     )
+
+
+def test_array_closed_over_by_the_update_is_read_whole():
+  # A fixed per-element scale captured by the update is whole, not a chunk:
+  # the leaves that read it are decoded whole (with the warning), and the
+  # step is the whole-state step's.
+  params = _params()
+  scale = jnp.linspace(0.5, 1.5, 48 * 512).reshape(48, 512)
+
+  def scaled(updates, state, params=None):
+    del params
+    updates = dict(updates)
+    updates["a"] = updates["a"] * scale
+    return updates, state
+
+  def make(cs):
+    return dualoptax.quantize_state(
+      optax.chain(
+        optax.scale_by_adam(),
+        optax.GradientTransformation(lambda p: optax.EmptyState(), scaled),
+        optax.scale(-1e-2),
+      ),
+      chunk_size=cs,
+    )
+
+  g = _grads(0, params)
+  s = make(None).init(params)
+  with pytest.warns(UserWarning, match="closes over"):
+    u2, s2 = jax.jit(make(4096).update)(g, s, params)
+  u1, s1 = jax.jit(make(None).update)(g, s, params)
+  _assert_states_close(s1, s2)
+  for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+    np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-9)
 
 
 def test_elementwise_inner_update_does_not_warn():
