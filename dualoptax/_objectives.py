@@ -199,13 +199,13 @@ def present_gradients(
 def all_finite(trees: Sequence[Any]) -> jax.Array:
   """One boolean: every element of every tree is finite.
 
-  ``sum(x * 0)`` is NaN exactly when ``x`` holds a NaN or Inf; unlike
-  ``all(isfinite(x))`` it reduces in one fused pass without a boolean temporary.
+  ``sum(x - x)`` is NaN exactly when ``x`` holds a NaN or Inf (and never
+  overflows); unlike ``all(isfinite(x))`` it reduces in one fused pass without
+  a boolean temporary. (``sum(x * 0)``, the same test, made XLA:CPU
+  materialize an array of zeros the size of the largest leaf.)
   """
   leaves = [x for t in trees for x in jax.tree.leaves(t)]
-  total = sum(
-    jnp.sum(x * jnp.zeros((), x.dtype), dtype=jnp.float32) for x in leaves
-  )
+  total = sum(jnp.sum(x - x, dtype=jnp.float32) for x in leaves)
   return jnp.isfinite(total)
 
 

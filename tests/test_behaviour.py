@@ -185,6 +185,19 @@ def test_nonfinite_step_is_skipped_and_counted(make):
   assert np.all(np.isfinite(u["w"])) and np.any(u["w"] != 0)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_finiteness_check(dtype):
+  from dualoptax._objectives import all_finite
+
+  big = jnp.finfo(dtype).max
+  check = jax.jit(lambda trees: all_finite(trees))
+  # Values whose sum overflows are finite; one NaN or Inf anywhere is not.
+  assert bool(check([{"a": jnp.full((3, 4), big, dtype)}]))
+  for bad in (jnp.nan, jnp.inf, -jnp.inf):
+    x = jnp.zeros((3, 4), dtype).at[2, 1].set(bad)
+    assert not bool(check([{"a": jnp.ones(5, dtype)}, {"b": x}])), bad
+
+
 # ------------------------------------------------------------------------------ dtypes
 
 
