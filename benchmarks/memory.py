@@ -11,8 +11,11 @@ inputs (nothing is allocated), prints:
 * lowering + compile time, and its ratio to ``optax.adamw``'s.
 
 Trees: GPT-2-small shapes (124M params, 148 leaves) and 200 leaves of 64x64..70.
+``--step train`` measures a train step instead: ``update`` and
+``optax.apply_updates`` in one jit, params and state donated (the update is then
+a temporary unless it fuses into the parameter write).
 
-    python benchmarks/memory.py [--trees gpt2,many] [--repeat 1]
+    python benchmarks/memory.py [--trees gpt2,many] [--repeat 1] [--step train]
 """
 
 from __future__ import annotations
@@ -76,16 +79,23 @@ def cases() -> dict:
   }
 
 
-def measure(tx, wrap, params) -> dict:
+def measure(tx, wrap, params, step: str = "update") -> dict:
   state = jax.eval_shape(tx.init, params)
 
   def update(p, s, g):
     return tx.update(wrap(g), s, p)
 
-  t0 = time.perf_counter()
-  compiled = (
-    jax.jit(update, donate_argnums=1).lower(params, state, params).compile()
+  def train_step(p, s, g):
+    updates, s = tx.update(wrap(g), s, p)
+    return optax.apply_updates(p, updates), s
+
+  jitted = (
+    jax.jit(update, donate_argnums=1)
+    if step == "update"
+    else jax.jit(train_step, donate_argnums=(0, 1))
   )
+  t0 = time.perf_counter()
+  compiled = jitted.lower(params, state, params).compile()
   seconds = time.perf_counter() - t0
   analysis = compiled.memory_analysis()
   n = sum(x.size for x in jax.tree.leaves(params))
@@ -105,6 +115,12 @@ def main() -> None:
   parser.add_argument(
     "--repeat", type=int, default=1, help="compiles per case (median)"
   )
+  parser.add_argument(
+    "--step",
+    choices=("update", "train"),
+    default="update",
+    help="jit update alone (state donated) or a train step (params and state)",
+  )
   args = parser.parse_args()
   trees = {"gpt2": ("GPT-2 small, 124M params, 148 leaves", gpt2_small_shapes)}
   trees["many"] = ("200 leaves of 64x64..70, 0.85M params", many_leaves_shapes)
@@ -115,14 +131,19 @@ def main() -> None:
   for key in args.trees.split(","):
     label, make = trees[key]
     params = make()
-    print(f"\n{label}: update jitted with the state donated")
+    what = (
+      "update jitted with the state donated"
+      if args.step == "update"
+      else "train step (update + apply_updates) jitted, params and state donated"
+    )
+    print(f"\n{label}: {what}")
     print(
       f"{'update':24s} {'state B/param':>14s} {'temp B/param':>13s} "
       f"{'peak B/param':>13s} {'compile s':>10s} {'vs adamw':>9s}"
     )
     base = None
     for name, (tx, wrap) in cases().items():
-      runs = [measure(tx, wrap, params) for _ in range(args.repeat)]
+      runs = [measure(tx, wrap, params, args.step) for _ in range(args.repeat)]
       r = runs[0]
       r["compile"] = statistics.median(x["compile"] for x in runs)
       base = base or r["compile"]
