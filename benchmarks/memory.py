@@ -13,9 +13,11 @@ inputs (nothing is allocated), prints:
 Trees: GPT-2-small shapes (124M params, 148 leaves) and 200 leaves of 64x64..70.
 ``--step train`` measures a train step instead: ``update`` and
 ``optax.apply_updates`` in one jit, params and state donated (the update is then
-a temporary unless it fuses into the parameter write).
+a temporary unless it fuses into the parameter write); ``--step train-grad``
+also computes the gradients inside, of ``0.5 * sum((θ - x)**2)``.
 
-    python benchmarks/memory.py [--trees gpt2,many] [--repeat 1] [--step train]
+    python benchmarks/memory.py [--trees gpt2,many] [--repeat 1]
+      [--step update|train|train-grad]
 """
 
 from __future__ import annotations
@@ -89,13 +91,21 @@ def measure(tx, wrap, params, step: str = "update") -> dict:
     updates, s = tx.update(wrap(g), s, p)
     return optax.apply_updates(p, updates), s
 
-  jitted = (
-    jax.jit(update, donate_argnums=1)
-    if step == "update"
-    else jax.jit(train_step, donate_argnums=(0, 1))
-  )
+  def train_grad_step(p, s, x):
+    loss = lambda q: sum(
+      0.5 * jnp.sum((a - x) ** 2) for a in jax.tree.leaves(q)
+    )
+    return train_step(p, s, jax.grad(loss)(p))
+
+  if step == "update":
+    jitted, third = jax.jit(update, donate_argnums=1), params
+  elif step == "train":
+    jitted, third = jax.jit(train_step, donate_argnums=(0, 1)), params
+  else:
+    jitted = jax.jit(train_grad_step, donate_argnums=(0, 1))
+    third = jax.ShapeDtypeStruct((), jnp.float32)
   t0 = time.perf_counter()
-  compiled = jitted.lower(params, state, params).compile()
+  compiled = jitted.lower(params, state, third).compile()
   seconds = time.perf_counter() - t0
   analysis = compiled.memory_analysis()
   n = sum(x.size for x in jax.tree.leaves(params))
@@ -117,9 +127,10 @@ def main() -> None:
   )
   parser.add_argument(
     "--step",
-    choices=("update", "train"),
+    choices=("update", "train", "train-grad"),
     default="update",
-    help="jit update alone (state donated) or a train step (params and state)",
+    help="jit update alone (state donated) or a train step (params and "
+    "state donated; train-grad: gradients computed inside)",
   )
   args = parser.parse_args()
   trees = {"gpt2": ("GPT-2 small, 124M params, 148 leaves", gpt2_small_shapes)}
@@ -131,11 +142,12 @@ def main() -> None:
   for key in args.trees.split(","):
     label, make = trees[key]
     params = make()
-    what = (
-      "update jitted with the state donated"
-      if args.step == "update"
-      else "train step (update + apply_updates) jitted, params and state donated"
-    )
+    what = {
+      "update": "update jitted with the state donated",
+      "train": "train step (update + apply_updates), params and state donated",
+      "train-grad": "train step with its gradients computed inside, params "
+      "and state donated",
+    }[args.step]
     print(f"\n{label}: {what}")
     print(
       f"{'update':24s} {'state B/param':>14s} {'temp B/param':>13s} "
