@@ -21,8 +21,7 @@ to the float32 rounding of differently fused loops.
 
 What is not element-wise (a global-norm clip or a finiteness check over all
 leaves, a per-leaf norm, control flow, an array the update closes over) stays
-correct: those groups are decoded
-whole, and a warning names them.
+correct: those groups are decoded whole, and a warning names them.
 """
 
 from __future__ import annotations

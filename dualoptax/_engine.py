@@ -230,13 +230,13 @@ def _traced_once(leaf_fn: Callable) -> Callable:
   be traced (``optax.inject_hyperparams``)."""
 
   @functools.partial(jax.jit, static_argnames=("stable", "out_dtype"))
-  def leaf_step(args, numbers, *, stable, out_dtype):
-    return leaf_fn(*args, Hyper(*numbers, stable), out_dtype)
+  def leaf_step(args, numbers: Hyper, *, stable, out_dtype):
+    return leaf_fn(*args, numbers._replace(stable=stable), out_dtype)
 
   def call(*args, hyper: Hyper, out_dtype):
     return leaf_step(
       args,
-      tuple(hyper[:-1]),
+      hyper._replace(stable=None),  # the numbers, traced or not
       stable=bool(hyper.stable),
       out_dtype=jnp.dtype(out_dtype),
     )
