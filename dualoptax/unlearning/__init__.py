@@ -37,5 +37,6 @@ from dualoptax.unlearning.metrics import (
   mia_rate,
   softmax_entropy,
   summarize,
+  text_table,
   unlearning_metrics,
 )

@@ -35,6 +35,7 @@ __all__ = [
   "summarize",
   "average_gap",
   "format_table",
+  "text_table",
 ]
 
 METRICS = ("UA", "RA", "TA", "MIA")
@@ -218,9 +219,31 @@ def format_table(rows: Mapping[str, Mapping[str, object]]) -> str:
     cells.append(f"{row['avg_std']:.2f}")
     cells.append(str(row.get("note", "")))
     lines.append(cells)
-  widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
+  return text_table(header, lines)
+
+
+def text_table(
+  header: Sequence[object], rows: Sequence[Sequence[object]]
+) -> str:
+  """Left-aligned plain-text columns: the header, a rule of dashes, the rows.
+
+  Args:
+    header: the column titles.
+    rows: one sequence of cells per row (anything ``str`` accepts).
+
+  Returns:
+    The table as a string, columns as wide as their widest cell.
+
+  Examples:
+    >>> print(text_table(["a", "bb"], [[1, 2], [30, 4]]))
+    a   bb
+    --  --
+    1   2
+    30  4
+  """
+  widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
   fmt = lambda cells: "  ".join(
     str(c).ljust(w) for c, w in zip(cells, widths)
   ).rstrip()
   rule = "  ".join("-" * w for w in widths)
-  return "\n".join([fmt(header), rule] + [fmt(c) for c in lines])
+  return "\n".join([fmt(header), rule] + [fmt(c) for c in rows])

@@ -174,12 +174,7 @@ def table(
     else:
       cells.append("")
     lines.append(cells)
-  widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
-  fmt = lambda cells: "  ".join(
-    str(c).ljust(w) for c, w in zip(cells, widths)
-  ).rstrip()
-  rule = "  ".join("-" * w for w in widths)
-  return "\n".join([fmt(header), rule] + [fmt(c) for c in lines])
+  return metrics.text_table(header, lines)
 
 
 def verdict_lines(verdicts: Mapping, confidence: float) -> str:
