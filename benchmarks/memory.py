@@ -81,6 +81,29 @@ def cases() -> dict:
   }
 
 
+def variants() -> dict:
+  """The gradient-buffer reuse of the chunked loops, off and on, with and
+  without a conditional around the update."""
+  forget = lambda g: {"forget": g}
+  same = lambda g: g
+  adamw = lambda: optax.adamw(1e-3, weight_decay=0.01)
+  q = dualoptax.quantize_state
+  return {
+    "8bit, skip_nonfinite=False": (
+      dualoptax.dual_optim_plus_8bit(
+        1e-3, weight_decay=0.01, skip_nonfinite=False
+      ),
+      forget,
+    ),
+    "q(adamw), no reuse": (q(adamw(), reuse_gradient_buffers=False), same),
+    "apply_if_finite(q(adamw))": (optax.apply_if_finite(q(adamw()), 3), same),
+    "apply_if_finite, no reuse": (
+      optax.apply_if_finite(q(adamw(), reuse_gradient_buffers=False), 3),
+      same,
+    ),
+  }
+
+
 def measure(tx, wrap, params, step: str = "update") -> dict:
   state = jax.eval_shape(tx.init, params)
 
@@ -132,7 +155,15 @@ def main() -> None:
     help="jit update alone (state donated) or a train step (params and "
     "state donated; train-grad: gradients computed inside)",
   )
+  parser.add_argument(
+    "--variants",
+    action="store_true",
+    help="also the gradient-buffer reuse switched off, and on under a guard",
+  )
   args = parser.parse_args()
+  rows = cases()
+  if args.variants:
+    rows.update(variants())
   trees = {"gpt2": ("GPT-2 small, 124M params, 148 leaves", gpt2_small_shapes)}
   trees["many"] = ("200 leaves of 64x64..70, 0.85M params", many_leaves_shapes)
   print(
@@ -150,17 +181,17 @@ def main() -> None:
     }[args.step]
     print(f"\n{label}: {what}")
     print(
-      f"{'update':24s} {'state B/param':>14s} {'temp B/param':>13s} "
+      f"{'update':26s} {'state B/param':>14s} {'temp B/param':>13s} "
       f"{'peak B/param':>13s} {'compile s':>10s} {'vs adamw':>9s}"
     )
     base = None
-    for name, (tx, wrap) in cases().items():
+    for name, (tx, wrap) in rows.items():
       runs = [measure(tx, wrap, params, args.step) for _ in range(args.repeat)]
       r = runs[0]
       r["compile"] = statistics.median(x["compile"] for x in runs)
       base = base or r["compile"]
       print(
-        f"{name:24s} {r['state']:14.2f} {r['temp']:13.2f} {r['peak']:13.2f} "
+        f"{name:26s} {r['state']:14.2f} {r['temp']:13.2f} {r['peak']:13.2f} "
         f"{r['compile']:10.2f} {r['compile'] / base:9.2f}"
       )
 

@@ -364,6 +364,7 @@ def apply_in_chunks(
   *,
   chunk_size: int,
   describe: Callable[[int], str] = str,
+  reuse_gradient_buffers: bool = True,
 ) -> list:
   """Evaluates ``fn`` on decoded ``inputs``, group by group, chunk by chunk.
 
@@ -381,6 +382,11 @@ def apply_in_chunks(
       returns it unchanged.
     chunk_size: most values decoded at once (per loop iteration).
     describe: names an input index in warnings.
+    reuse_gradient_buffers: start each loop's update as one of its group's
+      gradients (read from that carry, chunk by chunk, before it is
+      overwritten), so that XLA can write the update into the gradient's
+      buffer where the gradient is dead after the step. Off under a
+      conditional, whose operands XLA copies instead.
 
   Returns:
     ``fn``'s outputs, quantized where their slot is.
@@ -527,6 +533,7 @@ def apply_in_chunks(
       results,
       set_passthrough,
       passthrough,
+      reuse_gradient_buffers,
     )
   return results
 
@@ -546,6 +553,7 @@ def _run_bucket(
   results,
   set_passthrough,
   passthrough,
+  reuse_gradient_buffers,
 ):
   """Runs groups of one signature: a loop over ``k`` chunks, each iteration
   evaluating the first group's equations once on the stacked chunks of all."""
@@ -566,7 +574,19 @@ def _run_bucket(
   cshape = _chunk_shape(shape, k)
 
   # Carry buffers start as the state they replace, so XLA updates the donated
-  # state in place; a state input is read from its own carry.
+  # state in place; a state input is read from its own carry. With
+  # ``reuse_gradient_buffers`` an update's carry starts as one of the group's
+  # gradients, read from that carry too: chunk i is read before it is
+  # overwritten, and where the gradient is dead after the step (computed in
+  # the same jit) XLA writes the update into its buffer, not a new one.
+  state_inputs = set(state_slots.values())
+
+  def fits(i, o) -> bool:
+    return (
+      tuple(inputs[i].shape) == tuple(shape)
+      and jnp.dtype(inputs[i].dtype) == out_avals[o].dtype
+    )
+
   init, sources = [], []
   for grp, outs in zip(groups, carried):
     source = {}
@@ -575,11 +595,20 @@ def _run_bucket(
       if o in q_out:
         source[i] = len(init)
         init += [inputs[i].codes, inputs[i].absmax]
-      elif (
-        i is not None
-        and tuple(inputs[i].shape) == tuple(shape)
-        and jnp.dtype(inputs[i].dtype) == out_avals[o].dtype
-      ):
+        continue
+      if i is None and reuse_gradient_buffers:
+        i = next(
+          (
+            j
+            for j in grp.inputs
+            if j not in state_inputs
+            and j not in source
+            and not is_q[j]
+            and fits(j, o)
+          ),
+          None,
+        )
+      if i is not None and fits(i, o):
         source[i] = len(init)
         init.append(inputs[i])
       else:

@@ -246,6 +246,7 @@ def quantize_state(
   signed: SignedOverride = None,
   select: Optional[Callable[[str, Any], bool]] = None,
   chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
+  reuse_gradient_buffers: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Keeps the floating-point state of ``inner`` in 8 bits between steps.
 
@@ -325,6 +326,16 @@ def quantize_state(
     chunk_size: most values decoded at once per loop iteration (a positive
       int; stacked leaves share it), or None to decode the whole state at
       once.
+    reuse_gradient_buffers: each chunked loop writes a leaf's update into a
+      carry that starts as the leaf's gradient, read from it chunk by chunk
+      before each chunk is overwritten. Where the gradients are computed in
+      the same ``jit`` and dead after the update, XLA then writes the update
+      into their buffers instead of new ones (GPT-2-small, train step with
+      its gradients inside: 8.27 -> 4.79 B/param of temporaries for
+      ``quantize_state(optax.adamw)``). Turn it off when this update runs
+      under a ``lax.cond`` (``optax.apply_if_finite``) on gradients passed in
+      from outside the ``jit``: XLA copies a conditional's operands, so there
+      the reuse costs a gradient-sized copy (0.80 -> 4.68 B/param).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is ``inner``'s
@@ -345,6 +356,10 @@ def quantize_state(
   """
   block_size = _q._check_block_size(block_size)  # pylint: disable=protected-access
   min_size = _check_min_size(min_size)
+  if not isinstance(reuse_gradient_buffers, bool):
+    raise ValueError(
+      f"reuse_gradient_buffers must be a bool, got {reuse_gradient_buffers!r}"
+    )
   chunk_size = _check_chunk_size(chunk_size)
   if not (signed is None or isinstance(signed, bool) or callable(signed)):
     raise ValueError(
@@ -460,6 +475,7 @@ def quantize_state(
       {s: n_u + s for s in range(n_s)},
       chunk_size=chunk_size,
       describe=describe,
+      reuse_gradient_buffers=reuse_gradient_buffers,
     )
     return out_def[0].unflatten(results[n_s:]), st_def.unflatten(results[:n_s])
 
