@@ -364,7 +364,7 @@ def apply_in_chunks(
   *,
   chunk_size: int,
   describe: Callable[[int], str] = str,
-  reuse_gradient_buffers: bool = True,
+  reusable: frozenset = frozenset(),
 ) -> list:
   """Evaluates ``fn`` on decoded ``inputs``, group by group, chunk by chunk.
 
@@ -382,11 +382,12 @@ def apply_in_chunks(
       returns it unchanged.
     chunk_size: most values decoded at once (per loop iteration).
     describe: names an input index in warnings.
-    reuse_gradient_buffers: start each loop's update as one of its group's
-      gradients (read from that carry, chunk by chunk, before it is
-      overwritten), so that XLA can write the update into the gradient's
-      buffer where the gradient is dead after the step. Off under a
-      conditional, whose operands XLA copies instead.
+    reusable: inputs (the incoming gradients) whose buffers an output that
+      is not state may start in: each loop's update starts as one of its
+      group's, read from that carry chunk by chunk before it is overwritten,
+      so XLA can write the update into the gradient's buffer where the
+      gradient is dead after the step. Empty under a conditional, whose
+      operands XLA copies instead.
 
   Returns:
     ``fn``'s outputs, quantized where their slot is.
@@ -533,7 +534,7 @@ def apply_in_chunks(
       results,
       set_passthrough,
       passthrough,
-      reuse_gradient_buffers,
+      reusable,
     )
   return results
 
@@ -553,7 +554,7 @@ def _run_bucket(
   results,
   set_passthrough,
   passthrough,
-  reuse_gradient_buffers,
+  reusable,
 ):
   """Runs groups of one signature: a loop over ``k`` chunks, each iteration
   evaluating the first group's equations once on the stacked chunks of all."""
@@ -574,13 +575,11 @@ def _run_bucket(
   cshape = _chunk_shape(shape, k)
 
   # Carry buffers start as the state they replace, so XLA updates the donated
-  # state in place; a state input is read from its own carry. With
-  # ``reuse_gradient_buffers`` an update's carry starts as one of the group's
-  # gradients, read from that carry too: chunk i is read before it is
-  # overwritten, and where the gradient is dead after the step (computed in
-  # the same jit) XLA writes the update into its buffer, not a new one.
-  state_inputs = set(state_slots.values())
-
+  # state in place; a state input is read from its own carry. An update's
+  # carry starts as one of the group's ``reusable`` gradients, read from that
+  # carry too: chunk i is read before it is overwritten, and where the
+  # gradient is dead after the step (computed in the same jit) XLA writes the
+  # update into its buffer, not a new one.
   def fits(i, o) -> bool:
     return (
       tuple(inputs[i].shape) == tuple(shape)
@@ -596,15 +595,12 @@ def _run_bucket(
         source[i] = len(init)
         init += [inputs[i].codes, inputs[i].absmax]
         continue
-      if i is None and reuse_gradient_buffers:
+      if i is None:
         i = next(
           (
             j
             for j in grp.inputs
-            if j not in state_inputs
-            and j not in source
-            and not is_q[j]
-            and fits(j, o)
+            if j in reusable and j not in source and fits(j, o)
           ),
           None,
         )

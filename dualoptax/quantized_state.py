@@ -475,7 +475,7 @@ def quantize_state(
       {s: n_u + s for s in range(n_s)},
       chunk_size=chunk_size,
       describe=describe,
-      reuse_gradient_buffers=reuse_gradient_buffers,
+      reusable=frozenset(range(n_u) if reuse_gradient_buffers else ()),
     )
     return out_def[0].unflatten(results[n_s:]), st_def.unflatten(results[:n_s])
 

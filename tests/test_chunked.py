@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import dualoptax
+from benchmarks import memory
 from dualoptax import QuantizedArray
 from dualoptax._chunked import num_chunks
 
@@ -177,25 +178,6 @@ def test_chunked_step_temporaries_are_a_fraction_of_whole(name):
   assert chunked <= whole / 8, (chunked / n, whole / n)
 
 
-def _train_step_temp_bytes(tx, params, multi):
-  """Temporaries of a train step whose gradients are computed inside it."""
-
-  def step(p, s, x):
-    g = jax.grad(
-      lambda q: sum(0.5 * jnp.sum((a - x) ** 2) for a in q.values())
-    )(p)
-    u, s = tx.update({"forget": g} if multi else g, s, p)
-    return optax.apply_updates(p, u), s
-
-  state = jax.eval_shape(tx.init, params)
-  compiled = (
-    jax.jit(step, donate_argnums=(0, 1))
-    .lower(params, state, jax.ShapeDtypeStruct((), jnp.float32))
-    .compile()
-  )
-  return compiled.memory_analysis().temp_size_in_bytes
-
-
 @pytest.mark.parametrize(
   "reusing, copying",
   [
@@ -206,17 +188,17 @@ def _train_step_temp_bytes(tx, params, multi):
 def test_update_takes_the_gradient_buffer(reusing, copying):
   # With the gradients dead after the update, the update is written into
   # their buffers: the step holds one params-sized float32 tree fewer.
+  # Measured as benchmarks/memory.py --step train-grad does.
   params = {
     f"w{i}": jax.ShapeDtypeStruct((512, 1024), jnp.float32) for i in range(4)
   }
-  gradient_bytes = 4 * 512 * 1024 * 4
-  multi = CASES[reusing][1]
-  reused = _train_step_temp_bytes(CASES[reusing][0](2**16), params, multi)
-  copied = _train_step_temp_bytes(CASES[copying][0](2**16), params, multi)
-  assert reused <= copied - 0.75 * gradient_bytes, (
-    reused / gradient_bytes,
-    copied / gradient_bytes,
+  wrap = (lambda g: {"forget": g}) if CASES[reusing][1] else (lambda g: g)
+  reused, copied = (
+    memory.measure(CASES[name][0](2**16), wrap, params, "train-grad")["temp"]
+    for name in (reusing, copying)
   )
+  gradient = 4.0  # B/param: a float32 gradient tree
+  assert reused <= copied - 0.75 * gradient, (reused, copied)
 
 
 def test_reuse_gradient_buffers_is_validated():
