@@ -12,8 +12,10 @@ the value is recovered as
 
 The code map is bitsandbytes' *dynamic* map (:func:`dynamic_code_map`). Encoding picks
 the exact nearest code (ties at float32 resolution go to the code of larger
-magnitude), like the bitsandbytes GPU kernel, with a closed-form encoder (no
-``searchsorted`` in the hot path, see :func:`quantize_blockwise`).
+magnitude), like the bitsandbytes GPU kernel. Encoder and decoder are closed
+forms of the code (comparisons, a linear bin index and one exact division, see
+:func:`quantize_blockwise`): no ``searchsorted`` and no table look-up, which on
+TPU would be a gather over every value.
 
 Block layout and sharding
 -------------------------
@@ -131,19 +133,6 @@ def _midpoints_np(signed: bool) -> np.ndarray:
   return ((c[:-1] + c[1:]) / 2).astype(np.float32)
 
 
-def _magnitude_thresholds_np(signed: bool) -> np.ndarray:
-  """``T[u]``: threshold between the ``u-1``-th and ``u``-th positive code (``T[0]``:
-  between 0 and the smallest positive code); ``T[128] = inf``. Shape ``(129,)``."""
-  c = _CODE_MAPS[signed]
-  pos = c[(128 if signed else 1) :].astype(
-    np.float64
-  )  # 128 positive codes, 1.0 last
-  prev = np.concatenate([[0.0], pos[:-1]])
-  return np.concatenate(
-    [((prev + pos) / 2).astype(np.float32), [np.inf]]
-  ).astype(np.float32)
-
-
 def _encoder_constants(signed: bool):
   """Per-decade constants of the closed-form candidate code.
 
@@ -165,6 +154,38 @@ def _encoder_constants(signed: bool):
     )
     offset += n
   return consts
+
+
+def _positive_code_value(m: jax.Array, signed: bool) -> jax.Array:
+  r"""The ``m``-th positive code of the map, in closed form (no table look-up).
+
+  ``m`` (float32 holding whole numbers) runs over ``-1`` (the zero code), the
+  decades' codes, and their count (the code ``1.0``). Code ``j`` of decade
+  ``i`` (``n`` codes) is
+
+  .. math:: 10^{i-6}\bigl(0.1 + 0.9\,\tfrac{j + 1/2}{n}\bigr)
+     = \frac{2n + 18j + 9}{2^{8 + [\text{unsigned}]}\,5^{7-i}},
+
+  a quotient of two integers that float32 holds exactly, so one IEEE division
+  rounds it correctly: the table's float32 value, bit for bit. Selects by
+  comparison, not a gather from the table, keep this an element-wise loop
+  that a TPU vectorizes.
+  """
+  sizes = _decade_sizes(signed)
+  scale = 256.0 if signed else 512.0
+  n = jnp.float32(sizes[0])
+  lo = jnp.float32(0.0)
+  den = jnp.float32(scale * 5.0**7)
+  offset = sizes[0]
+  for i in range(1, _NUM_DECADES):
+    later = m >= jnp.float32(offset)
+    n = jnp.where(later, jnp.float32(sizes[i]), n)
+    lo = jnp.where(later, jnp.float32(offset), lo)
+    den = jnp.where(later, jnp.float32(scale * 5.0 ** (7 - i)), den)
+    offset += sizes[i]
+  value = (2.0 * n + 18.0 * (m - lo) + 9.0) / den
+  value = jnp.where(m >= jnp.float32(offset), jnp.float32(1.0), value)
+  return jnp.where(m < 0, jnp.float32(0.0), value)
 
 
 # ---------------------------------------------------------------------------
@@ -282,12 +303,15 @@ def _encode_normalized(xn: jax.Array, signed: bool) -> jax.Array:
     jnp.floor(r) + lo, lo, hi
   )  # candidate index among positive codes
   # The nearest code is u-1, u or u+1; the half of the bin that |x| falls in tells
-  # which single threshold can move it, so one table look-up fixes rounding at bin
-  # edges, decade edges, 0 and 1.0.
+  # which single threshold can move it: the midpoint of the float32 codes t-1
+  # and t (halving commutes with rounding, so it is the float64 midpoint rounded
+  # once), which fixes rounding at bin edges, decade edges, 0 and 1.0.
   upper = (r - (u - lo)) >= 0.5
-  t = u.astype(jnp.int32) + upper.astype(jnp.int32)
-  thresholds = jnp.asarray(_magnitude_thresholds_np(signed))
-  m = t - 1 + (a >= thresholds[t]).astype(jnp.int32)  # -1 is the zero code
+  t = u + upper.astype(jnp.float32)
+  threshold = 0.5 * (
+    _positive_code_value(t - 1.0, signed) + _positive_code_value(t, signed)
+  )
+  m = t.astype(jnp.int32) - 1 + (a >= threshold).astype(jnp.int32)
   if signed:
     # Positive codes sit at 128..255 (1.0 last); negatives mirror them at 126..0
     # and have no -1.0.
@@ -295,6 +319,19 @@ def _encode_normalized(xn: jax.Array, signed: bool) -> jax.Array:
     m = jnp.minimum(m, jnp.where(neg, 126, 127))
     return jnp.where(neg, 126 - m, 128 + m).astype(jnp.uint8)
   return (1 + m).astype(jnp.uint8)
+
+
+def _decode_normalized(codes: jax.Array, signed: bool) -> jax.Array:
+  """``code_map[codes]`` as float32, computed from the codes (no gather)."""
+  c = codes.astype(jnp.float32)
+  if not signed:
+    return _positive_code_value(c - 1.0, signed)  # code 0 is zero
+  # Positive codes sit at 128..255, zero at 127, negatives mirror at 126..0.
+  negative = c < 127.0
+  value = _positive_code_value(
+    jnp.where(negative, 126.0 - c, c - 128.0), signed
+  )
+  return jnp.where(negative, -value, value)
 
 
 def _padded(x: jax.Array, pad: int) -> jax.Array:
@@ -410,6 +447,10 @@ def _quantize_with_layout(
 def dequantize_blockwise(q: QuantizedArray) -> jax.Array:
   r"""Decodes a :class:`QuantizedArray`: :math:`\mathrm{code\_map}[c_i]\cdot\mathrm{absmax}_b`.
 
+  ``code_map[c]`` is computed from ``c`` (see :func:`dynamic_code_map`: a
+  quotient of two integers, rounded once), equal to the table bit for bit
+  under IEEE division, without gathering from the table.
+
   Args:
     q: the output of :func:`quantize_blockwise`.
 
@@ -418,8 +459,9 @@ def dequantize_blockwise(q: QuantizedArray) -> jax.Array:
   """
   if not isinstance(q, QuantizedArray):
     raise TypeError(f"q must be a QuantizedArray, got {type(q).__name__}")
-  table = jnp.asarray(_CODE_MAPS[q.signed])
-  values = table[q.codes.astype(jnp.int32)] * _per_value(q.absmax, q.block_size)
+  values = _decode_normalized(q.codes, q.signed) * _per_value(
+    q.absmax, q.block_size
+  )
   if q.pad:
     values = values[..., : values.shape[-1] - q.pad]
   return values.reshape(q.shape).astype(q.dtype)

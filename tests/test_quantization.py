@@ -126,6 +126,31 @@ def test_codes_exact_over_wide_range_and_at_every_boundary(signed):
   np.testing.assert_array_equal(np.asarray(q.codes).ravel(), np.arange(256))
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_decoder_is_the_table_bit_for_bit_and_gathers_nothing(signed):
+  # Every code with absmax 1 decodes to the code map's own float32 value.
+  q = qz.QuantizedArray(
+    codes=jnp.arange(256, dtype=jnp.uint8),
+    absmax=jnp.ones((1,), jnp.float32),
+    shape=(256,),
+    dtype="float32",
+    signed=signed,
+    pad=0,
+    block_size=256,
+  )
+  out = np.asarray(_dequantize(q))
+  table = dualoptax.dynamic_code_map(signed)
+  np.testing.assert_array_equal(out.view(np.int32), table.view(np.int32))
+  # Neither direction indexes a table: on TPU a gather over every value.
+  x = jnp.ones((8, 512), jnp.float32)
+  for fn in (
+    lambda x: qz.quantize_blockwise(x, signed=signed),
+    lambda x: qz.dequantize_blockwise(qz.quantize_blockwise(x, signed=signed)),
+  ):
+    text = str(jax.make_jaxpr(fn)(x))
+    assert "gather" not in text and "dynamic_slice" not in text
+
+
 def test_zero_blocks_and_zeros_decode_exactly():
   x = np.zeros((4, 512), np.float32)
   x[1, 300] = -2.5

@@ -1,0 +1,244 @@
+"""TPU figures without a TPU: ahead-of-time compilation for a TPU topology.
+
+With libtpu installed (``pip install -e '.[tpu-aot]'``), XLA's TPU compiler runs
+on this CPU machine: every update is jitted as a train step (``update`` then
+``optax.apply_updates``, params and state donated) on abstract arguments
+(``jax.ShapeDtypeStruct`` with a ``NamedSharding`` on the topology's devices),
+compiled for TPU, and read back:
+
+* state bytes per parameter (``dualoptax.state_nbytes``);
+* temporaries per parameter (``memory_analysis().temp_size_in_bytes``: TPU's own
+  buffer assignment, the step's HBM beyond its inputs and outputs);
+* HBM bytes accessed per parameter (``cost_analysis()["bytes accessed"]``), plus,
+  where a Pallas kernel is a custom call that XLA does not count, the bytes of its
+  operands and results (``kernel B/param``), so the two add up to the step's
+  traffic;
+* lowering + compile time;
+* the number of ``gather``, ``transpose`` and ``copy`` instructions in the
+  compiled HLO (all three move data through HBM on TPU).
+
+Trees: GPT-2-small shapes (124M), one 4096x4096 leaf, and a Llama-shaped tree
+of 1.24B parameters (Llama-3.2-1B's shapes). Meshes: one chip, or FSDP over 4
+chips (each leaf sharded along its largest axis divisible by 4).
+
+    python benchmarks/tpu_aot.py [--trees gpt2,square] [--mesh 1,4]
+      [--updates adamw,q_adamw,...] [--topology v5e:2x2]
+
+Without libtpu this prints how to install it and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import math
+import re
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import dualoptax
+from benchmarks.memory import gpt2_small_shapes
+
+_SHAPE = re.compile(
+  r"\b(pred|s8|u8|s16|u16|s32|u32|bf16|f16|f32|f64)\[([\d,]*)\]"
+)
+_BYTES = {
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "s16": 2,
+  "u16": 2,
+  "bf16": 2,
+  "f16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "f64": 8,
+}
+
+
+def llama_1b_shapes() -> dict:
+  """Llama-3.2-1B's parameter shapes (tied embedding): 1.236B params."""
+  d, ffn, vocab, layers, kv = 2048, 8192, 128256, 16, 512
+  f = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+  tree = {"embed": f(vocab, d), "norm": f(d)}
+  for i in range(layers):
+    tree[f"layer{i:02d}"] = {
+      "attn_norm": f(d),
+      "q": f(d, d),
+      "k": f(d, kv),
+      "v": f(d, kv),
+      "o": f(d, d),
+      "mlp_norm": f(d),
+      "gate": f(d, ffn),
+      "up": f(d, ffn),
+      "down": f(ffn, d),
+    }
+  return tree
+
+
+def square_shapes() -> dict:
+  return {"w": jax.ShapeDtypeStruct((4096, 4096), jnp.float32)}
+
+
+TREES = {
+  "gpt2": ("GPT-2 small, 124M params", gpt2_small_shapes),
+  "square": ("one 4096x4096 leaf, 16.8M params", square_shapes),
+  "llama1b": ("Llama-shaped, 1.24B params", llama_1b_shapes),
+}
+
+
+def updates() -> dict:
+  """name -> (transformation, objectives present in the step's gradients)."""
+  two = ("forget", "retain")
+  return {
+    "adamw": (optax.adamw(1e-3, weight_decay=0.01), None),
+    "q_adamw": (
+      dualoptax.quantize_state(optax.adamw(1e-3, weight_decay=0.01)),
+      None,
+    ),
+    "dual_optim": (dualoptax.dual_optim(1e-3, weight_decay=0.01), two),
+    "dual_optim_plus": (
+      dualoptax.dual_optim_plus(1e-3, weight_decay=0.01),
+      two,
+    ),
+    "8bit_1obj": (
+      dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.01),
+      ("forget",),
+    ),
+    "8bit_2obj": (
+      dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.01),
+      two,
+    ),
+  }
+
+
+def fsdp_spec(shape, n: int) -> jax.sharding.PartitionSpec:
+  """Shard the largest axis divisible by ``n`` (replicate when none is)."""
+  axes = [i for i, s in enumerate(shape) if s % n == 0]
+  if n == 1 or not axes:
+    return jax.sharding.PartitionSpec()
+  best = max(axes, key=lambda i: shape[i])
+  spec = [None] * len(shape)
+  spec[best] = "fsdp"
+  return jax.sharding.PartitionSpec(*spec)
+
+
+def place(tree, mesh):
+  n = mesh.devices.size
+
+  def one(x):
+    s = jax.sharding.NamedSharding(mesh, fsdp_spec(x.shape, n))
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+
+  return jax.tree.map(one, tree)
+
+
+def hlo_counts(text: str) -> dict:
+  """Instruction counts by opcode of interest, and custom-call operand bytes."""
+  counts = collections.Counter()
+  kernel_bytes = 0
+  for line in text.splitlines():
+    m = re.match(r"\s*(?:ROOT\s+)?[%\w.\-]+\s*=\s*(.*?)\s([\w\-]+)\(", line)
+    if not m:
+      continue
+    op = m.group(2)
+    if op in ("gather", "transpose", "copy", "custom-call"):
+      counts[op] += 1
+    if op == "custom-call" and "tpu_custom_call" in line:
+      # Result shape(s) before the opcode, operand shapes after it.
+      kernel_bytes += sum(
+        _BYTES[t] * math.prod(int(d) for d in dims.split(",") if d)
+        for t, dims in _SHAPE.findall(line.split(" metadata=")[0])
+      )
+  return {"counts": counts, "kernel_bytes": kernel_bytes}
+
+
+def measure(tx, objectives, params) -> dict:
+  state = jax.eval_shape(tx.init, params)
+  if objectives is None:
+    wrap = lambda g: g
+  else:
+    wrap = lambda g: {k: g for k in objectives}
+
+  def train_step(p, s, g):
+    u, s = tx.update(wrap(g), s, p)
+    return optax.apply_updates(p, u), s
+
+  t0 = time.perf_counter()
+  jitted = jax.jit(train_step, donate_argnums=(0, 1))
+  compiled = jitted.lower(params, state, params).compile()
+  seconds = time.perf_counter() - t0
+  n = sum(x.size for x in jax.tree.leaves(params))
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  hlo = hlo_counts(compiled.as_text())
+  ndev = max(len(x.sharding.device_set) for x in jax.tree.leaves(params))
+  # memory_analysis and cost_analysis are per device: scale to the whole step.
+  return {
+    "state": dualoptax.state_nbytes(state) / n,
+    "temp": compiled.memory_analysis().temp_size_in_bytes * ndev / n,
+    "accessed": cost.get("bytes accessed", float("nan")) * ndev / n,
+    "kernel": hlo["kernel_bytes"] * ndev / n,
+    "compile": seconds,
+    **{k: hlo["counts"][k] for k in ("gather", "transpose", "copy")},
+  }
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--trees", default="gpt2,square")
+  parser.add_argument("--mesh", default="1", help="chips: 1, 4 or 1,4")
+  parser.add_argument("--updates", default=",".join(updates()))
+  parser.add_argument("--topology", default="v5e:2x2")
+  args = parser.parse_args()
+  try:
+    from jax.experimental import topologies
+
+    topo = topologies.get_topology_desc(
+      platform="tpu", topology_name=args.topology
+    )
+  except Exception as e:  # libtpu missing or unusable: say how to get it.
+    print(
+      f"cannot compile for TPU here ({type(e).__name__}: {e}).\n"
+      "Install libtpu for this jax: pip install -e '.[tpu-aot]'",
+      file=sys.stderr,
+    )
+    return 2
+  print(
+    f"jax {jax.__version__}, optax {optax.__version__}, TPU topology "
+    f"{args.topology} ({topo.devices[0].device_kind}), compiled ahead of time; "
+    "train step (update + apply_updates), params and state donated"
+  )
+  table = updates()
+  for key in args.trees.split(","):
+    label, make = TREES[key]
+    for chips in (int(c) for c in args.mesh.split(",")):
+      mesh = jax.sharding.Mesh(topo.devices[:chips], ("fsdp",))
+      params = place(make(), mesh)
+      where = "1 chip" if chips == 1 else f"FSDP over {chips} chips"
+      print(f"\n{label}, {where} (B/param over all chips)")
+      print(
+        f"{'update':16s} {'state':>6s} {'temp':>7s} {'accessed':>9s} "
+        f"{'kernel':>7s} {'compile s':>9s} {'gather':>6s} {'transp':>6s} "
+        f"{'copy':>5s}"
+      )
+      for name in args.updates.split(","):
+        tx, objectives = table[name]
+        r = measure(tx, objectives, params)
+        print(
+          f"{name:16s} {r['state']:6.2f} {r['temp']:7.2f} "
+          f"{r['accessed']:9.1f} {r['kernel']:7.1f} {r['compile']:9.1f} "
+          f"{r['gather']:6d} {r['transpose']:6d} {r['copy']:5d}",
+          flush=True,
+        )
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
