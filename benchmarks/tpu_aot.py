@@ -92,13 +92,25 @@ TREES = {
 }
 
 
-def updates() -> dict:
-  """name -> (transformation, objectives present in the step's gradients)."""
+def updates(kernel: str) -> dict:
+  """name -> (transformation, objectives present in the step's gradients).
+
+  ``kernel`` is what ``kernel="auto"`` picks on the TPU being compiled for:
+  ``"pallas"`` on one chip, ``"xla"`` over several (this machine's own
+  backend is the CPU, so "auto" would pick the loops).
+  """
   two = ("forget", "retain")
+  q = dict(kernel=kernel)
   return {
     "adamw": (optax.adamw(1e-3, weight_decay=0.01), None),
     "q_adamw": (
-      dualoptax.quantize_state(optax.adamw(1e-3, weight_decay=0.01)),
+      dualoptax.quantize_state(optax.adamw(1e-3, weight_decay=0.01), **q),
+      None,
+    ),
+    "q_adamw_xla": (
+      dualoptax.quantize_state(
+        optax.adamw(1e-3, weight_decay=0.01), kernel="xla"
+      ),
       None,
     ),
     "dual_optim": (dualoptax.dual_optim(1e-3, weight_decay=0.01), two),
@@ -107,11 +119,15 @@ def updates() -> dict:
       two,
     ),
     "8bit_1obj": (
-      dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.01),
+      dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.01, **q),
       ("forget",),
     ),
     "8bit_2obj": (
-      dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.01),
+      dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.01, **q),
+      two,
+    ),
+    "8bit_2obj_xla": (
+      dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.01, kernel="xla"),
       two,
     ),
   }
@@ -138,23 +154,37 @@ def place(tree, mesh):
   return jax.tree.map(one, tree)
 
 
+def _nbytes(shapes: str) -> int:
+  return sum(
+    _BYTES[t] * math.prod(int(d) for d in dims.split(",") if d)
+    for t, dims in _SHAPE.findall(shapes)
+  )
+
+
 def hlo_counts(text: str) -> dict:
-  """Instruction counts by opcode of interest, and custom-call operand bytes."""
+  """Instruction counts by opcode of interest, and the bytes a Pallas kernel
+  (a ``tpu_custom_call``, which XLA's cost analysis does not see) reads and
+  writes: its operands' and results' sizes."""
   counts = collections.Counter()
-  kernel_bytes = 0
+  defined, calls = {}, []
   for line in text.splitlines():
-    m = re.match(r"\s*(?:ROOT\s+)?[%\w.\-]+\s*=\s*(.*?)\s([\w\-]+)\(", line)
+    line = line.split(", metadata=")[0]
+    m = re.match(
+      r"\s*(?:ROOT\s+)?(%[\w.\-]+)\s*=\s*(.*?)\s([\w\-]+)\((.*)", line
+    )
     if not m:
       continue
-    op = m.group(2)
+    name, result, op, rest = m.groups()
+    defined[name] = result
     if op in ("gather", "transpose", "copy", "custom-call"):
       counts[op] += 1
     if op == "custom-call" and "tpu_custom_call" in line:
-      # Result shape(s) before the opcode, operand shapes after it.
-      kernel_bytes += sum(
-        _BYTES[t] * math.prod(int(d) for d in dims.split(",") if d)
-        for t, dims in _SHAPE.findall(line.split(" metadata=")[0])
-      )
+      operands = re.findall(r"%[\w.\-]+", rest.split(")")[0])
+      calls.append((result, operands))
+  kernel_bytes = sum(
+    _nbytes(result) + sum(_nbytes(defined.get(o, "")) for o in operands)
+    for result, operands in calls
+  )
   return {"counts": counts, "kernel_bytes": kernel_bytes}
 
 
@@ -194,7 +224,9 @@ def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--trees", default="gpt2,square")
   parser.add_argument("--mesh", default="1", help="chips: 1, 4 or 1,4")
-  parser.add_argument("--updates", default=",".join(updates()))
+  parser.add_argument(
+    "--updates", default=",".join(updates("xla")), help="comma-separated"
+  )
   parser.add_argument("--topology", default="v5e:2x2")
   args = parser.parse_args()
   try:
@@ -215,12 +247,12 @@ def main() -> int:
     f"{args.topology} ({topo.devices[0].device_kind}), compiled ahead of time; "
     "train step (update + apply_updates), params and state donated"
   )
-  table = updates()
   for key in args.trees.split(","):
     label, make = TREES[key]
     for chips in (int(c) for c in args.mesh.split(",")):
       mesh = jax.sharding.Mesh(topo.devices[:chips], ("fsdp",))
       params = place(make(), mesh)
+      table = updates("pallas" if chips == 1 else "xla")
       where = "1 chip" if chips == 1 else f"FSDP over {chips} chips"
       print(f"\n{label}, {where} (B/param over all chips)")
       print(

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
 
+from dualoptax import _kernel
 from dualoptax import quantization as _q
 from dualoptax.quantization import QuantizedArray
 
@@ -365,6 +366,7 @@ def apply_in_chunks(
   chunk_size: int,
   describe: Callable[[int], str] = str,
   reusable: frozenset = frozenset(),
+  kernel: bool = False,
 ) -> list:
   """Evaluates ``fn`` on decoded ``inputs``, group by group, chunk by chunk.
 
@@ -388,6 +390,9 @@ def apply_in_chunks(
       so XLA can write the update into the gradient's buffer where the
       gradient is dead after the step. Empty under a conditional, whose
       operands XLA copies instead.
+    kernel: run each group whose leaf layout allows it as a fused Pallas
+      kernel over tiles of rows (see :mod:`dualoptax._kernel`) instead of a
+      loop over chunks; compiled on TPU, interpreted elsewhere.
 
   Returns:
     ``fn``'s outputs, quantized where their slot is.
@@ -535,6 +540,7 @@ def apply_in_chunks(
       set_passthrough,
       passthrough,
       reusable,
+      kernel,
     )
   return results
 
@@ -555,6 +561,7 @@ def _run_bucket(
   set_passthrough,
   passthrough,
   reusable,
+  kernel=False,
 ):
   """Runs groups of one signature: a loop over ``k`` chunks, each iteration
   evaluating the first group's equations once on the stacked chunks of all."""
@@ -572,6 +579,21 @@ def _run_bucket(
     return
   template, n = groups[0], len(groups)
   shape = template.shape
+  if kernel and _run_kernels(
+    jaxpr,
+    consts,
+    groups,
+    eqns[0],
+    carried,
+    inputs,
+    is_q,
+    q_out,
+    state_slots,
+    scalars,
+    results,
+    reusable,
+  ):
+    return
   cshape = _chunk_shape(shape, k)
 
   # Carry buffers start as the state they replace, so XLA updates the donated
@@ -709,6 +731,72 @@ def _run_bucket(
         results[o] = QuantizedArray(final[at], final[at + 1], *_meta(q_out[o]))
       else:
         results[o] = final[at]
+
+
+def _run_kernels(
+  jaxpr,
+  consts,
+  groups,
+  eqn_ids,
+  carried,
+  inputs,
+  is_q,
+  q_out,
+  state_slots,
+  scalars,
+  results,
+  reusable,
+) -> bool:
+  """Runs each group of a bucket as one fused kernel (the template's
+  equations on the member's inputs); False, with nothing written, where the
+  leaf's layout or dtypes keep the bucket on the loop path."""
+  template = groups[0]
+  layouts = [inputs[i] for i in template.inputs if is_q[i]]
+  layouts += [q_out[o] for o in carried[0] if o in q_out]
+  rows = _kernel.tile_rows(template.shape, layouts)
+  if rows is None:
+    return False
+  local = [jaxpr.invars[i] for i in template.inputs]
+  outvars = [jaxpr.outvars[o] for o in carried[0]]
+  done = []
+  for grp, outs in zip(groups, carried):
+    aliases: dict = {}
+    for q, o in enumerate(outs):
+      i = state_slots.get(o)
+      if i is None or i not in grp.inputs:
+        i = next(
+          (
+            j
+            for j in grp.inputs
+            if j in reusable
+            and grp.inputs.index(j) not in aliases
+            and not is_q[j]
+            and inputs[j].dtype == outvars[q].aval.dtype
+          ),
+          None,
+        )
+      if i is not None and grp.inputs.index(i) not in aliases:
+        aliases[grp.inputs.index(i)] = q
+    new = _kernel.run_group(
+      jaxpr,
+      consts,
+      eqn_ids,
+      local,
+      [inputs[i] for i in grp.inputs],
+      outvars,
+      [q_out.get(o) for o in outs],
+      scalars,
+      aliases,
+      rows,
+      _eval_equations,
+    )
+    if new is None:
+      return False
+    done.append(new)
+  for outs, new in zip(carried, done):
+    for o, x in zip(outs, new):
+      results[o] = x
+  return True
 
 
 def _materialized(compute: Callable, shapes, step, materialize: bool):

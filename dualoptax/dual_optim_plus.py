@@ -325,6 +325,7 @@ def dual_optim_plus_8bit(
   min_size: int = 4096,
   exclude: quantized_state.Exclude = (),
   chunk_size: Optional[int] = quantized_state.DEFAULT_CHUNK_SIZE,
+  kernel: str = "auto",
   skip_nonfinite: bool = True,
   objectives: Sequence[str] = DEFAULT_OBJECTIVES,
   b1: float = 0.9,
@@ -366,6 +367,8 @@ def dual_optim_plus_8bit(
     exclude: parameters whose moments stay float32 (see
       :func:`dualoptax.quantize_state`).
     chunk_size: most values decoded at once (None: the whole state).
+    kernel: ``"auto"``, ``"pallas"`` or ``"xla"``: fused Pallas kernels per
+      leaf or XLA loops over chunks (see :func:`dualoptax.quantize_state`).
     skip_nonfinite: skip (and count) calls whose gradients hold NaN or Inf.
       The skip is a ``lax.cond`` around the step, under which the update
       cannot take the gradients' buffers; with False it does (see
@@ -438,6 +441,7 @@ def dual_optim_plus_8bit(
     signed=signed,
     select=select,
     chunk_size=chunk_size,
+    kernel=kernel,
     # Under the non-finite guard's lax.cond the gradient's buffer is not the
     # update's to take: XLA would copy it (GPT-2-small: 1.26 -> 5.14 B/param).
     reuse_gradient_buffers=not skip_nonfinite,

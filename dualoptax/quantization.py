@@ -334,6 +334,31 @@ def _decode_normalized(codes: jax.Array, signed: bool) -> jax.Array:
   return jnp.where(negative, -value, value)
 
 
+def _encode_blocks(blocks: jax.Array, signed: bool):
+  """Codes and absmax of float32 ``blocks`` whose last axis is one block.
+
+  Returns ``(codes, absmax)``: uint8 codes of ``blocks``' shape and the
+  float32 absmax with the last axis kept (length 1). Both the whole-array
+  encoder and the fused TPU kernel (on one block-wide slice of a tile) call it.
+  """
+  # A NaN or Inf counts as +inf, so the block's max is +inf exactly when the
+  # block holds one (a vectorized max may drop a NaN, never an inf).
+  m = jnp.max(
+    jnp.where(jnp.isfinite(blocks), jnp.abs(blocks), jnp.inf),
+    axis=-1,
+    keepdims=True,
+  )
+  finite = m < jnp.inf
+  absmax = jnp.where(finite, m, jnp.float32(jnp.nan))
+  # One reciprocal per block, then a multiply per value (as the bitsandbytes
+  # kernel); a zero or non-finite block gets 0, so its codes are the zero code.
+  inv = jnp.where(finite & (m > 0), 1.0 / jnp.where(finite, m, 1.0), 0.0)
+  xn = jnp.where(finite, blocks, 0.0) * inv
+  if not signed:
+    xn = jnp.maximum(xn, 0.0)
+  return _encode_normalized(xn, signed), absmax
+
+
 def _padded(x: jax.Array, pad: int) -> jax.Array:
   if x.ndim == 0:
     x = x.reshape(1)
@@ -417,22 +442,9 @@ def _quantize_with_layout(
   shape = tuple(x.shape)
   xp = _padded(x.astype(jnp.float32), pad)
   blocks = xp.reshape(*xp.shape[:-1], xp.shape[-1] // b, b)
-  # A NaN or Inf counts as +inf, so the block's max is +inf exactly when the
-  # block holds one (a vectorized max may drop a NaN, never an inf).
-  m = jnp.max(
-    jnp.where(jnp.isfinite(blocks), jnp.abs(blocks), jnp.inf), axis=-1
-  )
-  finite = m < jnp.inf
-  absmax = jnp.where(finite, m, jnp.float32(jnp.nan))
-  # One reciprocal per block, then a multiply per value (as the bitsandbytes
-  # kernel); a zero or non-finite block gets 0, so its codes are the zero code.
-  inv = jnp.where(finite & (m > 0), 1.0 / jnp.where(finite, m, 1.0), 0.0)
-  xn = (jnp.where(finite[..., None], blocks, 0.0) * inv[..., None]).reshape(
-    xp.shape
-  )
-  if not signed:
-    xn = jnp.maximum(xn, 0.0)
-  codes = _encode_normalized(xn, signed)
+  codes, absmax = _encode_blocks(blocks, signed)
+  codes = codes.reshape(xp.shape)
+  absmax = absmax[..., 0]
   return QuantizedArray(
     codes=codes,
     absmax=absmax,

@@ -247,6 +247,7 @@ def quantize_state(
   select: Optional[Callable[[str, Any], bool]] = None,
   chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
   reuse_gradient_buffers: bool = True,
+  kernel: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Keeps the floating-point state of ``inner`` in 8 bits between steps.
 
@@ -336,6 +337,16 @@ def quantize_state(
       under a ``lax.cond`` (``optax.apply_if_finite``) on gradients passed in
       from outside the ``jit``: XLA copies a conditional's operands, so there
       the reuse costs a gradient-sized copy (0.80 -> 4.68 B/param).
+    kernel: how each element-wise group runs with ``chunk_size`` set.
+      ``"pallas"``: one fused Pallas kernel per leaf over tiles of rows
+      (decode, step, block absmax and encode in on-chip memory, codes and
+      absmax written in place), compiled on TPU and interpreted elsewhere
+      (slow: for tests); leaves whose layout the kernel does not take (1-d,
+      padded, blocks not a multiple of 128 values, non-float32) keep the
+      loops. ``"xla"``: ``lax.fori_loop`` over chunks, on every backend.
+      ``"auto"`` (default): ``"pallas"`` on a single TPU device, else
+      ``"xla"`` (a custom call under several devices would gather sharded
+      operands).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is ``inner``'s
@@ -361,6 +372,8 @@ def quantize_state(
       f"reuse_gradient_buffers must be a bool, got {reuse_gradient_buffers!r}"
     )
   chunk_size = _check_chunk_size(chunk_size)
+  if kernel not in KERNELS:
+    raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
   if not (signed is None or isinstance(signed, bool) or callable(signed)):
     raise ValueError(
       f"signed must be None, a bool or a callable, got {signed!r}"
@@ -476,10 +489,24 @@ def quantize_state(
       chunk_size=chunk_size,
       describe=describe,
       reusable=frozenset(range(n_u) if reuse_gradient_buffers else ()),
+      kernel=use_kernel(kernel),
     )
     return out_def[0].unflatten(results[n_s:]), st_def.unflatten(results[:n_s])
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+KERNELS = ("auto", "pallas", "xla")
+
+
+def use_kernel(kernel: str) -> bool:
+  """Whether the chunked step runs fused Pallas kernels: ``"pallas"``
+  always, ``"auto"`` on a single TPU device (decided when the update is
+  traced). Under several devices the kernel, a custom call, would gather
+  sharded operands; the XLA loops keep the sharding."""
+  if kernel == "auto":
+    return jax.default_backend() == "tpu" and jax.device_count() == 1
+  return kernel == "pallas"
 
 
 def _state_leaves(new_inner, treedef) -> list:

@@ -55,50 +55,52 @@ def _adam_with_full_like_cap():
 
 CASES = {
   "adamw": (
-    lambda cs: dualoptax.quantize_state(
-      optax.adamw(1e-2, weight_decay=0.1), chunk_size=cs
+    lambda cs, **kw: dualoptax.quantize_state(
+      optax.adamw(1e-2, weight_decay=0.1), chunk_size=cs, **kw
     ),
     False,
   ),
   "inject_hyperparams": (
-    lambda cs: dualoptax.quantize_state(
+    lambda cs, **kw: dualoptax.quantize_state(
       optax.inject_hyperparams(optax.adam)(
         learning_rate=optax.linear_schedule(1e-2, 1e-3, 10)
       ),
       chunk_size=cs,
+      **kw,
     ),
     False,
   ),
   "full_like_in_update": (
-    lambda cs: dualoptax.quantize_state(
-      _adam_with_full_like_cap(), chunk_size=cs
+    lambda cs, **kw: dualoptax.quantize_state(
+      _adam_with_full_like_cap(), chunk_size=cs, **kw
     ),
     False,
   ),
   "dual_optim_plus_8bit": (
-    lambda cs: dualoptax.dual_optim_plus_8bit(
-      1e-2, weight_decay=0.1, chunk_size=cs
+    lambda cs, **kw: dualoptax.dual_optim_plus_8bit(
+      1e-2, weight_decay=0.1, chunk_size=cs, **kw
     ),
     True,
   ),
   "adamw_without_buffer_reuse": (
-    lambda cs: dualoptax.quantize_state(
+    lambda cs, **kw: dualoptax.quantize_state(
       optax.adamw(1e-2, weight_decay=0.1),
       chunk_size=cs,
       reuse_gradient_buffers=False,
+      **kw,
     ),
     False,
   ),
   # Without the non-finite guard its loops start the update as a gradient.
   "dual_optim_plus_8bit_unguarded": (
-    lambda cs: dualoptax.dual_optim_plus_8bit(
-      1e-2, weight_decay=0.1, chunk_size=cs, skip_nonfinite=False
+    lambda cs, **kw: dualoptax.dual_optim_plus_8bit(
+      1e-2, weight_decay=0.1, chunk_size=cs, **kw, skip_nonfinite=False
     ),
     True,
   ),
   "dual_optim_plus_8bit_base_only": (
-    lambda cs: dualoptax.dual_optim_plus_8bit(
-      1e-2, quantize_delta=False, chunk_size=cs
+    lambda cs, **kw: dualoptax.dual_optim_plus_8bit(
+      1e-2, quantize_delta=False, chunk_size=cs, **kw
     ),
     True,
   ),
@@ -151,6 +153,66 @@ def test_chunked_step_equals_whole_step(name):
         np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-5)
     params = optax.apply_updates(params, u1)
     state = s1
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_step_equals_loop_step(name):
+  # The fused Pallas kernel (interpreted here; compiled on TPU) against the
+  # XLA loops, from the same state each step: the same equations and codec
+  # on tiles instead of chunks.
+  make, multi = CASES[name]
+  loop = jax.jit(make(4096, kernel="xla").update)
+  kernel = make(4096, kernel="pallas")
+  params = _params()
+  state = kernel.init(params)
+  g0 = _grads(0, params)
+  g0 = {"forget": g0} if multi else g0
+  jaxpr = str(jax.make_jaxpr(kernel.update)(g0, state, params))
+  # One kernel per 2-d quantized leaf ("a", "a2", "c"), in each of the two
+  # platform branches; the padded 1-d leaf keeps its loop.
+  assert jaxpr.count("pallas_call") >= 6, jaxpr.count("pallas_call")
+  kernel_update = jax.jit(kernel.update)
+  for t in range(4):
+    g = _grads(t, params)
+    g = {("forget", "retain")[t % 2]: g} if multi else g
+    u1, s1 = loop(g, state, params)
+    u2, s2 = kernel_update(g, state, params)
+    _assert_states_close(s1, s2)
+    for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+      np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-5)
+    params = optax.apply_updates(params, u1)
+    state = s1
+
+
+@pytest.mark.parametrize(
+  "shape, block, expected",
+  [
+    ((48, 512), 256, 48),  # all rows in one tile
+    ((4096, 4096), 256, 32),  # 32 rows of 4096 values per tile
+    ((50257, 768), 256, 160),  # rows a multiple of 32, the last tile partial
+    ((64, 4, 256), 256, None),  # merging (64, 4) rows would be a relayout
+    ((64, 32, 256), 256, 512),  # 2048 rows, 512 of 256 values per tile
+    ((5000,), 256, None),  # 1-d
+    ((96, 96), 32, None),  # blocks narrower than 128 lanes
+    ((8, 300000), 256, None),  # a 32-row tile would not fit on chip
+  ],
+)
+def test_kernel_tile_rows(shape, block, expected):
+  from dualoptax import _kernel
+
+  like = dualoptax.quantize_blockwise(
+    jnp.zeros(shape[-1:] if len(shape) == 1 else (1, shape[-1])),
+    signed=True,
+    block_size=block,
+  )
+  assert _kernel.tile_rows(shape, [like]) == expected
+
+
+def test_kernel_is_validated():
+  with pytest.raises(ValueError, match="kernel must be one of"):
+    dualoptax.quantize_state(optax.adam(1e-3), kernel="cuda")
+  with pytest.raises(ValueError, match="kernel must be one of"):
+    dualoptax.dual_optim_plus_8bit(1e-3, kernel=None)
 
 
 def _temp_bytes(tx, params, multi):
