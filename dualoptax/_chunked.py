@@ -591,7 +591,6 @@ def _run_bucket(
     state_slots,
     scalars,
     results,
-    reusable,
   ):
     return
   cshape = _chunk_shape(shape, k)
@@ -745,7 +744,6 @@ def _run_kernels(
   state_slots,
   scalars,
   results,
-  reusable,
 ) -> bool:
   """Runs each group of a bucket as one fused kernel (the template's
   equations on the member's inputs); False, with nothing written, where the
@@ -760,22 +758,15 @@ def _run_kernels(
   outvars = [jaxpr.outvars[o] for o in carried[0]]
   done = []
   for grp, outs in zip(groups, carried):
+    # A state's codes, absmax or float32 value is updated in place. The
+    # gradient is not taken over, unlike the loops' ``reusable`` carries:
+    # XLA already writes ``params + update`` into the kernel's update buffer
+    # (params donated), so taking a gradient's buffer saves nothing, and
+    # costs a copy where the gradient is live after the step.
     aliases: dict = {}
     for q, o in enumerate(outs):
       i = state_slots.get(o)
-      if i is None or i not in grp.inputs:
-        i = next(
-          (
-            j
-            for j in grp.inputs
-            if j in reusable
-            and grp.inputs.index(j) not in aliases
-            and not is_q[j]
-            and inputs[j].dtype == outvars[q].aval.dtype
-          ),
-          None,
-        )
-      if i is not None and grp.inputs.index(i) not in aliases:
+      if i is not None and i in grp.inputs:
         aliases[grp.inputs.index(i)] = q
     new = _kernel.run_group(
       jaxpr,

@@ -410,7 +410,20 @@ def prepare_call(
   return present, flags, finite
 
 
-def guarded(finite: Optional[jax.Array], step, unchanged, update_shapes):
+# Platforms where the float32 step's non-finite guard selects rather than
+# branches: on TPU the select fuses into the step's loops, while a
+# conditional's outputs are whole buffers (benchmarks/tpu_aot.py measures it).
+SELECT_GUARD_ON = ("tpu",)
+
+
+def guarded(
+  finite: Optional[jax.Array],
+  step,
+  unchanged,
+  update_shapes,
+  *,
+  select_on: tuple = (),
+):
   """Runs ``step()`` -> ``(updates, changed)``; where ``finite`` is False, skips
   it: a zero update (of ``update_shapes``) and ``unchanged`` (the pre-call
   values of what ``step`` changes).
@@ -418,7 +431,11 @@ def guarded(finite: Optional[jax.Array], step, unchanged, update_shapes):
   One ``lax.cond`` guards the call (an element-wise select instead compiled 4x
   slower with 1.7x the temporaries on GPT-2-small shapes on XLA:CPU). Only the
   state that the step changes goes through the conditional, so absent
-  objectives' moments are not copied.
+  objectives' moments are not copied. Code lowered for a platform named in
+  ``select_on`` (``"tpu"``, ``"cpu"``, ...) selects instead: the step always runs and each output is
+  ``where(finite, new, old)``, which fuses into the step's own element-wise
+  loops, where a conditional's outputs are whole buffers that the parameter
+  update then reads back from HBM.
   """
   if finite is None:
     return step()
@@ -427,7 +444,23 @@ def guarded(finite: Optional[jax.Array], step, unchanged, update_shapes):
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), update_shapes)
     return zeros, unchanged
 
-  return jax.lax.cond(finite, step, skip)
+  def conditional():
+    return jax.lax.cond(finite, step, skip)
+
+  if not select_on:
+    return conditional()
+
+  def select():
+    # The flag leaves a trivial conditional as a buffer: read directly, XLA
+    # fuses the whole finiteness reduction into every leaf's loop.
+    flag = jax.lax.cond(finite, lambda: True, lambda: False)
+    return jax.tree.map(
+      lambda new, old: jnp.where(flag, new, old), step(), skip()
+    )
+
+  return jax.lax.platform_dependent(
+    **{platform: select for platform in select_on}, default=conditional
+  )
 
 
 def count_skipped(skipped: jax.Array, finite: Optional[jax.Array]) -> jax.Array:
@@ -486,6 +519,10 @@ def run_step(
     count,
   )
   updates, (new_deltas, new_base, new_count) = guarded(
-    finite, step, unchanged, update_shapes(grads, params)
+    finite,
+    step,
+    unchanged,
+    update_shapes(grads, params),
+    select_on=SELECT_GUARD_ON,
   )
   return updates, new_deltas, new_base, new_count

@@ -5,11 +5,14 @@ of element-wise equations. On TPU, running them as XLA loops costs relayout
 copies: a block of 256 values is a slice of the minor (lane) axis, and XLA
 reshapes ``[..., n] -> [..., n / 256, 256]`` through HBM for the block absmax
 and back for the per-value scale. This module runs one group instead as a
-``pallas_call`` over tiles of rows. Each grid step loads a tile of every input
-into VMEM, decodes the 8-bit ones a block-wide lane slice at a time, evaluates
-the group's equations on the tile, takes each block's absmax, re-encodes, and
-writes codes, absmax and the update; codes and absmax are aliased in place.
-Per value, HBM sees each input read once and each output written once.
+``pallas_call`` over tiles one block wide: rows ``i`` (a tile of rows) and
+block column ``j``. Each grid step loads that tile of every input into VMEM,
+decodes the 8-bit ones with their block's absmax (column ``j`` of the row
+tile's absmax, which stays in VMEM while ``j`` runs), evaluates the group's
+equations, takes the block's new absmax, re-encodes, and writes codes, the
+absmax column and the update; codes and absmax are aliased in place. Per
+value, HBM sees each input read once and each output written once, and the
+kernel body is one block's work, whatever the leaf's width.
 
 The math is the same statement as the XLA path's: the group's equations from
 the one trace of the inner update (evaluated by ``_chunked._eval_equations``)
@@ -51,53 +54,36 @@ def tile_rows(
   """Rows of a kernel tile for a leaf of ``shape``, or None where the leaf
   keeps the XLA path.
 
-  The kernel sees the leaf as ``[rows, n]`` (``n`` the last axis). It needs
-  ``n`` a whole number of blocks (no padding), and blocks a whole number of
-  128-value lanes (so a block is an aligned lane slice); leading axes merge
-  into rows
-  only where that is free on TPU (the second-to-last axis a multiple of 32).
+  The kernel sees the leaf as ``[rows, n]`` (``n`` the last axis) in tiles
+  of ``rows x b``, ``b`` the block length. It needs one block length for
+  every 8-bit operand, ``n`` a whole number of blocks (no padding), and a
+  block a whole number of 128-value lanes; leading axes merge into rows only
+  where that is free on TPU (the second-to-last axis a multiple of 32).
   """
-  if len(shape) < 2 or any(int(s) == 0 for s in shape):
+  if len(shape) < 2 or any(int(s) == 0 for s in shape) or not layouts:
     return None
   n = int(shape[-1])
   if len(shape) > 2 and int(shape[-2]) % _ROW_ALIGN:
     return None
+  b = layouts[0].block_size
   for like in layouts:
-    b = like.block_size
-    if like.pad or b % _LANES or n % b:
+    if like.block_size != b or like.pad or b % _LANES or n % b:
       return None
   rows = math.prod(int(s) for s in shape[:-1])
-  tr = max(_TILE_VALUES // n // _ROW_ALIGN, 1) * _ROW_ALIGN
-  if tr * n > 2 * _TILE_VALUES:
-    return None  # a 32-row tile of a very long last axis would not fit
+  tr = max(_TILE_VALUES // b // _ROW_ALIGN, 1) * _ROW_ALIGN
   return rows if rows <= tr else tr
 
 
-def _decode_tile(codes, absmax, like: QuantizedArray):
-  """Decodes a ``[tr, n]`` tile, one block-wide lane slice at a time."""
-  b = like.block_size
-  values = _q._decode_normalized(codes, like.signed)  # pylint: disable=protected-access
-  scale = jnp.concatenate(
-    [
-      jnp.broadcast_to(absmax[:, k : k + 1], (absmax.shape[0], b))
-      for k in range(absmax.shape[1])
-    ],
-    axis=-1,
-  )
-  return values * scale
+def _column(tile, j):
+  """Column ``j`` (traced) of a ``[tr, nb]`` tile, as ``[tr, 1]``: a masked
+  lane reduction (a dynamic lane slice is not a TPU vector operation)."""
+  lanes = jax.lax.broadcasted_iota(jnp.int32, tile.shape, 1)
+  return jnp.sum(jnp.where(lanes == j, tile, 0.0), axis=-1, keepdims=True)
 
 
-def _encode_tile(x, like: QuantizedArray):
-  """Codes and absmax of a ``[tr, n]`` tile, block by block."""
-  b = like.block_size
-  pieces = [
-    _q._encode_blocks(x[:, k * b : (k + 1) * b], like.signed)  # pylint: disable=protected-access
-    for k in range(x.shape[1] // b)
-  ]
-  return (
-    jnp.concatenate([c for c, _ in pieces], axis=-1),
-    jnp.concatenate([a for _, a in pieces], axis=-1),
-  )
+def _with_column(tile, j, column):
+  lanes = jax.lax.broadcasted_iota(jnp.int32, tile.shape, 1)
+  return jnp.where(lanes == j, column, tile)
 
 
 def _split_scalar_equations(jaxpr, eqn_ids):
@@ -170,7 +156,14 @@ def run_group(
   ) or any(jnp.dtype(v.aval.dtype) != jnp.float32 for v in outvars):
     return None
 
-  # Operands: scalars (SMEM, shape (1,)), then per arg its arrays as [rows, n].
+  # Operands: scalars (SMEM, shape (1,)), then per arg its arrays as [rows, n]
+  # in tiles of rows x b, and absmax as the row tile's whole [rows, n / b].
+  b = next(
+    like.block_size
+    for like in [*args, *out_like]
+    if isinstance(like, QuantizedArray)
+  )
+  nb = n // b
   flat_in, in_specs, arg_slots = [], [], []
   smem = pl.BlockSpec(memory_space=pltpu.SMEM)
   for v in values:
@@ -178,31 +171,28 @@ def run_group(
       jnp.reshape(v.astype(jnp.int32) if v.dtype == jnp.bool_ else v, (1,))
     )
     in_specs.append(smem)
-  tile = lambda w: pl.BlockSpec((rows, w), lambda i: (i, 0))
+  block = pl.BlockSpec((rows, b), lambda i, j: (i, j))
+  row_of_absmax = pl.BlockSpec((rows, nb), lambda i, j: (i, 0))
   for a in args:
     arg_slots.append(len(flat_in))
     if isinstance(a, QuantizedArray):
-      flat_in += [
-        a.codes.reshape(total, n),
-        a.absmax.reshape(total, a.absmax.shape[-1]),
-      ]
-      in_specs += [tile(n), tile(a.absmax.shape[-1])]
+      flat_in += [a.codes.reshape(total, n), a.absmax.reshape(total, nb)]
+      in_specs += [block, row_of_absmax]
     else:
       flat_in.append(a.reshape(total, n))
-      in_specs.append(tile(n))
+      in_specs.append(block)
   out_shapes, out_specs, out_slots = [], [], []
   for like in out_like:
     out_slots.append(len(out_shapes))
     if like is None:
       out_shapes.append(jax.ShapeDtypeStruct((total, n), jnp.float32))
-      out_specs.append(tile(n))
+      out_specs.append(block)
     else:
-      nb = n // like.block_size
       out_shapes += [
         jax.ShapeDtypeStruct((total, n), jnp.uint8),
         jax.ShapeDtypeStruct((total, nb), jnp.float32),
       ]
-      out_specs += [tile(n), tile(nb)]
+      out_specs += [block, row_of_absmax]
   io_aliases = {}
   for p, o in aliases.items():
     a, s, t = args[p], arg_slots[p], out_slots[o]
@@ -212,36 +202,60 @@ def run_group(
   n_scalars = len(values)
   bools = [v.dtype == jnp.bool_ for v in values]
 
+  # Each grid step works through its tile in slices of 32 rows (a loop, not
+  # unrolled): Mosaic emits a slice's vector code once, so compile time does
+  # not grow with the tile.
+  sub = _ROW_ALIGN if rows % _ROW_ALIGN == 0 else rows
+
   def kernel(*refs):
     ins, outs = refs[: len(flat_in)], refs[len(flat_in) :]
-    env = {
+    j = pl.program_id(1)
+    env0 = {
       var: (ref[0] != 0 if is_bool else ref[0])
       for var, ref, is_bool in zip(reads, ins[:n_scalars], bools)
     }
-    for var, a, s in zip(local, args, arg_slots):
-      if isinstance(a, QuantizedArray):
-        env[var] = _decode_tile(ins[s][...], ins[s + 1][...], a)
-      else:
-        env[var] = ins[s][...]
-    tile_shape = next(iter(x.shape for x in env.values() if x.ndim == 2))
-    new = evaluate(jaxpr, consts, env, array_ids, outvars, tile_shape)
-    for x, like, t in zip(new, out_like, out_slots):
-      if like is None:
-        outs[t][...] = x.astype(outs[t].dtype)
-      else:
-        codes, absmax = _encode_tile(x.astype(jnp.float32), like)
-        outs[t][...] = codes
-        outs[t + 1][...] = absmax
+
+    @pl.when(j == 0)
+    def _():
+      for like, t in zip(out_like, out_slots):
+        if like is not None:
+          outs[t + 1][...] = jnp.zeros(outs[t + 1].shape, jnp.float32)
+
+    def rows_slice(r, carry):
+      at = pl.ds(pl.multiple_of(r * sub, sub), sub)
+      env = dict(env0)
+      for var, a, s in zip(local, args, arg_slots):
+        if isinstance(a, QuantizedArray):
+          scale = _column(ins[s + 1][at, :], j)
+          env[var] = _q._decode_normalized(ins[s][at, :], a.signed) * scale  # pylint: disable=protected-access
+        else:
+          env[var] = ins[s][at, :]
+      new = evaluate(jaxpr, consts, env, array_ids, outvars, (sub, b))
+      for x, like, t in zip(new, out_like, out_slots):
+        if like is None:
+          outs[t][at, :] = x.astype(outs[t].dtype)
+          continue
+        codes, absmax = _q._encode_blocks(x.astype(jnp.float32), like.signed)  # pylint: disable=protected-access
+        outs[t][at, :] = codes
+        # The row tile's absmax stays in VMEM while j runs (the same block
+        # index) and is written back once; each step sets its own column.
+        outs[t + 1][at, :] = _with_column(outs[t + 1][at, :], j, absmax)
+      return carry
+
+    jax.lax.fori_loop(0, rows // sub, rows_slice, 0)
 
   def call(interpret: bool):
     def go(*operands):
       return pl.pallas_call(
         kernel,
-        grid=(pl.cdiv(total, rows),),
+        grid=(pl.cdiv(total, rows), nb),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shapes,
         input_output_aliases=io_aliases,
+        compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "arbitrary")
+        ),
         interpret=interpret,
       )(*operands)
 

@@ -346,7 +346,8 @@ def quantize_state(
       loops. ``"xla"``: ``lax.fori_loop`` over chunks, on every backend.
       ``"auto"`` (default): ``"pallas"`` on a single TPU device, else
       ``"xla"`` (a custom call under several devices would gather sharded
-      operands).
+      operands). The kernel updates state in place and never takes a
+      gradient's buffer (``reuse_gradient_buffers`` is the loops' switch).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is ``inner``'s

@@ -185,6 +185,51 @@ def test_nonfinite_step_is_skipped_and_counted(make):
   assert np.all(np.isfinite(u["w"])) and np.any(u["w"] != 0)
 
 
+@pytest.mark.parametrize(
+  "make", [dualoptax.dual_optim_plus, dualoptax.dual_optim]
+)
+def test_select_guard_equals_conditional(make, monkeypatch):
+  # On TPU the guard selects (see _engine.SELECT_GUARD_ON); lowered here for
+  # the CPU as well, it must give the conditional's results: the same float32
+  # math fused differently (an FMA contracted in one and not the other: an
+  # ulp, and for a delta moment, a cancelling difference g - m_B, ulps of the
+  # leaf's largest values), and a skipped call that changes nothing at all.
+  from dualoptax import _engine
+
+  params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)}
+  calls = [
+    {"forget": {"w": jnp.ones((3, 4))}},
+    {"forget": {"w": jnp.ones((3, 4))}, "retain": {"w": -params["w"]}},
+    {"retain": {"w": jnp.ones((3, 4)).at[1, 2].set(jnp.nan)}},
+    {"retain": {"w": 0.5 * params["w"]}},
+  ]
+  runs = []
+  for select_on in ((), ("cpu",)):
+    monkeypatch.setattr(_engine, "SELECT_GUARD_ON", select_on)
+    tx = make(1e-2, weight_decay=0.1)
+    update = jax.jit(tx.update)
+    p, state, outs = params, tx.init(params), []
+    for g in calls:
+      u, state = update(g, state, p)
+      p = optax.apply_updates(p, u)
+      outs.append((u, state))
+    hlo = update.lower(calls[0], tx.init(params), params).as_text()
+    runs.append((outs, hlo.count("select")))
+  assert runs[1][1] > runs[0][1]  # the select form is what was lowered
+  for outs, _ in runs:
+    (_, before), (u, skipped) = outs[1], outs[2]
+    assert int(skipped.skipped) == 1
+    np.testing.assert_array_equal(u["w"], np.zeros((3, 4)))
+    for x, y in zip(
+      jax.tree.leaves(before._replace(skipped=1)), jax.tree.leaves(skipped)
+    ):
+      np.testing.assert_array_equal(x, y)
+  eps = float(np.finfo(np.float32).eps)
+  for x, y in zip(jax.tree.leaves(runs[0][0]), jax.tree.leaves(runs[1][0])):
+    scale = float(np.max(np.abs(x), initial=0.0))
+    np.testing.assert_allclose(x, y, rtol=4 * eps, atol=16 * eps * scale)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_finiteness_check(dtype):
   from dualoptax._objectives import all_finite
@@ -251,7 +296,9 @@ def test_leaves_of_one_shape_share_one_traced_step(make):
     params, state, params
   )
   steps = _leaf_step_jaxprs(jaxpr.jaxpr, [])
-  assert len(steps) == 7
+  # Seven leaves in each form of the non-finite guard (a select where lowered
+  # for TPU, a conditional elsewhere; only one is lowered), from two traces.
+  assert len(steps) == 2 * 7
   assert len({id(j) for j in steps}) == 2  # one per shape
 
 

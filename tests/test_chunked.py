@@ -188,13 +188,13 @@ def test_kernel_step_equals_loop_step(name):
   "shape, block, expected",
   [
     ((48, 512), 256, 48),  # all rows in one tile
-    ((4096, 4096), 256, 32),  # 32 rows of 4096 values per tile
-    ((50257, 768), 256, 160),  # rows a multiple of 32, the last tile partial
+    ((4096, 4096), 256, 512),  # tiles of 512 rows x one 256-value block
+    ((50257, 768), 256, 512),  # the last row tile partial
     ((64, 4, 256), 256, None),  # merging (64, 4) rows would be a relayout
-    ((64, 32, 256), 256, 512),  # 2048 rows, 512 of 256 values per tile
+    ((64, 32, 256), 256, 512),
     ((5000,), 256, None),  # 1-d
     ((96, 96), 32, None),  # blocks narrower than 128 lanes
-    ((8, 300000), 256, None),  # a 32-row tile would not fit on chip
+    ((8, 299520), 512, 8),  # a long last axis is many tiles one block wide
   ],
 )
 def test_kernel_tile_rows(shape, block, expected):
