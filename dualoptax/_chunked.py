@@ -458,8 +458,8 @@ def apply_in_chunks(
     found: dict = {}
     for g, grp in enumerate(groups, start=1):
       # Groups of one signature (a model's layers) share one loop: fewer
-      # kernels to compile (GPT-2-small 8-bit: 34% less compile time than a
-      # loop per leaf), at the price of copying each chunk into the stack.
+      # kernels to compile than a loop per leaf (benchmarks/RESULTS.md), at
+      # the price of copying each chunk into the stack.
       key = (
         _signature(jaxpr, eqns[g], grp.inputs, grp.outputs, invar_index),
         grp.shape,

@@ -428,8 +428,8 @@ def guarded(
   it: a zero update (of ``update_shapes``) and ``unchanged`` (the pre-call
   values of what ``step`` changes).
 
-  One ``lax.cond`` guards the call (an element-wise select instead compiled 4x
-  slower with 1.7x the temporaries on GPT-2-small shapes on XLA:CPU). Only the
+  One ``lax.cond`` guards the call (an element-wise select instead compiled
+  slower, with more temporaries, on XLA:CPU). Only the
   state that the step changes goes through the conditional, so absent
   objectives' moments are not copied. Code lowered for a platform named in
   ``select_on`` (``"tpu"``, ``"cpu"``, ...) selects instead: the step always runs and each output is

@@ -156,7 +156,10 @@ def present_gradients(
     if len(unknown) == len(grads):
       hint = (
         f" If these are parameter names, wrap params-shaped gradients by "
-        f"objective: {{{objectives[0]!r}: grads}}."
+        f"objective: {{{objectives[0]!r}: grads}}. Wrappers that pass "
+        "params-shaped gradients on (optax.MultiSteps, apply_if_finite, "
+        "masked) cannot wrap this optimizer: see "
+        "dualoptax.accumulate_objectives and dualoptax.per_objective."
       )
     raise ValueError(
       f"Unknown objective(s) {sorted(map(str, unknown))}; this optimizer was built "

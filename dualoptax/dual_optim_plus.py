@@ -345,8 +345,9 @@ def dual_optim_plus_8bit(
   the base moments :math:`m_B` (signed code map) and :math:`v_B` (unsigned map,
   it is non-negative) when ``quantize_base``, and every objective's delta
   moments :math:`m_k, v_k` (both signed: :math:`v_k` is a correction that may be
-  negative) when ``quantize_delta``. With both, 2 objectives keep about 6.1
-  bytes per parameter instead of 24.
+  negative) when ``quantize_delta``. With both, 2 objectives keep six 8-bit
+  moments and one float32 absmax per block: about 6.1 bytes of state per
+  parameter instead of 24.
 
   Each step decodes, steps and re-encodes the moments one chunk of at most
   ``chunk_size`` values of a leaf at a time, leaf after leaf, so the step's
@@ -443,7 +444,7 @@ def dual_optim_plus_8bit(
     chunk_size=chunk_size,
     kernel=kernel,
     # Under the non-finite guard's lax.cond the gradient's buffer is not the
-    # update's to take: XLA would copy it (GPT-2-small: 1.26 -> 5.14 B/param).
+    # update's to take: XLA would copy it (measured in benchmarks/RESULTS.md).
     reuse_gradient_buffers=not skip_nonfinite,
   )
   if not skip_nonfinite:

@@ -331,14 +331,13 @@ def quantize_state(
       carry that starts as the leaf's gradient, read from it chunk by chunk
       before each chunk is overwritten. Where the gradients are computed in
       the same ``jit`` and dead after the update, XLA then writes the update
-      into their buffers instead of new ones (GPT-2-small, train step with
-      its gradients inside: 8.27 -> 4.79 B/param of temporaries for
-      ``quantize_state(optax.adamw)``). Turn it off when this update runs
-      under a ``lax.cond`` (``optax.apply_if_finite``) on gradients passed in
-      from outside the ``jit``: XLA copies a conditional's operands, so there
-      the reuse costs a gradient-sized copy (0.80 -> 4.68 B/param).
+      into their buffers instead of new ones. Turn it off when this update
+      runs under a ``lax.cond`` (``optax.apply_if_finite``) on gradients
+      passed in from outside the ``jit``: XLA copies a conditional's operands,
+      so there the reuse costs a gradient-sized copy. Measurements:
+      ``benchmarks/RESULTS.md``.
     kernel: how each element-wise group runs with ``chunk_size`` set.
-      ``"pallas"``: one fused Pallas kernel per leaf over tiles of rows
+      ``"pallas"``: one fused Pallas kernel per leaf over tiles one block wide
       (decode, step, block absmax and encode in on-chip memory, codes and
       absmax written in place), compiled on TPU and interpreted elsewhere
       (slow: for tests); leaves whose layout the kernel does not take (1-d,

@@ -124,8 +124,27 @@ def test_accumulate_objectives_equals_mean_gradient_step():
 def test_multisteps_cannot_wrap_and_error_says_why():
   tx = optax.MultiSteps(dualoptax.dual_optim_plus(1e-2), every_k_schedule=2)
   state = tx.init(PARAMS)
-  with pytest.raises(Exception):
+  # Given params-shaped gradients, as MultiSteps assumes, it accumulates them
+  # and hands them on: DualOptim+ sees parameter names where objectives belong
+  # and says which wrappers cannot wrap it and what to use instead.
+  with pytest.raises(ValueError) as error:
+    tx.update(grads(0), state, PARAMS)
+  message = str(error.value)
+  assert "Unknown objective(s) ['dense']" in message
+  assert "optax.MultiSteps" in message
+  assert "dualoptax.accumulate_objectives" in message
+  # Given a mapping of objectives, MultiSteps fails first, in its own tree map
+  # of the mapping against its params-shaped accumulator (JAX's message): the
+  # library is never called.
+  with pytest.raises(ValueError, match="pytree structure error"):
     tx.update({"forget": grads(0)}, state, PARAMS)
+  # What to use instead: accumulate_objectives emits every 2nd call.
+  tx = dualoptax.accumulate_objectives(dualoptax.dual_optim_plus(1e-2), 2)
+  state = tx.init(PARAMS)
+  u, state = tx.update({"forget": grads(0)}, state, PARAMS)
+  assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(u))
+  u, state = tx.update({"forget": grads(1)}, state, PARAMS)
+  assert all(bool(jnp.any(x != 0)) for x in jax.tree.leaves(u))
 
 
 def test_apply_if_finite_alongside():

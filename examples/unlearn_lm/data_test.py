@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+
 from unlearn_lm.data import (
   PARAPHRASE_CUE,
   encode_prompts,

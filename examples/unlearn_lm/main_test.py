@@ -29,14 +29,13 @@ for _name in (
 ):
   pytest.importorskip(_name)
 
+import dualoptax  # noqa: E402
+from tests import multidevice  # noqa: E402
 from unlearn_lm import main as script  # noqa: E402
 from unlearn_lm import train  # noqa: E402
 from unlearn_lm.data import encode_qa, generate_people  # noqa: E402
 from unlearn_lm.model import LanguageModel, TransformerConfig  # noqa: E402
 from unlearn_lm.tokenizer import ByteTokenizer  # noqa: E402
-
-import dualoptax  # noqa: E402
-from tests import multidevice  # noqa: E402
 
 ROOT = os.path.dirname(
   os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

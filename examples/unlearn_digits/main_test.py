@@ -17,10 +17,9 @@ import pytest
 for _name in ("flax", "sklearn", "matplotlib", "tqdm"):
   pytest.importorskip(_name)
 
+import dualoptax  # noqa: E402
 from unlearn_digits import loop  # noqa: E402
 from unlearn_digits import main as example_main  # noqa: E402
-
-import dualoptax  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -400,6 +399,7 @@ def test_hard_setting_draws_480_and_forgets_30_percent():
 
 def test_paired_difference_is_the_t_interval():
   from scipy import stats as sps
+
   from unlearn_digits import stats
 
   rng = np.random.default_rng(0)
