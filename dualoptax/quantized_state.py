@@ -269,11 +269,15 @@ def quantize_state(
   state and update form a group. A group whose math is element-wise (Adam,
   AdamW, Lion, SGD with momentum, DualOptim(+), schedules,
   ``inject_hyperparams``, weight decay masks, ...) runs in strided chunks of
-  rows of at most ``chunk_size`` values (a ``lax.fori_loop`` that decodes a
-  chunk, steps it, re-encodes it and writes codes and absmax back in place);
-  groups of one shape and one set of equations (a model's layers) share a
-  loop, their chunks stacked. At most one chunk of decoded moments exists at
-  any time, on every backend. Codes, absmax and updates equal a whole-array
+  rows (a ``lax.fori_loop`` that decodes a chunk, steps it, re-encodes it and
+  writes codes and absmax back in place); groups of one shape and one set of
+  equations (a model's layers) share a loop, their chunks stacked. A chunk
+  holds at most ``chunk_size`` values where the leading axis splits that
+  finely into whole rows of every shard (its chunk count divides
+  ``rows / gcd(rows, devices)``); otherwise it holds as few as that allows: a
+  ``(3, 2**24)`` leaf is 3 chunks of ``2**24`` values, and a ``(2, 5 * 10**7)``
+  leaf on 8 devices is one chunk. At most one chunk of decoded moments
+  exists at any time, on every backend. Codes, absmax and updates equal a whole-array
   step's up to float32 rounding (rarely, a code one step away at a code
   boundary). Math that is not
   element-wise per leaf — a global-norm clip or finiteness check inside
@@ -324,9 +328,9 @@ def quantize_state(
       ``(state key path string, leaf) -> bool | None`` (None = the default).
     select: a callable ``(state key path string, leaf) -> bool``; only leaves
       it accepts are quantized (default: all).
-    chunk_size: most values decoded at once per loop iteration (a positive
-      int; stacked leaves share it), or None to decode the whole state at
-      once.
+    chunk_size: most values decoded at once per loop iteration where a
+      leaf's leading axis splits that finely (see above; a positive int,
+      stacked leaves share it), or None to decode the whole state at once.
     reuse_gradient_buffers: each chunked loop writes a leaf's update into a
       carry that starts as the leaf's gradient, read from it chunk by chunk
       before each chunk is overwritten. Where the gradients are computed in

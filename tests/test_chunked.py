@@ -347,6 +347,10 @@ def test_chunk_size_is_validated():
     ((8, 2048), 16, 8, 1),  # one row per shard: no split keeps shards whole
     ((50257, 768), 2**22, 1, 29),  # GPT-2's embedding: 50257 = 29 * 1733
     ((5000,), 16, 1, 1),  # 1-d leaves are not split
+    # Rows too few to reach chunk_size (the docstrings' examples): chunks as
+    # small as whole rows of every shard allow.
+    ((3, 2**24), 2**22, 1, 3),
+    ((2, 5 * 10**7), 2**22, 8, 1),
   ],
 )
 def test_num_chunks(shape, chunk, devices, expected):
