@@ -11,8 +11,10 @@ compiled for TPU, and read back:
   buffer assignment, the step's HBM beyond its inputs and outputs);
 * HBM bytes accessed per parameter (``cost_analysis()["bytes accessed"]``), plus,
   where a Pallas kernel is a custom call that XLA does not count, the bytes of its
-  operands and results (``kernel B/param``), so the two add up to the step's
-  traffic;
+  operands and results that live in HBM (``kernel B/param``; an operand XLA
+  prefetched into VMEM counts once, as that prefetch), so the two add up to
+  the step's HBM traffic (``k.all``: every operand and result of the kernels,
+  in HBM or not);
 * lowering + compile time;
 * the number of ``gather``, ``transpose`` and ``copy`` instructions in the
   compiled HLO (all three move data through HBM on TPU).
@@ -44,7 +46,7 @@ import dualoptax
 from benchmarks.memory import gpt2_small_shapes
 
 _SHAPE = re.compile(
-  r"\b(pred|s8|u8|s16|u16|s32|u32|bf16|f16|f32|f64)\[([\d,]*)\]"
+  r"\b(pred|s8|u8|s16|u16|s32|u32|bf16|f16|f32|f64)\[([\d,]*)\](\{[^}]*\})?"
 )
 _BYTES = {
   "pred": 1,
@@ -154,17 +156,28 @@ def place(tree, mesh):
   return jax.tree.map(one, tree)
 
 
-def _nbytes(shapes: str) -> int:
+def _all_bytes(shapes: str) -> int:
   return sum(
     _BYTES[t] * math.prod(int(d) for d in dims.split(",") if d)
-    for t, dims in _SHAPE.findall(shapes)
+    for t, dims, _ in _SHAPE.findall(shapes)
+  )
+
+
+def _hbm_bytes(shapes: str) -> int:
+  """Bytes of the arrays in an HLO shape string that live in HBM: a layout
+  marked ``S(1)`` is in VMEM, where XLA prefetched it (the copy from HBM is
+  an instruction of its own, which cost analysis counts)."""
+  return sum(
+    _BYTES[t] * math.prod(int(d) for d in dims.split(",") if d)
+    for t, dims, layout in _SHAPE.findall(shapes)
+    if "S(1)" not in layout
   )
 
 
 def hlo_counts(text: str) -> dict:
   """Instruction counts by opcode of interest, and the bytes a Pallas kernel
   (a ``tpu_custom_call``, which XLA's cost analysis does not see) reads and
-  writes: its operands' and results' sizes."""
+  writes in HBM: its operands' and results' sizes, where they are in HBM."""
   counts = collections.Counter()
   defined, calls = {}, []
   for line in text.splitlines():
@@ -181,11 +194,19 @@ def hlo_counts(text: str) -> dict:
     if op == "custom-call" and "tpu_custom_call" in line:
       operands = re.findall(r"%[\w.\-]+", rest.split(")")[0])
       calls.append((result, operands))
-  kernel_bytes = sum(
-    _nbytes(result) + sum(_nbytes(defined.get(o, "")) for o in operands)
-    for result, operands in calls
-  )
-  return {"counts": counts, "kernel_bytes": kernel_bytes}
+
+  def total(hbm_only: bool) -> int:
+    size = _hbm_bytes if hbm_only else _all_bytes
+    return sum(
+      size(result) + sum(size(defined.get(o, "")) for o in operands)
+      for result, operands in calls
+    )
+
+  return {
+    "counts": counts,
+    "kernel_bytes": total(True),
+    "kernel_all_bytes": total(False),
+  }
 
 
 def measure(tx, objectives, params) -> dict:
@@ -215,6 +236,7 @@ def measure(tx, objectives, params) -> dict:
     "temp": compiled.memory_analysis().temp_size_in_bytes * ndev / n,
     "accessed": cost.get("bytes accessed", float("nan")) * ndev / n,
     "kernel": hlo["kernel_bytes"] * ndev / n,
+    "kernel_all": hlo["kernel_all_bytes"] * ndev / n,
     "compile": seconds,
     **{k: hlo["counts"][k] for k in ("gather", "transpose", "copy")},
   }
@@ -257,7 +279,7 @@ def main() -> int:
       print(f"\n{label}, {where} (B/param over all chips)")
       print(
         f"{'update':16s} {'state':>6s} {'temp':>7s} {'accessed':>9s} "
-        f"{'kernel':>7s} {'compile s':>9s} {'gather':>6s} {'transp':>6s} "
+        f"{'kernel':>7s} {'k.all':>6s} {'compile s':>9s} {'gather':>6s} {'transp':>6s} "
         f"{'copy':>5s}"
       )
       for name in args.updates.split(","):
@@ -265,7 +287,8 @@ def main() -> int:
         r = measure(tx, objectives, params)
         print(
           f"{name:16s} {r['state']:6.2f} {r['temp']:7.2f} "
-          f"{r['accessed']:9.1f} {r['kernel']:7.1f} {r['compile']:9.1f} "
+          f"{r['accessed']:9.1f} {r['kernel']:7.1f} {r['kernel_all']:6.1f} "
+          f"{r['compile']:9.1f} "
           f"{r['gather']:6d} {r['transpose']:6d} {r['copy']:5d}",
           flush=True,
         )
