@@ -367,6 +367,7 @@ def apply_in_chunks(
   describe: Callable[[int], str] = str,
   reusable: frozenset = frozenset(),
   kernel: bool = False,
+  keep: Optional[jax.Array] = None,
 ) -> list:
   """Evaluates ``fn`` on decoded ``inputs``, group by group, chunk by chunk.
 
@@ -393,6 +394,10 @@ def apply_in_chunks(
     kernel: run each group whose leaf layout allows it as a fused Pallas
       kernel over tiles of rows (see :mod:`dualoptax._kernel`) instead of a
       loop over chunks; compiled on TPU, interpreted elsewhere.
+    keep: a traced bool, or None (always True). Where False, every state
+      output is its input as it was (8-bit codes and absmax bit for bit) and
+      every other output is zeros: a skipped step without a conditional. A
+      kernel selects in VMEM, before it writes; other outputs select after.
 
   Returns:
     ``fn``'s outputs, quantized where their slot is.
@@ -521,6 +526,7 @@ def apply_in_chunks(
     if passthrough(o) is not None:
       set_passthrough(o, passthrough(o))
   scalars = {jaxpr.invars[i]: inputs[i] for i in range(n_in) if not tracked[i]}
+  fused: set = set()  # outputs a kernel wrote, its keep already applied
 
   # 2. Each bucket of same-signature groups: one loop over chunks.
   for bucket in bucket_list:
@@ -541,8 +547,28 @@ def apply_in_chunks(
       passthrough,
       reusable,
       kernel,
+      keep,
+      fused,
     )
+  if keep is not None:
+    for o in range(n_out):
+      i = state_slots.get(o)
+      if o not in fused and not (i is not None and results[o] is inputs[i]):
+        results[o] = _kept(keep, results[o], None if i is None else inputs[i])
   return results
+
+
+def _kept(keep, new, old):
+  """``new`` where ``keep``, else ``old`` (zeros where ``old`` is None)."""
+  if old is None:
+    return jnp.where(keep, new, jnp.zeros_like(new))
+  if isinstance(new, QuantizedArray):
+    return QuantizedArray(
+      jnp.where(keep, new.codes, old.codes),
+      jnp.where(keep, new.absmax, old.absmax),
+      *_meta(new),
+    )
+  return jnp.where(keep, new, old)
 
 
 def _run_bucket(
@@ -562,6 +588,8 @@ def _run_bucket(
   passthrough,
   reusable,
   kernel=False,
+  keep=None,
+  fused=None,
 ):
   """Runs groups of one signature: a loop over ``k`` chunks, each iteration
   evaluating the first group's equations once on the stacked chunks of all."""
@@ -591,6 +619,8 @@ def _run_bucket(
     state_slots,
     scalars,
     results,
+    keep,
+    fused,
   ):
     return
   cshape = _chunk_shape(shape, k)
@@ -744,6 +774,8 @@ def _run_kernels(
   state_slots,
   scalars,
   results,
+  keep,
+  fused,
 ) -> bool:
   """Runs each group of a bucket as one fused kernel (the template's
   equations on the member's inputs); False, with nothing written, where the
@@ -768,6 +800,8 @@ def _run_kernels(
       i = state_slots.get(o)
       if i is not None and i in grp.inputs:
         aliases[grp.inputs.index(i)] = q
+      elif i is not None and keep is not None:
+        return False  # a skipped step would need this state's old value
     new = _kernel.run_group(
       jaxpr,
       consts,
@@ -780,6 +814,7 @@ def _run_kernels(
       aliases,
       rows,
       _eval_equations,
+      keep,
     )
     if new is None:
       return False
@@ -787,6 +822,7 @@ def _run_kernels(
   for outs, new in zip(carried, done):
     for o, x in zip(outs, new):
       results[o] = x
+      fused.add(o)
   return True
 
 

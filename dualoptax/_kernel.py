@@ -122,6 +122,7 @@ def run_group(
   aliases: dict,
   rows: int,
   evaluate,
+  keep: Optional[jax.Array] = None,
 ) -> Optional[list]:
   """Runs one group's equations as a fused kernel over tiles of rows.
 
@@ -137,6 +138,9 @@ def run_group(
       over (a state's codes and absmax; a gradient the update may reuse).
     rows: tile rows (see :func:`tile_rows`).
     evaluate: ``_chunked._eval_equations``.
+    keep: a traced bool or None: where False, each aliased output keeps its
+      input's value (codes and absmax as they were) and each other output
+      is zeros, selected in VMEM.
 
   Returns:
     The outputs (QuantizedArray where ``out_like`` is), or None when a dtype
@@ -148,6 +152,8 @@ def run_group(
   scalar_ids, array_ids = _split_scalar_equations(jaxpr, eqn_ids)
   reads = _scalar_reads(jaxpr, array_ids, local)
   values = evaluate(jaxpr, consts, dict(scalars), scalar_ids, reads)
+  if keep is not None:
+    values = [*values, jnp.asarray(keep, jnp.bool_)]
   if any(jnp.dtype(v.dtype).name not in _SCALAR_DTYPES for v in values):
     return None
   if any(
@@ -201,6 +207,8 @@ def run_group(
       io_aliases[s + 1] = t + 1
   n_scalars = len(values)
   bools = [v.dtype == jnp.bool_ for v in values]
+  # Per output, the operand slot of the input it replaces (its old value).
+  source = {o: arg_slots[p] for p, o in aliases.items()}
 
   # Each grid step works through its tile in slices of 32 rows (a loop, not
   # unrolled): Mosaic emits a slice's vector code once, so compile time does
@@ -214,6 +222,7 @@ def run_group(
       var: (ref[0] != 0 if is_bool else ref[0])
       for var, ref, is_bool in zip(reads, ins[:n_scalars], bools)
     }
+    kept = None if keep is None else ins[n_scalars - 1][0] != 0
 
     @pl.when(j == 0)
     def _():
@@ -231,11 +240,18 @@ def run_group(
         else:
           env[var] = ins[s][at, :]
       new = evaluate(jaxpr, consts, env, array_ids, outvars, (sub, b))
-      for x, like, t in zip(new, out_like, out_slots):
+      for q, (x, like, t) in enumerate(zip(new, out_like, out_slots)):
+        s = source.get(q)
         if like is None:
-          outs[t][at, :] = x.astype(outs[t].dtype)
+          x = x.astype(outs[t].dtype)
+          if kept is not None:
+            x = jnp.where(kept, x, 0.0 if s is None else ins[s][at, :])
+          outs[t][at, :] = x
           continue
         codes, absmax = _q._encode_blocks(x.astype(jnp.float32), like.signed)  # pylint: disable=protected-access
+        if kept is not None:  # a skipped step: codes and absmax as they were
+          codes = jnp.where(kept, codes, ins[s][at, :])
+          absmax = jnp.where(kept, absmax, _column(ins[s + 1][at, :], j))
         outs[t][at, :] = codes
         # The row tile's absmax stays in VMEM while j runs (the same block
         # index) and is written back once; each step sets its own column.

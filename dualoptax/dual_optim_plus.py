@@ -284,7 +284,9 @@ def dual_optim_plus(
 
 
 def _skip_nonfinite(
-  tx: optax.GradientTransformationExtraArgs, objectives: tuple[str, ...]
+  tx: optax.GradientTransformationExtraArgs,
+  objectives: tuple[str, ...],
+  kernel: str,
 ) -> optax.GradientTransformationExtraArgs:
   """Skips (and counts in ``state.skipped``) calls with NaN or Inf gradients.
 
@@ -298,12 +300,26 @@ def _skip_nonfinite(
       grads, objectives, quantized_state.shape_tree(state.base_mu)
     )
     finite = _objectives.all_finite(list(present.values()))
+    skipped = jnp.where(
+      finite, state.skipped, optax.safe_increment(state.skipped)
+    )
+    if quantized_state.use_kernel(kernel):
+      # The fused kernels select in VMEM: a conditional around them would
+      # copy every code array in and out of its branches.
+      updates, new_state = tx.update(
+        grads,
+        state,
+        params,
+        **extra_args,
+        **{quantized_state.KEEP_IF: finite},
+      )
+      return updates, new_state._replace(skipped=skipped)
 
     def step():
       return tx.update(grads, state, params, **extra_args)
 
     # Skipped: zero update, the state as it was, one more skipped call.
-    unchanged = state._replace(skipped=optax.safe_increment(state.skipped))
+    unchanged = state._replace(skipped=skipped)
     return _engine.guarded(
       finite, step, unchanged, _engine.update_shapes(present, params)
     )
@@ -452,4 +468,4 @@ def dual_optim_plus_8bit(
   )
   if not skip_nonfinite:
     return tx
-  return _skip_nonfinite(tx, _objectives.check_objectives(objectives))
+  return _skip_nonfinite(tx, _objectives.check_objectives(objectives), kernel)

@@ -463,9 +463,22 @@ def quantize_state(
     return updates, treedef.unflatten(out)
 
   def update_fn(updates, state, params=None, **extra_args):
+    keep = extra_args.pop(KEEP_IF, None)
     st_leaves, st_def = jax.tree.flatten(state, is_leaf=_is_q)
     if chunk_size is None or not any(_is_q(x) for x in st_leaves):
-      return whole_update(updates, state, params, extra_args)
+      new_u, new_s = whole_update(updates, state, params, extra_args)
+      if keep is None:
+        return new_u, new_s
+      new_leaves = st_def.flatten_up_to(new_s)
+      return jax.tree.map(
+        lambda u: _chunked._kept(keep, u, None),  # pylint: disable=protected-access
+        new_u,
+      ), st_def.unflatten(
+        [
+          _chunked._kept(keep, new, old)  # pylint: disable=protected-access
+          for new, old in zip(new_leaves, st_leaves)
+        ]
+      )
     u_leaves, u_def = jax.tree.flatten(updates)
     p_leaves, p_def = jax.tree.flatten(params)
     e_leaves, e_def = jax.tree.flatten(extra_args)
@@ -494,6 +507,7 @@ def quantize_state(
       describe=describe,
       reusable=frozenset(range(n_u) if reuse_gradient_buffers else ()),
       kernel=use_kernel(kernel),
+      keep=keep,
     )
     return out_def[0].unflatten(results[n_s:]), st_def.unflatten(results[:n_s])
 
@@ -501,6 +515,11 @@ def quantize_state(
 
 
 KERNELS = ("auto", "pallas", "xla")
+# An extra argument of the update, for dualoptax's own non-finite guard: a
+# traced bool; where False the call changes nothing (zero update, every state
+# leaf as it was, 8-bit codes bit for bit), without a conditional. Not passed
+# to the inner transformation.
+KEEP_IF = "_dualoptax_keep_if"
 
 
 def use_kernel(kernel: str) -> bool:

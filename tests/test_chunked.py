@@ -372,11 +372,15 @@ def _quantized_leaves(state):
   ]
 
 
-@pytest.mark.parametrize("chunk_size", [None, 4096])
-def test_idle_objective_and_skipped_call_keep_every_code(chunk_size):
+@pytest.mark.parametrize(
+  "chunk_size, kernel",
+  # The kernel skips a call by selecting in VMEM, not by a conditional.
+  [(None, "xla"), (4096, "xla"), (4096, "pallas")],
+)
+def test_idle_objective_and_skipped_call_keep_every_code(chunk_size, kernel):
   params = _params()
   tx = dualoptax.dual_optim_plus_8bit(
-    1e-2, weight_decay=0.1, chunk_size=chunk_size
+    1e-2, weight_decay=0.1, chunk_size=chunk_size, kernel=kernel
   )
   update = jax.jit(tx.update)
   state = tx.init(params)
@@ -405,9 +409,11 @@ def test_idle_objective_and_skipped_call_keep_every_code(chunk_size):
   # A NaN anywhere skips the call: zero update, every code and count kept.
   bad = _grads(4, params)
   bad["c"] = bad["c"].at[3, 5].set(jnp.nan)
-  u, skipped = update(
-    {"forget": _grads(4, params), "retain": bad}, after, params
-  )
+  g_bad = {"forget": _grads(4, params), "retain": bad}
+  if kernel == "pallas":
+    jaxpr = str(jax.make_jaxpr(tx.update)(g_bad, after, params))
+    assert "pallas_call" in jaxpr
+  u, skipped = update(g_bad, after, params)
   assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(u))
   assert int(skipped.skipped) == int(after.skipped) + 1
   for a, b in zip(
