@@ -128,8 +128,18 @@ def describe(tree: Any) -> str:
   return f"{len(paths)} leaves [{shown}]"
 
 
+def _last_key(path) -> Any:
+  if not path:
+    return None
+  k = path[-1]
+  return getattr(k, "key", getattr(k, "name", None))
+
+
 def present_gradients(
-  grads: Any, objectives: tuple[str, ...], reference: Any
+  grads: Any,
+  objectives: tuple[str, ...],
+  reference: Any,
+  reference_name: str = "the optimizer state's moments (the params' at init)",
 ) -> dict[str, Any]:
   """Validates the per-objective gradient mapping against ``reference``.
 
@@ -138,6 +148,7 @@ def present_gradients(
       "absent" (convenient when building the mapping programmatically).
     objectives: the transformation's objective names, in their canonical order.
     reference: a params-shaped tree (params, or a moment tree of the state).
+    reference_name: what ``reference`` is, for error messages.
 
   Returns:
     A dict of the present objectives' gradients, in canonical objective order.
@@ -175,9 +186,20 @@ def present_gradients(
   for name, g in present.items():
     g_def = jax.tree.structure(g)
     if g_def != ref_def:
+      hint = ""
+      if any(
+        _last_key(p) in ("codes", "absmax")
+        for p, _ in jax.tree_util.tree_flatten_with_path(reference)[0]
+      ):
+        hint = (
+          " The expected leaves are the 8-bit state's codes/absmax: its "
+          "QuantizedArray nodes were rebuilt as plain containers (by code that "
+          "converted the state between steps)."
+        )
       raise ValueError(
-        f"Gradients for objective {name!r} do not match the params' tree "
-        f"structure: got {describe(g)}, expected {describe(reference)}."
+        f"Gradients for objective {name!r} do not match the tree structure of "
+        f"{reference_name}: got {describe(g)}, expected {describe(reference)}."
+        f"{hint}"
       )
     for (path, leaf), ref in zip(
       jax.tree_util.tree_flatten_with_path(g)[0], ref_leaves

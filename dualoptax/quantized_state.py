@@ -20,6 +20,7 @@ The format is described in ``docs/algorithm.md`` (section 3).
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
@@ -231,6 +232,13 @@ def _is_q(x) -> bool:
   return isinstance(x, QuantizedArray)
 
 
+def _is_variable(x) -> bool:
+  """An nnx ``Variable`` (only if flax.nnx is loaded; dualoptax needs no flax)."""
+  nnx = sys.modules.get("flax.nnx")
+  variable = getattr(nnx, "Variable", None)
+  return variable is not None and isinstance(x, variable)
+
+
 def _requantize(x: jax.Array, like: QuantizedArray) -> QuantizedArray:
   return _q._quantize_with_layout(  # pylint: disable=protected-access
     x, like.signed, like.block_size, like.pad
@@ -382,10 +390,25 @@ def quantize_state(
     excluded = _excluded_param_paths(exclude, params)
     state = inner.init(params)
     tags = _tag_state(state)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+    # A leaf wrapped in an nnx Variable (inner.init maps over nnx.state(model))
+    # is quantized with its wrapper: a QuantizedArray *replaces* the Variable.
+    # Inside it, nnx.Optimizer would rebuild the QuantizedArray as a State of
+    # its data fields after the first update, losing the class.
+    flat, treedef = jax.tree_util.tree_flatten_with_path(
+      state, is_leaf=_is_variable
+    )
     tag_leaves = treedef.flatten_up_to(tags)
     out = []
     for (path, leaf), tag in zip(flat, tag_leaves):
+      if _is_variable(leaf):
+        inner_leaves = jax.tree.leaves(leaf)
+        tag = jax.tree.leaves(tag, is_leaf=lambda t: isinstance(t, _Tag))
+        if len(inner_leaves) == 1 and len(tag) == 1:
+          q = _maybe_quantize(path, inner_leaves[0], tag[0], excluded)
+          out.append(q if _is_q(q) else leaf)
+        else:
+          out.append(leaf)
+        continue
       out.append(_maybe_quantize(path, leaf, tag, excluded))
     return treedef.unflatten(out)
 

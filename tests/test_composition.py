@@ -157,23 +157,90 @@ def test_flax_train_state():
   assert int(ts.opt_state.count) == 1 and int(ts.step) == 1
 
 
-def test_flax_nnx_optimizer():
+NNX_TXS = {
+  "float32": lambda: dualoptax.dual_optim_plus(1e-2),
+  "8bit": lambda: dualoptax.dual_optim_plus_8bit(1e-2, chunk_size=1024),
+  "quantize_state(adam)": lambda: dualoptax.quantize_state(optax.adam(1e-2)),
+}
+
+
+@pytest.mark.parametrize("name", NNX_TXS)
+def test_flax_nnx_optimizer(name):
+  # nnx.Optimizer rebuilds its opt_state from nnx.state(new_state) after each
+  # update: 8-bit states used to lose their QuantizedArray class on step 1.
   from flax import nnx
 
-  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
-  opt = nnx.Optimizer(model, dualoptax.dual_optim_plus(1e-2), wrt=nnx.Param)
-  x, y = jnp.ones((4, 3)), jnp.zeros((4, 2))
+  objectives = ("forget", "retain")
+  per_objective = name != "quantize_state(adam)"
+  model = nnx.Linear(64, 128, rngs=nnx.Rngs(0))  # kernel above min_size
+  opt = nnx.Optimizer(model, NNX_TXS[name](), wrt=nnx.Param)
+  x = jnp.asarray(
+    np.random.default_rng(0).standard_normal((8, 64)), jnp.float32
+  )
 
-  @nnx.jit(static_argnames="name")
-  def step(model, opt, name):
-    g = nnx.grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
-    opt.update(model, {name: g})
+  def loss(m):
+    return jnp.mean((m(x) - 1.0) ** 2)
 
-  before = model.kernel[...].copy()
-  step(model, opt, name="forget")
-  step(model, opt, name="retain")
-  assert not np.allclose(before, model.kernel[...])
-  assert int(opt.opt_state.count[...]) == 2
+  @nnx.jit
+  def step(model, opt, index):
+    g = nnx.grad(loss)(model)
+    graphdef, state = nnx.split((model, opt))
+
+    def one(objective):  # a traced objective switch over nnx state
+      m, o = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+      o.update(m, {objective: g} if per_objective else g)
+      return nnx.state((m, o))
+
+    nnx.update((model, opt), dualoptax.switch_objective(index, objectives, one))
+
+  # The same transformation on plain pytrees, as the reference.
+  tx = NNX_TXS[name]()
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  state = tx.init(params)
+
+  @jax.jit
+  def ref_step(params, state, index):
+    def one(objective):
+      g = jax.grad(lambda p: loss(nnx.merge(nnx.graphdef(model), p)))(params)
+      g = {objective: g} if per_objective else g
+      return tx.update(g, state, params)
+
+    u, state = dualoptax.switch_objective(index, objectives, one)
+    return optax.apply_updates(params, u), state
+
+  for index in (0, 1, 1, 0):
+    step(model, opt, jnp.int32(index))
+    params, state = ref_step(params, state, jnp.int32(index))
+  kernel = (
+    opt.opt_state.base_mu["kernel"]
+    if per_objective
+    else opt.opt_state[0].mu["kernel"]
+  )
+  if name != "float32":
+    assert isinstance(kernel, dualoptax.QuantizedArray)
+  got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  np.testing.assert_allclose(got["kernel"], params["kernel"], rtol=0, atol=1e-6)
+  np.testing.assert_allclose(got["bias"], params["bias"], rtol=0, atol=1e-6)
+  assert int(opt.step[...]) == 4
+
+
+def test_state_structure_error_names_the_state_not_params():
+  # A state whose QuantizedArrays were rebuilt as dicts: the message says the
+  # moments (not the params) differ and why.
+  tx = dualoptax.dual_optim_plus_8bit(1e-2)
+  params = {"w": jnp.zeros((64, 128))}
+  state = tx.init(params)
+  mangled = state._replace(
+    base_mu=jax.tree.map(
+      lambda q: {"codes": q.codes, "absmax": q.absmax},
+      state.base_mu,
+      is_leaf=lambda x: isinstance(x, dualoptax.QuantizedArray),
+    )
+  )
+  with pytest.raises(
+    ValueError, match="optimizer state's moments.*QuantizedArray"
+  ):
+    tx.update({"retain": params}, mangled, params)
 
 
 def test_tree_map_params():
