@@ -69,12 +69,13 @@ def _dual_optim_plus_transform(
   hyper = _engine.Hyper(b1, b2, base_b1, base_b2, eps, stable)
 
   def init_fn(params):
+    _engine.check_float_params(params, "dual_optim_plus")
     return DualOptimPlusState(
-      count=jnp.zeros([], jnp.int32),
+      count=_engine.zero_count(params),
       base_mu=_engine.init_moments(params, mu_dtype),
       base_nu=_engine.init_moments(params, nu_dtype),
       deltas=_engine.init_deltas(params, objectives, mu_dtype, nu_dtype),
-      skipped=jnp.zeros([], jnp.int32),
+      skipped=_engine.zero_count(params),
     )
 
   def update_fn(grads, state, params=None, **extra_args):

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dualoptax import _chunked
+from dualoptax import _chunked, _engine
 from dualoptax import quantization as _q
 from dualoptax.quantization import QuantizedArray
 
@@ -389,6 +389,15 @@ def quantize_state(
   def init_fn(params):
     excluded = _excluded_param_paths(exclude, params)
     state = inner.init(params)
+    # The inner counters (e.g. optax's count) replicated over the params' mesh.
+    state = jax.tree.map(
+      lambda x: (
+        _engine.replicated_like(x, params)
+        if isinstance(x, jax.Array) and x.ndim == 0
+        else x
+      ),
+      state,
+    )
     tags = _tag_state(state)
     # A leaf wrapped in an nnx Variable (inner.init maps over nnx.state(model))
     # is quantized with its wrapper: a QuantizedArray *replaces* the Variable.

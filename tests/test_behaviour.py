@@ -407,3 +407,22 @@ def test_matches_reference_property(
     )
   np.testing.assert_allclose(params["w"], ref_params["w"], rtol=1e-4, atol=1e-6)
   assert int(state.count) == len(subsets)
+
+
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda: dualoptax.dual_optim_plus(1e-3),
+    lambda: dualoptax.dual_optim(1e-3),
+    lambda: dualoptax.dual_optim_plus_8bit(1e-3),
+    lambda: dualoptax.dual_optim_plus(1e-3, skip_nonfinite=False),
+  ],
+)
+def test_integer_params_are_rejected_at_init(make):
+  # Integer params used to give int32 moments, then a lax.cond branch-type
+  # error in update (or, without the skip, a silent int32 zero update).
+  params = {"w": jnp.ones((4,)), "steps": jnp.zeros((3,), jnp.int32)}
+  with pytest.raises(TypeError, match=r"\['steps'\] has dtype int32"):
+    make().init(params)
+  with pytest.raises(TypeError, match=r"\['steps'\] has dtype int32"):
+    jax.eval_shape(make().init, params)
