@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from dualoptax import _engine, _objectives
