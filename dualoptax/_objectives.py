@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import collections.abc
 import numbers
+import sys
+import warnings
 from typing import Any, Callable, Mapping, Sequence, Union
 
 import jax
@@ -86,6 +88,18 @@ def check_objectives(objectives: Sequence[str]) -> tuple[str, ...]:
   return objectives
 
 
+def _called_by_inject_hyperparams(depth: int = 6) -> bool:
+  """Whether an optimizer factory is being called by ``optax.inject_hyperparams``."""
+  frame = sys._getframe(2)  # pylint: disable=protected-access
+  for _ in range(depth):
+    if frame is None:
+      return False
+    if frame.f_globals.get("__name__", "").startswith("optax.schedules"):
+      return True
+    frame = frame.f_back
+  return False
+
+
 def resolve_learning_rates(
   learning_rate: LearningRate, objectives: tuple[str, ...]
 ) -> dict[str, ScalarOrSchedule]:
@@ -99,6 +113,24 @@ def resolve_learning_rates(
         f"unknown {sorted(map(str, keys - set(objectives)))}."
       )
     lrs = {k: learning_rate[k] for k in objectives}
+    # Under inject_hyperparams, injected values arrive as arrays; Python
+    # numbers in a Mapping were left out of the injection.
+    if (
+      any(isinstance(v, numbers.Real) for v in lrs.values())
+      and _called_by_inject_hyperparams()
+    ):
+      names = ", ".join(f"{k}_lr" for k in objectives)
+      args = ", ".join(f"{k!r}: {k}_lr" for k in objectives)
+      warnings.warn(
+        "A per-objective learning_rate Mapping under optax.inject_hyperparams "
+        "is not injected (optax injects only numbers, arrays and schedules): "
+        "it stays fixed and is absent from state.hyperparams. To inject the "
+        "rates, make each one an argument of the factory: "
+        f"optax.inject_hyperparams(lambda {names}: dualoptax.dual_optim_plus("
+        f"{{{args}}}))(...).",
+        UserWarning,
+        stacklevel=2,
+      )
   else:
     lrs = {k: learning_rate for k in objectives}
   for k, lr in lrs.items():

@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional, Sequence
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dualoptax import _engine, _objectives, quantized_state
@@ -392,6 +393,18 @@ def dual_optim_plus_8bit(
     >>> type(state.deltas["forget"].mu["w"]).__name__
     'ArrayImpl'
   """
+  for name, value in (
+    ("block_size", block_size),
+    ("min_size", min_size),
+    ("chunk_size", chunk_size),
+  ):
+    if isinstance(value, (jax.Array, np.ndarray)):
+      raise ValueError(
+        f"dual_optim_plus_8bit: {name} fixes the layout of the 8-bit state "
+        f"and must be a Python int, got an array ({value!r}). Under "
+        "optax.inject_hyperparams pass "
+        "static_args=dualoptax.STATIC_8BIT_ARGS."
+      )
   for name, value in (
     ("quantize_base", quantize_base),
     ("quantize_delta", quantize_delta),

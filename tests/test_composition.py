@@ -1,5 +1,7 @@
 """DualOptim+ composed with optax, flax and the objective-aware wrappers."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,6 +77,50 @@ def test_per_objective_clipping_before():
   )
   with pytest.raises(ValueError, match="Unknown objective"):
     tx.update({"other": big}, state, PARAMS)
+
+
+def test_inject_hyperparams_8bit_without_static_args_says_what_to_pass():
+  with pytest.raises(
+    ValueError, match=r"static_args=dualoptax.STATIC_8BIT_ARGS"
+  ):
+    optax.inject_hyperparams(dualoptax.dual_optim_plus_8bit)(
+      learning_rate=1e-2
+    ).init(PARAMS)
+  tx = optax.inject_hyperparams(
+    dualoptax.dual_optim_plus_8bit, static_args=dualoptax.STATIC_8BIT_ARGS
+  )(learning_rate=1e-2)
+  tx.update({"forget": grads(0)}, tx.init(PARAMS), PARAMS)
+
+
+def test_inject_hyperparams_per_objective_lr_mapping():
+  # A Mapping is not injected by optax (it stays fixed, absent from
+  # state.hyperparams): a warning says so and gives the factory that injects it.
+  tx = optax.inject_hyperparams(dualoptax.dual_optim_plus)(
+    learning_rate={"forget": 1e-2, "retain": 2e-2}
+  )
+  with pytest.warns(UserWarning, match="lambda forget_lr, retain_lr"):
+    state = tx.init(PARAMS)
+  assert "learning_rate" not in state.hyperparams
+  # The recipe of the warning: each rate injected, changeable at run time.
+  tx = optax.inject_hyperparams(
+    lambda forget_lr, retain_lr: dualoptax.dual_optim_plus(
+      {"forget": forget_lr, "retain": retain_lr}
+    )
+  )(forget_lr=1e-2, retain_lr=2e-2)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    state = tx.init(PARAMS)
+    update = jax.jit(tx.update)
+    u1, _ = update({"retain": grads(0)}, state, PARAMS)
+    state.hyperparams["retain_lr"] = jnp.asarray(4e-2)
+    u2, _ = update({"retain": grads(0)}, state, PARAMS)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(2 * a, b, rtol=1e-6), u1, u2
+  )
+  # Outside inject_hyperparams a Mapping is plain and silent.
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    dualoptax.dual_optim_plus({"forget": 1e-2, "retain": 2e-2}).init(PARAMS)
 
 
 def test_inject_hyperparams_changes_lr_and_betas_at_run_time():
