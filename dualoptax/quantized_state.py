@@ -178,15 +178,32 @@ def _local_last_dim(x, sharding) -> Optional[int]:
     return None
 
 
+def _local_shape(x, sharding) -> Optional[tuple[int, ...]]:
+  if sharding is None or x.ndim == 0:
+    return None
+  try:
+    return tuple(int(d) for d in sharding.shard_shape(tuple(x.shape)))
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
 def _place(q: QuantizedArray, sharding) -> QuantizedArray:
   """Gives codes and absmax the leaf's NamedSharding (same spec: blocks split the
   last axis, so the absmax of a shard's blocks lives on that shard)."""
   if not isinstance(sharding, jax.sharding.NamedSharding) or not q.shape:
     return q
-  spec = jax.sharding.PartitionSpec(
-    *(tuple(sharding.spec) + (None,) * (len(q.shape) - len(sharding.spec)))
+  full = tuple(sharding.spec) + (None,) * (len(q.shape) - len(sharding.spec))
+  codes_s = jax.sharding.NamedSharding(
+    sharding.mesh, jax.sharding.PartitionSpec(*full)
   )
-  codes_s = absmax_s = jax.sharding.NamedSharding(sharding.mesh, spec)
+  # Blocks spanning trailing axes (rows > 1) span unsharded axes only: the
+  # absmax [..., G] keeps the spec of the axes before the split one.
+  absmax_s = jax.sharding.NamedSharding(
+    sharding.mesh,
+    jax.sharding.PartitionSpec(*full[: q.absmax.ndim - 1], None)
+    if q.rows > 1
+    else jax.sharding.PartitionSpec(*full),
+  )
   if isinstance(q.codes, jax.core.Tracer):
     codes = jax.lax.with_sharding_constraint(q.codes, codes_s)
     absmax = jax.lax.with_sharding_constraint(q.absmax, absmax_s)
@@ -194,7 +211,7 @@ def _place(q: QuantizedArray, sharding) -> QuantizedArray:
     codes = jax.device_put(q.codes, codes_s)
     absmax = jax.device_put(q.absmax, absmax_s)
   return QuantizedArray(
-    codes, absmax, q.shape, q.dtype, q.signed, q.pad, q.block_size
+    codes, absmax, q.shape, q.dtype, q.signed, q.pad, q.block_size, q.rows
   )
 
 
@@ -241,7 +258,7 @@ def _is_variable(x) -> bool:
 
 def _requantize(x: jax.Array, like: QuantizedArray) -> QuantizedArray:
   return _q._quantize_with_layout(  # pylint: disable=protected-access
-    x, like.signed, like.block_size, like.pad
+    x, like.signed, like.block_size, like.pad, like.rows
   )
 
 
@@ -448,7 +465,9 @@ def quantize_state(
         is_signed = bool(choice)
     sharding = _leaf_sharding(leaf)
     local = _local_last_dim(leaf, sharding)
-    layout = _q.block_layout(shape, block_size, local)
+    layout = _q.block_layout(
+      shape, block_size, local, local_shape=_local_shape(leaf, sharding)
+    )
     if layout is None:
       warnings.warn(
         f"quantize_state: state leaf {key} of shape {shape} keeps "
