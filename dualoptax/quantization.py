@@ -36,6 +36,21 @@ length ``b`` of a leaf is chosen by :func:`block_layout` from the *per-shard* le
    :func:`dualoptax.quantize_state` keeps that leaf in its own dtype (documented
    fallback; never a silent gather).
 
+**Short last axes.** A last axis shorter than ``block_size`` that is not sharded
+(attention kernels ``[d, heads, head_dim]``) would make short blocks and cost more
+absmax bytes. When the trailing axes are unsharded too, :func:`block_layout`
+lets a block span them instead: walking from the last axis, it takes the first
+axis ``j`` whose length times the product ``p`` of the axes after it reaches
+``block_size`` (or axis 0), and a block is ``rows`` entries of axis ``j`` (the
+largest divisor of its length with ``rows * p <= block_size``) times all ``p``
+values after them (``QuantizedArray.rows``). The ``rows`` entries are strided by
+``G = shape[j] / rows``: block ``g`` holds entries ``g, g + G, ...``, so the
+strided row chunks of the chunked step hold whole blocks (their count divides
+``G``). The absmax has shape ``[*shape[:j], G]``; the codes keep the array's
+shape. ``(64, 4, 16)`` gets 16 blocks of 256 values instead of 256 of 16. The
+split and later axes must be unsharded (per-shard shape, ``local_shape``);
+otherwise, or when ``rows`` would be 1, the rules above apply to the last axis.
+
 1-d arrays use their only axis as the last axis. :func:`quantize_blockwise` treats a
 0-d array as one block of one value; :func:`dualoptax.quantize_state` never quantizes
 0-d leaves (nor any leaf below its ``min_size``).

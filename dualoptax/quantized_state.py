@@ -325,7 +325,9 @@ def quantize_state(
   dualoptax's ``AdamMoments.nu`` and ``DualOptimPlusState.base_nu`` do) — and
   signed for everything else, unless ``signed`` says otherwise.
 
-  Sharding: blocks run along the last axis and never cross a shard. The block
+  Sharding: blocks run along the last axis (or, for a last axis shorter than
+  ``block_size``, span the trailing axes where those are unsharded; see
+  :func:`dualoptax.quantization.block_layout`) and never cross a shard. The block
   length is decided at ``init`` from each leaf's per-shard shape when the state
   carries a sharding (``init`` called on sharded parameters outside ``jit``);
   the codes have the parameter's shape and sharding and the absmax
