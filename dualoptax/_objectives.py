@@ -12,7 +12,7 @@ import collections.abc
 import numbers
 import sys
 import warnings
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -88,16 +88,17 @@ def check_objectives(objectives: Sequence[str]) -> tuple[str, ...]:
   return objectives
 
 
-def _called_by_inject_hyperparams(depth: int = 6) -> bool:
-  """Whether an optimizer factory is being called by ``optax.inject_hyperparams``."""
+def _injected_factory(depth: int = 6) -> Optional[str]:
+  """The name of the optimizer factory ``optax.inject_hyperparams`` is calling
+  (a frame above the caller's), or None when it is not."""
   frame = sys._getframe(2)  # pylint: disable=protected-access
   for _ in range(depth):
-    if frame is None:
-      return False
-    if frame.f_globals.get("__name__", "").startswith("optax.schedules"):
-      return True
+    if frame is None or frame.f_back is None:
+      return None
+    if frame.f_back.f_globals.get("__name__", "").startswith("optax.schedules"):
+      return frame.f_code.co_name
     frame = frame.f_back
-  return False
+  return None
 
 
 def resolve_learning_rates(
@@ -117,7 +118,7 @@ def resolve_learning_rates(
     # numbers in a Mapping were left out of the injection.
     if (
       any(isinstance(v, numbers.Real) for v in lrs.values())
-      and _called_by_inject_hyperparams()
+      and (factory := _injected_factory()) is not None
     ):
       names = ", ".join(f"{k}_lr" for k in objectives)
       args = ", ".join(f"{k!r}: {k}_lr" for k in objectives)
@@ -126,7 +127,7 @@ def resolve_learning_rates(
         "is not injected (optax injects only numbers, arrays and schedules): "
         "it stays fixed and is absent from state.hyperparams. To inject the "
         "rates, make each one an argument of the factory: "
-        f"optax.inject_hyperparams(lambda {names}: dualoptax.dual_optim_plus("
+        f"optax.inject_hyperparams(lambda {names}: dualoptax.{factory}("
         f"{{{args}}}))(...).",
         UserWarning,
         stacklevel=2,

@@ -98,9 +98,17 @@ def test_inject_hyperparams_per_objective_lr_mapping():
   tx = optax.inject_hyperparams(dualoptax.dual_optim_plus)(
     learning_rate={"forget": 1e-2, "retain": 2e-2}
   )
-  with pytest.warns(UserWarning, match="lambda forget_lr, retain_lr"):
+  with pytest.warns(
+    UserWarning,
+    match=r"lambda forget_lr, retain_lr: dualoptax.dual_optim_plus\(",
+  ):
     state = tx.init(PARAMS)
   assert "learning_rate" not in state.hyperparams
+  tx8 = optax.inject_hyperparams(
+    dualoptax.dual_optim_plus_8bit, static_args=dualoptax.STATIC_8BIT_ARGS
+  )(learning_rate={"forget": 1e-2, "retain": 2e-2})
+  with pytest.warns(UserWarning, match=r"dualoptax.dual_optim_plus_8bit\("):
+    tx8.init(PARAMS)
   # The recipe of the warning: each rate injected, changeable at run time.
   tx = optax.inject_hyperparams(
     lambda forget_lr, retain_lr: dualoptax.dual_optim_plus(
