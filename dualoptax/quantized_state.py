@@ -429,10 +429,11 @@ def quantize_state(
     out = []
     for (path, leaf), tag in zip(flat, tag_leaves):
       if _is_variable(leaf):
-        inner_leaves = jax.tree.leaves(leaf)
+        inner_leaves = jax.tree_util.tree_flatten_with_path(leaf)[0]
         tag = jax.tree.leaves(tag, is_leaf=lambda t: isinstance(t, _Tag))
         if len(inner_leaves) == 1 and len(tag) == 1:
-          q = _maybe_quantize(path, inner_leaves[0], tag[0], excluded)
+          ((inner_path, value),) = inner_leaves
+          q = _maybe_quantize(path + inner_path, value, tag[0], excluded)
           out.append(q if _is_q(q) else leaf)
         else:
           out.append(leaf)

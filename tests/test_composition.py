@@ -278,6 +278,20 @@ def test_flax_nnx_optimizer(name):
   assert int(opt.step[...]) == 4
 
 
+def test_flax_nnx_exclude_by_name():
+  # nnx param paths end in the Variable's own key: exclude still matches them.
+  from flax import nnx
+
+  model = nnx.Linear(64, 128, rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  state = dualoptax.quantize_state(optax.adam(1e-2), exclude=("kernel",)).init(
+    params
+  )
+  assert not isinstance(state[0].mu["kernel"], dualoptax.QuantizedArray)
+  state = dualoptax.quantize_state(optax.adam(1e-2)).init(params)
+  assert isinstance(state[0].mu["kernel"], dualoptax.QuantizedArray)
+
+
 def test_state_structure_error_names_the_state_not_params():
   # A state whose QuantizedArrays were rebuilt as dicts: the message says the
   # moments (not the params) differ and why.
