@@ -428,6 +428,9 @@ def quantize_blockwise(
   one comparison with the decision thresholds of the neighbouring codes fixes
   rounding. An all-zero block decodes to exact zeros. A block holding NaN or ±Inf
   decodes to NaN (all of it). For ``signed=False`` negative inputs are clamped to 0.
+  A last axis shorter than ``block_size`` gets blocks spanning the trailing axes
+  (see :func:`block_layout`; ``x`` is taken as unsharded apart from
+  ``local_last_dim``).
 
   Args:
     x: a floating-point array of any shape (0-d arrays become one block of one value).
