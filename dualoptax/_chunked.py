@@ -271,7 +271,21 @@ def _signature(jaxpr, eqn_ids, local_inputs, outputs, invar_index) -> tuple:
 # ---------------------------------------------------------------------------
 # Chunk plan.
 # ---------------------------------------------------------------------------
-def num_chunks(shape: Sequence[int], chunk_size: int, devices: int) -> int:
+def _block_groups(xs) -> int:
+  """The strided block groups ``G`` along the leading axis that chunks must keep
+  whole (0: none): 8-bit leaves whose blocks span axis 0 (``rows > 1``)."""
+  g = 0
+  for x in xs:
+    if isinstance(x, QuantizedArray) and x.rows > 1 and x.shape:
+      j = _q._split_axis(tuple(x.shape), x.block_size, x.rows)  # pylint: disable=protected-access
+      if j == 0:
+        g = math.gcd(g, x.shape[0] // x.rows)
+  return g
+
+
+def num_chunks(
+  shape: Sequence[int], chunk_size: int, devices: int, divides: int = 0
+) -> int:
   """How many strided row chunks a leaf of ``shape`` is split into.
 
   The smallest ``K >= 2`` dividing ``R / gcd(R, devices)`` (``R`` the leading
@@ -282,12 +296,17 @@ def num_chunks(shape: Sequence[int], chunk_size: int, devices: int) -> int:
   loop of one iteration is inlined by XLA, and a loop is what keeps the leaf's
   temporaries from overlapping other leaves' (a backend's scheduler may
   otherwise run every leaf's step before any leaf's encoding).
+  With ``divides`` (the ``G`` of 8-bit blocks spanning the leading axis in
+  ``G`` strided groups), ``K`` also divides ``G``, so a chunk holds whole
+  blocks.
   """
   if len(shape) < 2:
     return 1
   rows = int(shape[0])
   row = math.prod(shape[1:])
   free = rows // math.gcd(rows, max(int(devices), 1))
+  if divides:  # K must also divide the leading-axis block groups
+    free = math.gcd(free, int(divides))
   best = 1
   for k in range(2, free + 1):
     if free % k == 0:
@@ -329,13 +348,14 @@ def _decode(codes, absmax, like: QuantizedArray, shape):
       like.signed,
       like.pad,
       like.block_size,
+      like.rows,
     )
   )
 
 
 def _encode(x, like: QuantizedArray) -> QuantizedArray:
   return _q._quantize_with_layout(  # pylint: disable=protected-access
-    x, like.signed, like.block_size, like.pad
+    x, like.signed, like.block_size, like.pad, like.rows
   )
 
 
@@ -354,7 +374,7 @@ class _Group(NamedTuple):
 
 def _layout_key(x) -> tuple:
   if isinstance(x, QuantizedArray):
-    return ("q", x.dtype, x.signed, x.pad, x.block_size)
+    return ("q", x.dtype, x.signed, x.pad, x.block_size, x.rows)
   return ("a",)
 
 
@@ -479,8 +499,15 @@ def apply_in_chunks(
   bucket_list = buckets(j1.jaxpr, eqns1)
   chunks = [1] * len(groups)
   for bucket in bucket_list:
+    grp0 = groups[bucket[0]]
     k = num_chunks(
-      groups[bucket[0]].shape, max(chunk_size // len(bucket), 1), devices
+      grp0.shape,
+      max(chunk_size // len(bucket), 1),
+      devices,
+      _block_groups(
+        [inputs[i] for i in grp0.inputs]
+        + [q_out[o] for o in grp0.outputs if o in q_out]
+      ),
     )
     for g in bucket:
       chunks[g] = k
@@ -850,12 +877,16 @@ def _encode_once(x, like: QuantizedArray, step, materialize: bool):
   n += like.pad
   shapes = QuantizedArray(
     jax.ShapeDtypeStruct((*lead, n), jnp.uint8),
-    jax.ShapeDtypeStruct((*lead, n // like.block_size), jnp.float32),
+    jax.ShapeDtypeStruct(
+      _q.absmax_shape(tuple(x.shape), like.block_size, like.pad, like.rows),
+      jnp.float32,
+    ),
     tuple(x.shape),
     jnp.dtype(x.dtype).name,
     like.signed,
     like.pad,
     like.block_size,
+    like.rows,
   )
   return _materialized(lambda: _encode(x, like), shapes, step, materialize)
 
@@ -869,4 +900,4 @@ def _carry_index(carried, q_out, m: int, q: int) -> int:
 
 
 def _meta(q: QuantizedArray) -> tuple:
-  return (q.shape, q.dtype, q.signed, q.pad, q.block_size)
+  return (q.shape, q.dtype, q.signed, q.pad, q.block_size, q.rows)

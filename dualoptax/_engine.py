@@ -244,6 +244,48 @@ def _traced_once(leaf_fn: Callable) -> Callable:
   return call
 
 
+def check_float_params(params: Any, name: str) -> None:
+  """Raises at ``init`` if a parameter is not floating point (the moments of an
+  integer leaf would be integers and the step would fail or round to 0)."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+        f"{name}: parameter {jax.tree_util.keystr(path) or '(root)'} has dtype "
+        f"{dtype}; only floating-point parameters can be optimized. Leave "
+        "integer/boolean leaves out of the params (e.g. nnx.Optimizer's wrt, "
+        "optax.partition / optax.set_to_zero for them)."
+      )
+
+
+def replicated_like(x: jax.Array, params: Any) -> jax.Array:
+  """``x`` (a state scalar) replicated over the mesh of the first concrete
+  params leaf with a multi-device ``NamedSharding``; else ``x`` unchanged.
+
+  Without this, counters created by ``jnp.zeros`` live on the default device
+  only, and ``out_shardings`` taken from the state's ``.sharding`` fail. Under
+  ``jit``/``eval_shape`` (traced params) the compiler places them.
+  """
+  for leaf in jax.tree.leaves(params):
+    if not isinstance(leaf, jax.Array) or isinstance(leaf, jax.core.Tracer):
+      continue
+    sharding = getattr(leaf, "sharding", None)
+    if (
+      isinstance(sharding, jax.sharding.NamedSharding)
+      and len(sharding.device_set) > 1
+    ):
+      return jax.device_put(
+        x,
+        jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()),
+      )
+  return x
+
+
+def zero_count(params: Any) -> jax.Array:
+  """An int32 zero counter, replicated like :func:`replicated_like`."""
+  return replicated_like(jnp.zeros([], jnp.int32), params)
+
+
 def init_moments(params: Any, dtype) -> Any:
   # Tree-map only, so optax.tree.map_params and sharding propagation see
   # through it.
@@ -255,7 +297,7 @@ def init_moments(params: Any, dtype) -> Any:
 def init_deltas(params, objectives, mu_dtype, nu_dtype, state_type=DeltaState):
   return {
     k: state_type(
-      count=jnp.zeros([], jnp.int32),
+      count=zero_count(params),
       mu=init_moments(params, mu_dtype),
       nu=init_moments(params, nu_dtype),
     )

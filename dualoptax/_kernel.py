@@ -27,6 +27,7 @@ kernel when lowering for TPU, also ahead of time from another machine.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Optional, Sequence
 
@@ -56,8 +57,9 @@ def tile_rows(
 
   The kernel sees the leaf as ``[rows, n]`` (``n`` the last axis) in tiles
   of ``rows x b``, ``b`` the block length. It needs one block length for
-  every 8-bit operand, ``n`` a whole number of blocks (no padding), and a
-  block a whole number of 128-value lanes; leading axes merge into rows only
+  every 8-bit operand, blocks along the last axis alone (not spanning
+  trailing axes), ``n`` a whole number of blocks (no padding), and a block a
+  whole number of 128-value lanes; leading axes merge into rows only
   where that is free on TPU (the second-to-last axis a multiple of 32).
   """
   if len(shape) < 2 or any(int(s) == 0 for s in shape) or not layouts:
@@ -67,7 +69,9 @@ def tile_rows(
     return None
   b = layouts[0].block_size
   for like in layouts:
-    if like.block_size != b or like.pad or b % _LANES or n % b:
+    if like.block_size != b or like.pad or like.rows != 1:
+      return None  # one block length; blocks along the last axis alone
+    if b % _LANES or n % b:
       return None
   rows = math.prod(int(s) for s in shape[:-1])
   tr = max(_TILE_VALUES // b // _ROW_ALIGN, 1) * _ROW_ALIGN
@@ -286,14 +290,10 @@ def run_group(
       results.append(flat_out[t].reshape(v.aval.shape))
     else:
       results.append(
-        QuantizedArray(
-          flat_out[t].reshape(like.codes.shape),
-          flat_out[t + 1].reshape(like.absmax.shape),
-          like.shape,
-          like.dtype,
-          like.signed,
-          like.pad,
-          like.block_size,
+        dataclasses.replace(
+          like,
+          codes=flat_out[t].reshape(like.codes.shape),
+          absmax=flat_out[t + 1].reshape(like.absmax.shape),
         )
       )
   return results

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import collections.abc
 import numbers
-from typing import Any, Callable, Mapping, Sequence, Union
+import sys
+import warnings
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +88,19 @@ def check_objectives(objectives: Sequence[str]) -> tuple[str, ...]:
   return objectives
 
 
+def _injected_factory(depth: int = 6) -> Optional[str]:
+  """The name of the optimizer factory ``optax.inject_hyperparams`` is calling
+  (a frame above the caller's), or None when it is not."""
+  frame = sys._getframe(2)  # pylint: disable=protected-access
+  for _ in range(depth):
+    if frame is None or frame.f_back is None:
+      return None
+    if frame.f_back.f_globals.get("__name__", "").startswith("optax.schedules"):
+      return frame.f_code.co_name
+    frame = frame.f_back
+  return None
+
+
 def resolve_learning_rates(
   learning_rate: LearningRate, objectives: tuple[str, ...]
 ) -> dict[str, ScalarOrSchedule]:
@@ -99,6 +114,24 @@ def resolve_learning_rates(
         f"unknown {sorted(map(str, keys - set(objectives)))}."
       )
     lrs = {k: learning_rate[k] for k in objectives}
+    # Under inject_hyperparams, injected values arrive as arrays; Python
+    # numbers in a Mapping were left out of the injection.
+    if (
+      any(isinstance(v, numbers.Real) for v in lrs.values())
+      and (factory := _injected_factory()) is not None
+    ):
+      names = ", ".join(f"{k}_lr" for k in objectives)
+      args = ", ".join(f"{k!r}: {k}_lr" for k in objectives)
+      warnings.warn(
+        "A per-objective learning_rate Mapping under optax.inject_hyperparams "
+        "is not injected (optax injects only numbers, arrays and schedules): "
+        "it stays fixed and is absent from state.hyperparams. To inject the "
+        "rates, make each one an argument of the factory: "
+        f"optax.inject_hyperparams(lambda {names}: dualoptax.{factory}("
+        f"{{{args}}}))(...).",
+        UserWarning,
+        stacklevel=2,
+      )
   else:
     lrs = {k: learning_rate for k in objectives}
   for k, lr in lrs.items():
@@ -128,8 +161,18 @@ def describe(tree: Any) -> str:
   return f"{len(paths)} leaves [{shown}]"
 
 
+def _last_key(path) -> Any:
+  if not path:
+    return None
+  k = path[-1]
+  return getattr(k, "key", getattr(k, "name", None))
+
+
 def present_gradients(
-  grads: Any, objectives: tuple[str, ...], reference: Any
+  grads: Any,
+  objectives: tuple[str, ...],
+  reference: Any,
+  reference_name: str = "the optimizer state's moments (the params' at init)",
 ) -> dict[str, Any]:
   """Validates the per-objective gradient mapping against ``reference``.
 
@@ -138,6 +181,7 @@ def present_gradients(
       "absent" (convenient when building the mapping programmatically).
     objectives: the transformation's objective names, in their canonical order.
     reference: a params-shaped tree (params, or a moment tree of the state).
+    reference_name: what ``reference`` is, for error messages.
 
   Returns:
     A dict of the present objectives' gradients, in canonical objective order.
@@ -178,9 +222,20 @@ def present_gradients(
   for name, g in present.items():
     g_def = jax.tree.structure(g)
     if g_def != ref_def:
+      hint = ""
+      if any(
+        _last_key(p) in ("codes", "absmax")
+        for p, _ in jax.tree_util.tree_flatten_with_path(reference)[0]
+      ):
+        hint = (
+          " The expected leaves are the 8-bit state's codes/absmax: its "
+          "QuantizedArray nodes were rebuilt as plain containers (by code that "
+          "converted the state between steps)."
+        )
       raise ValueError(
-        f"Gradients for objective {name!r} do not match the params' tree "
-        f"structure: got {describe(g)}, expected {describe(reference)}."
+        f"Gradients for objective {name!r} do not match the tree structure of "
+        f"{reference_name}: got {describe(g)}, expected {describe(reference)}."
+        f"{hint}"
       )
     for (path, leaf), ref in zip(
       jax.tree_util.tree_flatten_with_path(g)[0], ref_leaves

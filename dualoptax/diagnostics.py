@@ -9,6 +9,16 @@ import jax
 import jax.numpy as jnp
 
 from dualoptax.dual_optim_plus import DualOptimPlusState
+from dualoptax.quantization import QuantizedArray, dequantize_blockwise
+
+
+def _is_q(x) -> bool:
+  return isinstance(x, QuantizedArray)
+
+
+def _decoded(x):
+  """An 8-bit moment decoded (one leaf at a time); other leaves as they are."""
+  return dequantize_blockwise(x) if _is_q(x) else x
 
 
 def _dot(a, b):
@@ -17,6 +27,8 @@ def _dot(a, b):
 
 def _leaf_stats(base: Any, deltas: dict[str, Any]) -> dict[str, jax.Array]:
   """Squared norms and dot products of one moment kind on one leaf."""
+  base = _decoded(base)
+  deltas = {k: _decoded(d) for k, d in deltas.items()}
   out = {"base": _dot(base, base)}
   for k, d in deltas.items():
     out[k] = _dot(d, d)
@@ -55,7 +67,9 @@ def bridging_stats(
   all leaves were one vector) and, with ``per_leaf=True``, for each leaf. A delta
   that is small and anti-aligned with the base while the other objective's delta is
   aligned is the "bridging" at work: the objectives conflict and the deltas carry
-  them. Cosines of zero vectors are reported as 0.
+  them. Cosines of zero vectors are reported as 0. 8-bit moments
+  (:func:`dualoptax.dual_optim_plus_8bit`) are decoded, one leaf at a time, and
+  the statistics are those of the decoded values.
 
   Args:
     state: a :class:`~dualoptax.DualOptimPlusState` (e.g. ``opt_state`` or the
@@ -75,8 +89,10 @@ def bridging_stats(
   result: dict[str, Any] = {}
   leaf_results: dict[str, Any] = {}
   for kind, base_tree in (("mu", state.base_mu), ("nu", state.base_nu)):
-    paths_leaves = jax.tree_util.tree_flatten_with_path(base_tree)[0]
-    treedef = jax.tree.structure(base_tree)
+    paths_leaves = jax.tree_util.tree_flatten_with_path(
+      base_tree, is_leaf=_is_q
+    )[0]
+    treedef = jax.tree.structure(base_tree, is_leaf=_is_q)
     delta_leaves = {
       k: treedef.flatten_up_to(getattr(state.deltas[k], kind)) for k in names
     }

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from dualoptax import _engine, _objectives
@@ -87,12 +86,13 @@ def dual_optim(
   hyper = _engine.Hyper(b1, b2, None, None, eps, stable=False)
 
   def init_fn(params):
+    _engine.check_float_params(params, "dual_optim")
     return DualOptimState(
-      count=jnp.zeros([], jnp.int32),
+      count=_engine.zero_count(params),
       deltas=_engine.init_deltas(
         params, objectives, None, None, _engine.AdamMoments
       ),
-      skipped=jnp.zeros([], jnp.int32),
+      skipped=_engine.zero_count(params),
     )
 
   def update_fn(grads, state, params=None, **extra_args):

@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional, Sequence
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dualoptax import _engine, _objectives, quantized_state
@@ -69,12 +70,13 @@ def _dual_optim_plus_transform(
   hyper = _engine.Hyper(b1, b2, base_b1, base_b2, eps, stable)
 
   def init_fn(params):
+    _engine.check_float_params(params, "dual_optim_plus")
     return DualOptimPlusState(
-      count=jnp.zeros([], jnp.int32),
+      count=_engine.zero_count(params),
       base_mu=_engine.init_moments(params, mu_dtype),
       base_nu=_engine.init_moments(params, nu_dtype),
       deltas=_engine.init_deltas(params, objectives, mu_dtype, nu_dtype),
-      skipped=jnp.zeros([], jnp.int32),
+      skipped=_engine.zero_count(params),
     )
 
   def update_fn(grads, state, params=None, **extra_args):
@@ -414,6 +416,18 @@ def dual_optim_plus_8bit(
     >>> type(state.deltas["forget"].mu["w"]).__name__
     'ArrayImpl'
   """
+  for name, value in (
+    ("block_size", block_size),
+    ("min_size", min_size),
+    ("chunk_size", chunk_size),
+  ):
+    if isinstance(value, (jax.Array, np.ndarray)):
+      raise ValueError(
+        f"dual_optim_plus_8bit: {name} fixes the layout of the 8-bit state "
+        f"and must be a Python int, got an array ({value!r}). Under "
+        "optax.inject_hyperparams pass "
+        "static_args=dualoptax.STATIC_8BIT_ARGS."
+      )
   for name, value in (
     ("quantize_base", quantize_base),
     ("quantize_delta", quantize_delta),

@@ -38,6 +38,21 @@ length ``b`` of a leaf is chosen by :func:`block_layout` from the *per-shard* le
    :func:`dualoptax.quantize_state` keeps that leaf in its own dtype (documented
    fallback; never a silent gather).
 
+**Short last axes.** A last axis shorter than ``block_size`` that is not sharded
+(attention kernels ``[d, heads, head_dim]``) would make short blocks and cost more
+absmax bytes. When the trailing axes are unsharded too, :func:`block_layout`
+lets a block span them instead: walking from the last axis, it takes the first
+axis ``j`` whose length times the product ``p`` of the axes after it reaches
+``block_size`` (or axis 0), and a block is ``rows`` entries of axis ``j`` (the
+largest divisor of its length with ``rows * p <= block_size``) times all ``p``
+values after them (``QuantizedArray.rows``). The ``rows`` entries are strided by
+``G = shape[j] / rows``: block ``g`` holds entries ``g, g + G, ...``, so the
+strided row chunks of the chunked step hold whole blocks (their count divides
+``G``). The absmax has shape ``[*shape[:j], G]``; the codes keep the array's
+shape. ``(64, 4, 16)`` gets 16 blocks of 256 values instead of 256 of 16. The
+split and later axes must be unsharded (per-shard shape, ``local_shape``);
+otherwise, or when ``rows`` would be 1, the rules above apply to the last axis.
+
 1-d arrays use their only axis as the last axis. :func:`quantize_blockwise` treats a
 0-d array as one block of one value; :func:`dualoptax.quantize_state` never quantizes
 0-d leaves (nor any leaf below its ``min_size``).
@@ -208,26 +223,46 @@ def block_layout(
   shape: tuple[int, ...],
   block_size: int = 256,
   local_last_dim: Optional[int] = None,
-) -> Optional[tuple[int, int]]:
+  *,
+  local_shape: Optional[tuple[int, ...]] = None,
+) -> Optional[tuple[int, ...]]:
   """The block length and last-axis padding used for an array.
+
+  A last axis shorter than ``block_size`` (e.g. attention kernels
+  ``[d, heads, head_dim]``) does not make short blocks when the axes it can be
+  merged with are unsharded: the block then spans the trailing axes from some
+  axis ``j`` on, taking ``rows`` entries of axis ``j`` (strided by
+  ``shape[j] / rows``, so that the optimizer's strided row chunks hold whole
+  blocks) times every value of the axes after ``j``; see the module docstring.
 
   Args:
     shape: global shape of the array.
     block_size: nominal block length (a positive power of two).
     local_last_dim: per-shard length of the last axis when the last axis is sharded;
       ``None`` (or the full length) when it is not.
+    local_shape: the per-shard shape (``None``: unsharded, or only the last axis
+      sharded as ``local_last_dim`` says). Blocks span several axes only where
+      those axes are unsharded.
 
   Returns:
     ``(b, pad)``: blocks of ``b`` values along the last axis after zero-padding it
-    by ``pad``; or ``None`` when the array has no collective-free layout (0-d, empty,
-    or a sharded last axis whose shards cannot hold whole blocks).
+    by ``pad``; ``(b, 0, rows)`` with ``rows > 1`` for blocks spanning the
+    trailing axes as above; or ``None`` when the array has no collective-free
+    layout (0-d, empty, or a sharded last axis whose shards cannot hold whole
+    blocks).
   """
   block_size = _check_block_size(block_size)
   if len(shape) == 0 or math.prod(shape) == 0:
     return None
   n = int(shape[-1])
+  if local_shape is not None and local_last_dim is None:
+    local_last_dim = int(local_shape[-1])
   m = n if local_last_dim is None else int(local_last_dim)
   sharded = m != n
+  if not sharded and n < block_size and len(shape) > 1:
+    spanning = _spanning_layout(shape, block_size, local_shape)
+    if spanning is not None:
+      return spanning
   if m % block_size == 0:
     return block_size, 0
   b = max(d for d in range(1, min(block_size, m) + 1) if m % d == 0)
@@ -236,6 +271,62 @@ def block_layout(
   if not sharded:
     return block_size, (-n) % block_size
   return None
+
+
+def _spanning_layout(shape, block_size: int, local_shape) -> Optional[tuple]:
+  """``(b, 0, rows)`` for blocks spanning unsharded trailing axes, or None."""
+  local = tuple(shape) if local_shape is None else tuple(local_shape)
+  inner = 1
+  for j in range(len(shape) - 1, -1, -1):
+    if int(local[j]) != int(shape[j]):
+      return None  # a sharded axis: blocks stop at the last axis (as before)
+    if j < len(shape) - 1 and (inner * shape[j] >= block_size or j == 0):
+      rows = max(
+        d
+        for d in range(1, int(shape[j]) + 1)
+        if shape[j] % d == 0 and d * inner <= block_size
+      )
+      return (rows * inner, 0, rows) if rows > 1 else None
+    inner *= int(shape[j])
+  return None
+
+
+def _split_axis(shape: tuple[int, ...], b: int, rows: int) -> int:
+  """The axis ``j`` a spanning layout splits into ``(rows, shape[j] / rows)``."""
+  inner = b // rows
+  for j in range(len(shape) - 2, -1, -1):
+    if math.prod(shape[j + 1 :]) == inner and shape[j] % rows == 0:
+      return j
+  raise ValueError(
+    f"no axis of shape {shape} holds blocks of {b} values spanning {rows} rows"
+  )
+
+
+def _as_row_blocks(x: jax.Array, b: int, rows: int) -> jax.Array:
+  """``x`` of a spanning layout as ``[..., G, b]`` (each block a contiguous row)."""
+  j = _split_axis(tuple(x.shape), b, rows)
+  g = x.shape[j] // rows
+  y = x.reshape(*x.shape[:j], rows, g, b // rows)
+  return jnp.swapaxes(y, j, j + 1).reshape(*x.shape[:j], g, b)
+
+
+def _from_row_blocks(
+  y: jax.Array, shape: tuple, b: int, rows: int
+) -> jax.Array:
+  """Inverse of :func:`_as_row_blocks`."""
+  j = _split_axis(tuple(shape), b, rows)
+  g = shape[j] // rows
+  y = y.reshape(*shape[:j], g, rows, b // rows)
+  return jnp.swapaxes(y, j, j + 1).reshape(shape)
+
+
+def absmax_shape(shape: tuple, b: int, pad: int, rows: int = 1) -> tuple:
+  """Shape of the absmax of an array of ``shape`` in a given layout."""
+  if rows > 1:
+    j = _split_axis(tuple(shape), b, rows)
+    return (*shape[:j], shape[j] // rows)
+  shape = tuple(shape) or (1,)
+  return (*shape[:-1], (shape[-1] + pad) // b)
 
 
 # ---------------------------------------------------------------------------
@@ -256,6 +347,10 @@ class QuantizedArray:
     signed: which code map (static).
     pad: zero-padding added to the last axis (static).
     block_size: values per block (static).
+    rows: 1 for blocks along the last axis; ``> 1`` when a block spans the
+      trailing axes (``rows`` strided entries of the split axis, see
+      :func:`block_layout`); the absmax then has shape ``[..., shape[j] / rows]``
+      (static).
   """
 
   codes: jax.Array
@@ -265,6 +360,7 @@ class QuantizedArray:
   signed: bool
   pad: int = 0
   block_size: int = 256
+  rows: int = 1
 
   @property
   def nbytes(self) -> int:
@@ -274,7 +370,7 @@ class QuantizedArray:
 jax.tree_util.register_dataclass(
   QuantizedArray,
   data_fields=["codes", "absmax"],
-  meta_fields=["shape", "dtype", "signed", "pad", "block_size"],
+  meta_fields=["shape", "dtype", "signed", "pad", "block_size", "rows"],
 )
 
 
@@ -394,6 +490,9 @@ def quantize_blockwise(
   one comparison with the decision thresholds of the neighbouring codes fixes
   rounding. An all-zero block decodes to exact zeros. A block holding NaN or ±Inf
   decodes to NaN (all of it). For ``signed=False`` negative inputs are clamped to 0.
+  A last axis shorter than ``block_size`` gets blocks spanning the trailing axes
+  (see :func:`block_layout`; ``x`` is taken as unsharded apart from
+  ``local_last_dim``).
 
   Args:
     x: a floating-point array of any shape (0-d arrays become one block of one value).
@@ -436,9 +535,21 @@ def quantize_blockwise(
 
 
 def _quantize_with_layout(
-  x: jax.Array, signed: bool, b: int, pad: int
+  x: jax.Array, signed: bool, b: int, pad: int, rows: int = 1
 ) -> QuantizedArray:
   """Encodes ``x`` with a given layout (the update path reuses the init layout)."""
+  if rows > 1:  # blocks spanning trailing axes: encoded as rows of [..., G, b]
+    q = _quantize_with_layout(_as_row_blocks(x, b, rows), signed, b, 0)
+    return QuantizedArray(
+      codes=_from_row_blocks(q.codes, tuple(x.shape), b, rows),
+      absmax=q.absmax[..., 0],
+      shape=tuple(x.shape),
+      dtype=q.dtype,
+      signed=q.signed,
+      pad=0,
+      block_size=int(b),
+      rows=int(rows),
+    )
   shape = tuple(x.shape)
   xp = _padded(x.astype(jnp.float32), pad)
   blocks = xp.reshape(*xp.shape[:-1], xp.shape[-1] // b, b)
@@ -471,6 +582,21 @@ def dequantize_blockwise(q: QuantizedArray) -> jax.Array:
   """
   if not isinstance(q, QuantizedArray):
     raise TypeError(f"q must be a QuantizedArray, got {type(q).__name__}")
+  if (
+    q.rows > 1
+  ):  # blocks spanning trailing axes: decoded as rows of [..., G, b]
+    b = q.block_size
+    rowwise = QuantizedArray(
+      _as_row_blocks(q.codes, b, q.rows),
+      q.absmax[..., None],
+      (),
+      q.dtype,
+      q.signed,
+      0,
+      b,
+    )
+    rowwise = dataclasses.replace(rowwise, shape=tuple(rowwise.codes.shape))
+    return _from_row_blocks(dequantize_blockwise(rowwise), q.shape, b, q.rows)
   values = _decode_normalized(q.codes, q.signed) * _per_value(
     q.absmax, q.block_size
   )

@@ -20,6 +20,7 @@ The format is described in ``docs/algorithm.md`` (section 3).
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dualoptax import _chunked
+from dualoptax import _chunked, _engine
 from dualoptax import quantization as _q
 from dualoptax.quantization import QuantizedArray
 
@@ -177,15 +178,32 @@ def _local_last_dim(x, sharding) -> Optional[int]:
     return None
 
 
+def _local_shape(x, sharding) -> Optional[tuple[int, ...]]:
+  if sharding is None or x.ndim == 0:
+    return None
+  try:
+    return tuple(int(d) for d in sharding.shard_shape(tuple(x.shape)))
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
 def _place(q: QuantizedArray, sharding) -> QuantizedArray:
   """Gives codes and absmax the leaf's NamedSharding (same spec: blocks split the
   last axis, so the absmax of a shard's blocks lives on that shard)."""
   if not isinstance(sharding, jax.sharding.NamedSharding) or not q.shape:
     return q
-  spec = jax.sharding.PartitionSpec(
-    *(tuple(sharding.spec) + (None,) * (len(q.shape) - len(sharding.spec)))
+  full = tuple(sharding.spec) + (None,) * (len(q.shape) - len(sharding.spec))
+  codes_s = jax.sharding.NamedSharding(
+    sharding.mesh, jax.sharding.PartitionSpec(*full)
   )
-  codes_s = absmax_s = jax.sharding.NamedSharding(sharding.mesh, spec)
+  # Blocks spanning trailing axes (rows > 1) span unsharded axes only: the
+  # absmax [..., G] keeps the spec of the axes before the split one.
+  absmax_s = jax.sharding.NamedSharding(
+    sharding.mesh,
+    jax.sharding.PartitionSpec(*full[: q.absmax.ndim - 1], None)
+    if q.rows > 1
+    else jax.sharding.PartitionSpec(*full),
+  )
   if isinstance(q.codes, jax.core.Tracer):
     codes = jax.lax.with_sharding_constraint(q.codes, codes_s)
     absmax = jax.lax.with_sharding_constraint(q.absmax, absmax_s)
@@ -193,7 +211,7 @@ def _place(q: QuantizedArray, sharding) -> QuantizedArray:
     codes = jax.device_put(q.codes, codes_s)
     absmax = jax.device_put(q.absmax, absmax_s)
   return QuantizedArray(
-    codes, absmax, q.shape, q.dtype, q.signed, q.pad, q.block_size
+    codes, absmax, q.shape, q.dtype, q.signed, q.pad, q.block_size, q.rows
   )
 
 
@@ -231,9 +249,16 @@ def _is_q(x) -> bool:
   return isinstance(x, QuantizedArray)
 
 
+def _is_variable(x) -> bool:
+  """An nnx ``Variable`` (only if flax.nnx is loaded; dualoptax needs no flax)."""
+  nnx = sys.modules.get("flax.nnx")
+  variable = getattr(nnx, "Variable", None)
+  return variable is not None and isinstance(x, variable)
+
+
 def _requantize(x: jax.Array, like: QuantizedArray) -> QuantizedArray:
   return _q._quantize_with_layout(  # pylint: disable=protected-access
-    x, like.signed, like.block_size, like.pad
+    x, like.signed, like.block_size, like.pad, like.rows
   )
 
 
@@ -305,7 +330,9 @@ def quantize_state(
   dualoptax's ``AdamMoments.nu`` and ``DualOptimPlusState.base_nu`` do) — and
   signed for everything else, unless ``signed`` says otherwise.
 
-  Sharding: blocks run along the last axis and never cross a shard. The block
+  Sharding: blocks run along the last axis (or, for a last axis shorter than
+  ``block_size``, span the trailing axes where those are unsharded; see
+  :func:`dualoptax.quantization.block_layout`) and never cross a shard. The block
   length is decided at ``init`` from each leaf's per-shard shape when the state
   carries a sharding (``init`` called on sharded parameters outside ``jit``);
   the codes have the parameter's shape and sharding and the absmax
@@ -398,11 +425,36 @@ def quantize_state(
   def init_fn(params):
     excluded = _excluded_param_paths(exclude, params)
     state = inner.init(params)
+    # The inner counters (e.g. optax's count) replicated over the params' mesh.
+    state = jax.tree.map(
+      lambda x: (
+        _engine.replicated_like(x, params)
+        if isinstance(x, jax.Array) and x.ndim == 0
+        else x
+      ),
+      state,
+    )
     tags = _tag_state(state)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+    # A leaf wrapped in an nnx Variable (inner.init maps over nnx.state(model))
+    # is quantized with its wrapper: a QuantizedArray *replaces* the Variable.
+    # Inside it, nnx.Optimizer would rebuild the QuantizedArray as a State of
+    # its data fields after the first update, losing the class.
+    flat, treedef = jax.tree_util.tree_flatten_with_path(
+      state, is_leaf=_is_variable
+    )
     tag_leaves = treedef.flatten_up_to(tags)
     out = []
     for (path, leaf), tag in zip(flat, tag_leaves):
+      if _is_variable(leaf):
+        inner_leaves = jax.tree_util.tree_flatten_with_path(leaf)[0]
+        tag = jax.tree.leaves(tag, is_leaf=lambda t: isinstance(t, _Tag))
+        if len(inner_leaves) == 1 and len(tag) == 1:
+          ((inner_path, value),) = inner_leaves
+          q = _maybe_quantize(path + inner_path, value, tag[0], excluded)
+          out.append(q if _is_q(q) else leaf)
+        else:
+          out.append(leaf)
+        continue
       out.append(_maybe_quantize(path, leaf, tag, excluded))
     return treedef.unflatten(out)
 
@@ -433,7 +485,9 @@ def quantize_state(
         is_signed = bool(choice)
     sharding = _leaf_sharding(leaf)
     local = _local_last_dim(leaf, sharding)
-    layout = _q.block_layout(shape, block_size, local)
+    layout = _q.block_layout(
+      shape, block_size, local, local_shape=_local_shape(leaf, sharding)
+    )
     if layout is None:
       warnings.warn(
         f"quantize_state: state leaf {key} of shape {shape} keeps "

@@ -62,7 +62,12 @@ def per_objective(
   def update_fn(grads, state, params=None, **extra_args):
     # Without params, structure is checked downstream by the multi-objective step.
     reference = params if params is not None else _first_present(grads)
-    present = _objectives.present_gradients(grads, objectives, reference)
+    present = _objectives.present_gradients(
+      grads,
+      objectives,
+      reference,
+      "the params" if params is not None else "the other objectives' gradients",
+    )
     out, states = {}, dict(state.inner_states)
     for k, g in present.items():
       out[k], states[k] = inner.update(g, states[k], params, **extra_args)

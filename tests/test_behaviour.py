@@ -358,6 +358,40 @@ def test_alternating_index_python_and_traced():
 # ------------------------------------------------------------------------- diagnostics
 
 
+@pytest.mark.parametrize("quantize_delta", [True, False])
+def test_bridging_stats_on_an_8bit_state(quantize_delta):
+  # Used to fail with "Mismatch custom dataclass node data". The stats of an
+  # 8-bit state are the float32 stats of its decoded moments.
+  rng = np.random.default_rng(6)
+  params = {"a": jnp.zeros((64, 256)), "b": jnp.zeros(5)}
+  tx = dualoptax.dual_optim_plus_8bit(1e-3, quantize_delta=quantize_delta)
+  state = tx.init(params)
+  for name in ("forget", "retain", "retain"):
+    g = jax.tree.map(
+      lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params
+    )
+    _, state = tx.update({name: g}, state, params)
+  assert isinstance(state.base_mu["a"], dualoptax.QuantizedArray)
+  decoded = jax.tree.map(
+    lambda x: (
+      dualoptax.dequantize_blockwise(x)
+      if isinstance(x, dualoptax.QuantizedArray)
+      else x
+    ),
+    state,
+    is_leaf=lambda x: isinstance(x, dualoptax.QuantizedArray),
+  )
+  got = jax.jit(lambda s: dualoptax.bridging_stats(s, per_leaf=True))(state)
+  want = dualoptax.bridging_stats(decoded, per_leaf=True)
+  assert set(got["per_leaf"]) == {"['a']", "['b']"}
+  # Same decoded numbers, summed in another program: float32 rounding only.
+  jax.tree.map(
+    lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
+    got,
+    want,
+  )
+
+
 def test_bridging_stats_against_numpy():
   rng = np.random.default_rng(5)
   params = {"a": jnp.zeros((3, 4)), "b": jnp.zeros(5)}
@@ -454,3 +488,22 @@ def test_matches_reference_property(
     )
   np.testing.assert_allclose(params["w"], ref_params["w"], rtol=1e-4, atol=1e-6)
   assert int(state.count) == len(subsets)
+
+
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda: dualoptax.dual_optim_plus(1e-3),
+    lambda: dualoptax.dual_optim(1e-3),
+    lambda: dualoptax.dual_optim_plus_8bit(1e-3),
+    lambda: dualoptax.dual_optim_plus(1e-3, skip_nonfinite=False),
+  ],
+)
+def test_integer_params_are_rejected_at_init(make):
+  # Integer params used to give int32 moments, then a lax.cond branch-type
+  # error in update (or, without the skip, a silent int32 zero update).
+  params = {"w": jnp.ones((4,)), "steps": jnp.zeros((3,), jnp.int32)}
+  with pytest.raises(TypeError, match=r"\['steps'\] has dtype int32"):
+    make().init(params)
+  with pytest.raises(TypeError, match=r"\['steps'\] has dtype int32"):
+    jax.eval_shape(make().init, params)

@@ -421,3 +421,23 @@ def test_idle_objective_and_skipped_call_keep_every_code(chunk_size, kernel):
     jax.tree.leaves(skipped._replace(skipped=0)),
   ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_blocks_spanning_the_leading_axis_are_chunked_whole():
+  # (256, 4, 16): 256-value blocks of 4 rows strided by 64 (QuantizedArray.rows);
+  # the chunk count must divide those 64 block groups.
+  assert num_chunks((256, 4, 16), 4096, 1, divides=64) == 4
+  assert num_chunks((256, 4, 16), 4096, 1, divides=2) == 2
+  params = {"attn": jax.random.normal(jax.random.key(1), (256, 4, 16))}
+  make = lambda cs: dualoptax.dual_optim_plus_8bit(1e-2, chunk_size=cs)
+  state = make(None).init(params)
+  q = state.base_mu["attn"]
+  assert q.rows == 4 and q.block_size == 256 and q.absmax.shape == (64,)
+  whole, chunked = jax.jit(make(None).update), jax.jit(make(4096).update)
+  for t in range(3):
+    g = {("forget", "retain")[t % 2]: _grads(t, params)}
+    u1, s1 = whole(g, state, params)
+    u2, s2 = chunked(g, state, params)
+    _assert_states_close(s1, s2)
+    np.testing.assert_allclose(u1["attn"], u2["attn"], rtol=2e-6, atol=1e-5)
+    params, state = optax.apply_updates(params, u1), s1

@@ -1,5 +1,7 @@
 """DualOptim+ composed with optax, flax and the objective-aware wrappers."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,6 +77,58 @@ def test_per_objective_clipping_before():
   )
   with pytest.raises(ValueError, match="Unknown objective"):
     tx.update({"other": big}, state, PARAMS)
+
+
+def test_inject_hyperparams_8bit_without_static_args_says_what_to_pass():
+  with pytest.raises(
+    ValueError, match=r"static_args=dualoptax.STATIC_8BIT_ARGS"
+  ):
+    optax.inject_hyperparams(dualoptax.dual_optim_plus_8bit)(
+      learning_rate=1e-2
+    ).init(PARAMS)
+  tx = optax.inject_hyperparams(
+    dualoptax.dual_optim_plus_8bit, static_args=dualoptax.STATIC_8BIT_ARGS
+  )(learning_rate=1e-2)
+  tx.update({"forget": grads(0)}, tx.init(PARAMS), PARAMS)
+
+
+def test_inject_hyperparams_per_objective_lr_mapping():
+  # A Mapping is not injected by optax (it stays fixed, absent from
+  # state.hyperparams): a warning says so and gives the factory that injects it.
+  tx = optax.inject_hyperparams(dualoptax.dual_optim_plus)(
+    learning_rate={"forget": 1e-2, "retain": 2e-2}
+  )
+  with pytest.warns(
+    UserWarning,
+    match=r"lambda forget_lr, retain_lr: dualoptax.dual_optim_plus\(",
+  ):
+    state = tx.init(PARAMS)
+  assert "learning_rate" not in state.hyperparams
+  tx8 = optax.inject_hyperparams(
+    dualoptax.dual_optim_plus_8bit, static_args=dualoptax.STATIC_8BIT_ARGS
+  )(learning_rate={"forget": 1e-2, "retain": 2e-2})
+  with pytest.warns(UserWarning, match=r"dualoptax.dual_optim_plus_8bit\("):
+    tx8.init(PARAMS)
+  # The recipe of the warning: each rate injected, changeable at run time.
+  tx = optax.inject_hyperparams(
+    lambda forget_lr, retain_lr: dualoptax.dual_optim_plus(
+      {"forget": forget_lr, "retain": retain_lr}
+    )
+  )(forget_lr=1e-2, retain_lr=2e-2)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    state = tx.init(PARAMS)
+    update = jax.jit(tx.update)
+    u1, _ = update({"retain": grads(0)}, state, PARAMS)
+    state.hyperparams["retain_lr"] = jnp.asarray(4e-2)
+    u2, _ = update({"retain": grads(0)}, state, PARAMS)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(2 * a, b, rtol=1e-6), u1, u2
+  )
+  # Outside inject_hyperparams a Mapping is plain and silent.
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    dualoptax.dual_optim_plus({"forget": 1e-2, "retain": 2e-2}).init(PARAMS)
 
 
 def test_inject_hyperparams_changes_lr_and_betas_at_run_time():
@@ -176,23 +230,104 @@ def test_flax_train_state():
   assert int(ts.opt_state.count) == 1 and int(ts.step) == 1
 
 
-def test_flax_nnx_optimizer():
+NNX_TXS = {
+  "float32": lambda: dualoptax.dual_optim_plus(1e-2),
+  "8bit": lambda: dualoptax.dual_optim_plus_8bit(1e-2, chunk_size=1024),
+  "quantize_state(adam)": lambda: dualoptax.quantize_state(optax.adam(1e-2)),
+}
+
+
+@pytest.mark.parametrize("name", NNX_TXS)
+def test_flax_nnx_optimizer(name):
+  # nnx.Optimizer rebuilds its opt_state from nnx.state(new_state) after each
+  # update: 8-bit states used to lose their QuantizedArray class on step 1.
   from flax import nnx
 
-  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
-  opt = nnx.Optimizer(model, dualoptax.dual_optim_plus(1e-2), wrt=nnx.Param)
-  x, y = jnp.ones((4, 3)), jnp.zeros((4, 2))
+  objectives = ("forget", "retain")
+  per_objective = name != "quantize_state(adam)"
+  model = nnx.Linear(64, 128, rngs=nnx.Rngs(0))  # kernel above min_size
+  opt = nnx.Optimizer(model, NNX_TXS[name](), wrt=nnx.Param)
+  x = jnp.asarray(
+    np.random.default_rng(0).standard_normal((8, 64)), jnp.float32
+  )
 
-  @nnx.jit(static_argnames="name")
-  def step(model, opt, name):
-    g = nnx.grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
-    opt.update(model, {name: g})
+  def loss(m):
+    return jnp.mean((m(x) - 1.0) ** 2)
 
-  before = model.kernel[...].copy()
-  step(model, opt, name="forget")
-  step(model, opt, name="retain")
-  assert not np.allclose(before, model.kernel[...])
-  assert int(opt.opt_state.count[...]) == 2
+  @nnx.jit
+  def step(model, opt, index):
+    g = nnx.grad(loss)(model)
+    graphdef, state = nnx.split((model, opt))
+
+    def one(objective):  # a traced objective switch over nnx state
+      m, o = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+      o.update(m, {objective: g} if per_objective else g)
+      return nnx.state((m, o))
+
+    nnx.update((model, opt), dualoptax.switch_objective(index, objectives, one))
+
+  # The same transformation on plain pytrees, as the reference.
+  tx = NNX_TXS[name]()
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  state = tx.init(params)
+
+  @jax.jit
+  def ref_step(params, state, index):
+    def one(objective):
+      g = jax.grad(lambda p: loss(nnx.merge(nnx.graphdef(model), p)))(params)
+      g = {objective: g} if per_objective else g
+      return tx.update(g, state, params)
+
+    u, state = dualoptax.switch_objective(index, objectives, one)
+    return optax.apply_updates(params, u), state
+
+  for index in (0, 1, 1, 0):
+    step(model, opt, jnp.int32(index))
+    params, state = ref_step(params, state, jnp.int32(index))
+  kernel = (
+    opt.opt_state.base_mu["kernel"]
+    if per_objective
+    else opt.opt_state[0].mu["kernel"]
+  )
+  if name != "float32":
+    assert isinstance(kernel, dualoptax.QuantizedArray)
+  got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  np.testing.assert_allclose(got["kernel"], params["kernel"], rtol=0, atol=1e-6)
+  np.testing.assert_allclose(got["bias"], params["bias"], rtol=0, atol=1e-6)
+  assert int(opt.step[...]) == 4
+
+
+def test_flax_nnx_exclude_by_name():
+  # nnx param paths end in the Variable's own key: exclude still matches them.
+  from flax import nnx
+
+  model = nnx.Linear(64, 128, rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  state = dualoptax.quantize_state(optax.adam(1e-2), exclude=("kernel",)).init(
+    params
+  )
+  assert not isinstance(state[0].mu["kernel"], dualoptax.QuantizedArray)
+  state = dualoptax.quantize_state(optax.adam(1e-2)).init(params)
+  assert isinstance(state[0].mu["kernel"], dualoptax.QuantizedArray)
+
+
+def test_state_structure_error_names_the_state_not_params():
+  # A state whose QuantizedArrays were rebuilt as dicts: the message says the
+  # moments (not the params) differ and why.
+  tx = dualoptax.dual_optim_plus_8bit(1e-2)
+  params = {"w": jnp.zeros((64, 128))}
+  state = tx.init(params)
+  mangled = state._replace(
+    base_mu=jax.tree.map(
+      lambda q: {"codes": q.codes, "absmax": q.absmax},
+      state.base_mu,
+      is_leaf=lambda x: isinstance(x, dualoptax.QuantizedArray),
+    )
+  )
+  with pytest.raises(
+    ValueError, match="optimizer state's moments.*QuantizedArray"
+  ):
+    tx.update({"retain": params}, mangled, params)
 
 
 def test_tree_map_params():

@@ -242,3 +242,35 @@ def test_codec_is_vmap_friendly():
   )(x)
   direct = _dequantize(_quantize(x, signed=True))
   np.testing.assert_array_equal(np.asarray(out), np.asarray(direct))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_short_last_axis_blocks_span_the_trailing_axes(signed):
+  # An nnx attention kernel [d, heads, head_dim] = (64, 4, 16): 256-value
+  # blocks spanning the trailing axes, not one 16-value block per row.
+  shape = (64, 4, 16)
+  assert qz.block_layout(shape, 256) == (256, 0, 4)
+  x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+  x = x if signed else x * x
+  q = _quantize(x, signed=signed)
+  assert q.codes.shape == shape and q.absmax.shape == (16,)
+  assert q.block_size == 256 and q.rows == 4 and q.pad == 0
+  assert q.nbytes == 4096 + 4 * 16  # 1.016 B/value (16-value blocks: 1.25)
+  # Block g holds rows g, g + 16, g + 32, g + 48 of axis 0 (strided, so the
+  # optimizer's strided row chunks hold whole blocks): exactly the reference
+  # codec on those 256 values.
+  blocks = x.reshape(4, 16, 64).transpose(1, 0, 2).reshape(16, 256)
+  ref_codes, ref_absmax = _reference_codes(blocks, signed)
+  codes = np.asarray(q.codes).reshape(4, 16, 64).transpose(1, 0, 2)
+  np.testing.assert_array_equal(codes.reshape(16, 256), ref_codes)
+  np.testing.assert_array_equal(np.asarray(q.absmax), ref_absmax)
+  decoded = dualoptax.dynamic_code_map(signed)[ref_codes] * ref_absmax[:, None]
+  np.testing.assert_array_equal(
+    np.asarray(_dequantize(q)),
+    decoded.reshape(16, 4, 64).transpose(1, 0, 2).reshape(shape),
+  )
+  # Axes short of a block after merging stay as they were: one block per row.
+  assert qz.block_layout((7, 100), 256) == (100, 0)
+  # A sharded axis is never spanned (the trailing axes' shards stay whole).
+  assert qz.block_layout(shape, 256, local_shape=(8, 4, 16)) == (16, 0)
+  assert qz.block_layout((8, 64, 16), 256, local_shape=(8, 8, 16)) == (16, 0)

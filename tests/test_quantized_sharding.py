@@ -174,6 +174,76 @@ def _check_shards_without_a_whole_block_stay_float32_with_a_warning():
   assert q.absmax.shape == (8, 17) and q.block_size == 256
 
 
+def _check_blocks_spanning_unsharded_trailing_axes():
+  # Attention-like kernels [d, heads, head_dim] with d sharded: blocks span
+  # (heads, head_dim), never d; no collective in the (chunked) step.
+  _, sharding = _mesh("fsdp_rows")
+  params = jax.device_put(
+    {
+      "attn": jnp.cos(jnp.arange(64 * 12 * 64, dtype=jnp.float32)).reshape(
+        64, 12, 64
+      )
+    },
+    sharding,
+  )
+  tx = dualoptax.dual_optim_plus_8bit(1e-3, skip_nonfinite=False)
+  state = tx.init(params)
+  q = state.base_mu["attn"]
+  assert q.block_size == 256 and q.rows == 4 and q.absmax.shape == (64, 3)
+  assert q.codes.sharding.is_equivalent_to(sharding, 3)
+  assert q.absmax.sharding.is_equivalent_to(
+    NamedSharding(sharding.mesh, P("data", None)), 2
+  )
+  assert _collectives(_compiled_step(tx, params, state, multi=True)) == []
+  # With the split axis (0) sharded, blocks stay on the last axis.
+  params = jax.device_put({"attn": jnp.ones((64, 4, 16))}, sharding)
+  q = tx.init(params).base_mu["attn"]
+  assert q.rows == 1 and q.block_size == 16
+
+
+STATE_TXS = {
+  "dual_optim_plus": lambda: dualoptax.dual_optim_plus(1e-3),
+  "dual_optim": lambda: dualoptax.dual_optim(1e-3),
+  "quantize_state(adam)": lambda: dualoptax.quantize_state(optax.adam(1e-3)),
+  "dual_optim_plus_8bit": lambda: dualoptax.dual_optim_plus_8bit(1e-3),
+}
+
+
+def _check_state_scalars_replicated_over_the_params_mesh(name):
+  # Counters (count, deltas[*].count, skipped) used to live on device 0, so
+  # out_shardings taken from the state's .sharding failed ("incompatible
+  # devices").
+  _, sharding = _mesh("mesh_2d")
+  params = _params(sharding)
+  tx = STATE_TXS[name]()
+  state = tx.init(params)
+  scalars = [x for x in jax.tree.leaves(state) if x.ndim == 0]
+  assert scalars
+  for x in scalars:
+    assert x.sharding.device_set == sharding.device_set, x.sharding
+    assert x.sharding.is_fully_replicated
+  multi = name != "quantize_state(adam)"
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  param_shardings = jax.tree.map(lambda x: x.sharding, params)
+
+  def step(p, s, g):
+    u, s = tx.update({"forget": g} if multi else g, s, p)
+    return optax.apply_updates(p, u), s
+
+  step = jax.jit(step, out_shardings=(param_shardings, state_shardings))
+  new_p, new_s = step(params, state, params)
+  new_p, new_s = step(new_p, new_s, params)
+  count = new_s[0].count if name == "quantize_state(adam)" else new_s.count
+  assert int(count) == 2
+  # Unsharded params: plain default-device scalars, as before.
+  host = jax.tree.map(np.asarray, params)
+  assert all(
+    len(x.sharding.device_set) == 1
+    for x in jax.tree.leaves(tx.init(host))
+    if x.ndim == 0
+  )
+
+
 # ---------------------------------------------------------------------------
 # Running the checks on 8 simulated devices.
 # ---------------------------------------------------------------------------
@@ -186,6 +256,11 @@ CHECKS = (
   + [
     ("_check_shards_smaller_than_a_block_use_a_shard_sized_block", ()),
     ("_check_shards_without_a_whole_block_stay_float32_with_a_warning", ()),
+  ]
+  + [("_check_blocks_spanning_unsharded_trailing_axes", ())]
+  + [
+    ("_check_state_scalars_replicated_over_the_params_mesh", (name,))
+    for name in STATE_TXS
   ]
 )
 
@@ -247,3 +322,15 @@ def test_shards_without_a_whole_block_stay_float32_with_a_warning(report):
   _outcome(
     report, "_check_shards_without_a_whole_block_stay_float32_with_a_warning"
   )
+
+
+@pytest.mark.parametrize("name", list(STATE_TXS))
+def test_state_scalars_replicated_over_the_params_mesh(name, report):
+  """Counters of a sharded state: on the params' mesh, so the state's own
+  shardings work as jit out_shardings."""
+  _outcome(report, "_check_state_scalars_replicated_over_the_params_mesh", name)
+
+
+def test_blocks_spanning_unsharded_trailing_axes(report):
+  """A short last axis: blocks span the unsharded trailing axes, not d."""
+  _outcome(report, "_check_blocks_spanning_unsharded_trailing_axes")
