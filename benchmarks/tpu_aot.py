@@ -284,7 +284,11 @@ def main() -> int:
       )
       for name in args.updates.split(","):
         tx, objectives = table[name]
-        r = measure(tx, objectives, params)
+        try:
+          r = measure(tx, objectives, params)
+        except jax.errors.JaxRuntimeError as e:  # e.g. more HBM than a chip has
+          print(f"{name:16s} does not compile: {str(e).splitlines()[0][:100]}")
+          continue
         print(
           f"{name:16s} {r['state']:6.2f} {r['temp']:7.2f} "
           f"{r['accessed']:9.1f} {r['kernel']:7.1f} {r['kernel_all']:6.1f} "
