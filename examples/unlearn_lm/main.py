@@ -67,7 +67,9 @@ def run(args: argparse.Namespace, names: list[str], t_start: float) -> int:
   from unlearn_lm.metrics import Evaluator
   from unlearn_lm.model import LanguageModel, TransformerConfig
 
-  log = lambda msg: print(msg, flush=True)
+  # progress lines (training steps, checkpoints) go to stderr, results to stdout
+  log = lambda msg: print(msg, file=sys.stderr, flush=True)
+  say = lambda msg: print(msg, flush=True)
   # ---- everything that can fail on bad input happens before the output directory exists
   data = pipeline.load_data(args)
   ckpt_root = os.path.abspath(os.path.join(args.out, "checkpoints"))
@@ -92,10 +94,10 @@ def run(args: argparse.Namespace, names: list[str], t_start: float) -> int:
   if hasattr(tok, "to_json") and not os.path.isfile(tok_path):
     report.atomic_write_text(tok_path, tok.to_json())
   ctx = pipeline.Context(args, lm, tok, max_len, ckpt_root, log)
-  log(f"data: {data.summary()}")
+  say(f"data: {data.summary()}")
   for n in notes:
-    log(f"note: {n}")
-  log(f"model: {cfg}")
+    say(f"note: {n}")
+  say(f"model: {cfg}")
 
   # ---- fine-tuned model and retain-only reference model
   ft_params, ft_secs = pipeline.train_or_restore(
@@ -109,21 +111,21 @@ def run(args: argparse.Namespace, names: list[str], t_start: float) -> int:
   ft_raw = evaluator.evaluate(ft_params, ref_ratios)
   before = {"step": 0, **report.summarize(ft_raw)}
   learned = {k: before[f"{k}/rouge_l"] >= v for k, v in ROUGE_TARGETS.items()}
-  log(
+  say(
     "fine-tuned: "
     + ", ".join(f"{k} ROUGE-L {before[f'{k}/rouge_l']:.3f}" for k in learned)
     + f", MU {before['model_utility']:.3f}; learned its data ("
     + ", ".join(f"{k} >= {v:g}" for k, v in ROUGE_TARGETS.items())
     + f"): {'yes' if all(learned.values()) else 'NO'}"
   )
-  log(
+  say(
     f"retain-only: forget ROUGE-L {ro_eval['forget/rouge_l']:.3f}, "
     f"retain ROUGE-L {ro_eval['retain/rouge_l']:.3f}, FE "
     f"{ro_eval['forget_efficacy']:.3f}, MU {ro_eval['model_utility']:.3f}"
   )
   for name in ("forget", "retain"):
     ref, gen = ft_raw["sets"][name]["samples"][0]
-    log(
+    say(
       f"  {name} sample: ref={ref!r}\n  {' ' * len(name)}         gen={gen!r}"
     )
 
@@ -174,10 +176,10 @@ def run(args: argparse.Namespace, names: list[str], t_start: float) -> int:
       report.plot_fronts(
         runs, before, ro_eval, os.path.join(args.out, file), y, title
       )
-  log("\n" + title)
-  log(table)
-  log(report.LEGEND)
-  log(
+  say("\n" + title)
+  say(table)
+  say(report.LEGEND)
+  say(
     f"total wall time {time.time() - t_start:.0f}s; outputs in {os.path.abspath(args.out)}"
   )
   return 0

@@ -373,11 +373,16 @@ def test_end_to_end_tiny_study_and_resume(tmp_path, capsys):
   assert not os.path.exists(os.path.join(out, "results.json"))
   assert os.path.isdir(os.path.join(out, "checkpoints", "finetuned"))
   assert script.main(args + ["--resume"]) == 0
-  log = capsys.readouterr().out
+  captured = capsys.readouterr()
+  log, progress = captured.out, captured.err
+  # progress lines go to stderr, the results to stdout
   assert (
-    "reusing the Orbax checkpoint" in log
-    and "[adam npo] resumed at step 6" in log
+    "reusing the Orbax checkpoint" in progress
+    and "[adam npo] resumed at step 6" in progress
+    and "] step " in progress
   )
+  assert "] step " not in log and "reusing" not in log
+  assert "fine-tuned: forget ROUGE-L" in log and "total wall time" in log
   with open(os.path.join(out, "results.json")) as f:
     res = json.load(f)
   for key in ("finetuned", "retain_only"):
@@ -408,7 +413,7 @@ def test_end_to_end_tiny_study_and_resume(tmp_path, capsys):
   assert fe[("dual_optim_plus", 1e-2, 0)] != fe[("dual_optim_plus", 1e-2, 1)]
   for png in ("fe_mu.png", "fq_mu.png"):
     assert os.path.getsize(os.path.join(out, png)) > 10_000
-  assert "| DualOptim+ |" in log and "best FE subject to MU" in log
+  assert "| DualOptim+ |" in log and "best FE among the lrs with MU >=" in log
   assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
