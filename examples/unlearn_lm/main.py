@@ -19,7 +19,8 @@ learning rates and seeds.
 4. write ``results.json`` (``finetuned``, ``retain_only``, every run's final
    and per-evaluation metrics), ``fe_mu.png`` and ``fq_mu.png`` (the FE–MU and
    FQ–MU fronts over the sweep), and print each optimizer at its best Forget
-   Efficacy subject to Model Utility >= 0.9 x the fine-tuned model's.
+   Efficacy among the learning rates whose Model Utility is >= 0.9 x the
+   fine-tuned model's. Progress lines go to stderr, results to stdout.
 
 Examples::
 
@@ -118,6 +119,17 @@ def run(args: argparse.Namespace, names: list[str], t_start: float) -> int:
     + ", ".join(f"{k} >= {v:g}" for k, v in ROUGE_TARGETS.items())
     + f"): {'yes' if all(learned.values()) else 'NO'}"
   )
+  if not all(learned.values()):
+    say(
+      f"warning: after {args.finetune_steps} fine-tuning steps the model has not "
+      "learned its data: part of the FE below is what it never learned"
+      + (
+        "; --quick fine-tunes briefly: rerun without it (or with more "
+        "--finetune-steps and another --out)"
+        if args.quick
+        else "; rerun with more --finetune-steps and another --out"
+      )
+    )
   say(
     f"retain-only: forget ROUGE-L {ro_eval['forget/rouge_l']:.3f}, "
     f"retain ROUGE-L {ro_eval['retain/rouge_l']:.3f}, FE "
