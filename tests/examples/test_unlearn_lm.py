@@ -435,11 +435,11 @@ def test_quick_settings_are_the_readme_s():
   )
   assert (args.d_model, args.layers, args.retain_size) == (128, 2, None)
   tofu, _ = _filled(["--quick", "--data-dir", "x"])
-  assert tofu.lrs == [1e-4, 1e-3, 1e-2]
+  assert tofu.lrs == [1e-3, 1e-2]
   assert (tofu.retain_size, tofu.eval_size, tofu.finetune_steps) == (
     100,
     20,
-    300,
+    200,
   )
   full, names = _filled(["--data-dir", "x"])
   assert len(names) == 5 and full.seeds == 3 and len(full.lrs) == 5
@@ -455,10 +455,10 @@ def test_quick_settings_are_the_readme_s():
     readme = f.read()
   quick = re.search(r"`--quick`: (.*?)\.", readme, re.S).group(1)
   for fact in (
-    "300 fine-tuning steps",
+    "300 fine-tuning steps (TOFU: 200",
     "Adam, DualOptim and DualOptim+",
     "NPO+GD",
-    "lrs 1e-4, 1e-3, 1e-2 (TOFU) or 3e-4, 3e-3, 3e-2",
+    "lrs 3e-4, 3e-3, 3e-2 (generated) or 1e-3, 1e-2 (TOFU)",
     "1 seed",
     "one evaluation",
     "100 retain pairs",
