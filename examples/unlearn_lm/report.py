@@ -232,8 +232,11 @@ def plot_fronts(
         "forget_quality": "log10 Forget Quality (KS p-value)",
       }[y]
     )
+    one_seed = all(len(p["seeds"]) == 1 for v in points.values() for p in v)
     ax.set_title(
-      f"{loss.upper()}+GD (points: lrs; bars: std over seeds)", fontsize=10
+      f"{loss.upper()}+GD (points: lrs; "
+      + ("1 seed: no spread)" if one_seed else "bars: std over seeds)"),
+      fontsize=10,
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
