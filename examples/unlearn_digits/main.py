@@ -147,8 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     total=2 + len(cfg.methods) * len(cfg.losses),
     unit="job",
     desc="Original, Retrain, then each method's losses",
-    file=sys.stdout,
-  )
+  )  # on stderr (tqdm's default): stdout holds only the results
 
   # Original and Retrain of every seed, scored against that seed's Retrain.
   models = train.train_original_and_retrain(

@@ -19,7 +19,8 @@ learning rates and seeds.
 4. write ``results.json`` (``finetuned``, ``retain_only``, every run's final
    and per-evaluation metrics), ``fe_mu.png`` and ``fq_mu.png`` (the FE–MU and
    FQ–MU fronts over the sweep), and print each optimizer at its best Forget
-   Efficacy subject to Model Utility >= 0.9 x the fine-tuned model's.
+   Efficacy among the learning rates whose Model Utility is >= 0.9 x the
+   fine-tuned model's. Progress lines go to stderr, results to stdout.
 
 Examples::
 
@@ -64,10 +65,12 @@ ROUGE_TARGETS = {"forget": 0.9, "retain": 0.8}
 def run(args: argparse.Namespace, names: list[str], t_start: float) -> int:
   """The study (JAX is imported here, after the flags are checked)."""
   from unlearn_lm import pipeline, report
-  from unlearn_lm.metrics import Evaluator
+  from unlearn_lm.metrics import Evaluator, forget_quality
   from unlearn_lm.model import LanguageModel, TransformerConfig
 
-  log = lambda msg: print(msg, flush=True)
+  # progress lines (training steps, checkpoints) go to stderr, results to stdout
+  log = lambda msg: print(msg, file=sys.stderr, flush=True)
+  say = lambda msg: print(msg, flush=True)
   # ---- everything that can fail on bad input happens before the output directory exists
   data = pipeline.load_data(args)
   ckpt_root = os.path.abspath(os.path.join(args.out, "checkpoints"))
@@ -92,10 +95,10 @@ def run(args: argparse.Namespace, names: list[str], t_start: float) -> int:
   if hasattr(tok, "to_json") and not os.path.isfile(tok_path):
     report.atomic_write_text(tok_path, tok.to_json())
   ctx = pipeline.Context(args, lm, tok, max_len, ckpt_root, log)
-  log(f"data: {data.summary()}")
+  say(f"data: {data.summary()}")
   for n in notes:
-    log(f"note: {n}")
-  log(f"model: {cfg}")
+    say(f"note: {n}")
+  say(f"model: {cfg}")
 
   # ---- fine-tuned model and retain-only reference model
   ft_params, ft_secs = pipeline.train_or_restore(
@@ -104,26 +107,39 @@ def run(args: argparse.Namespace, names: list[str], t_start: float) -> int:
   ro_params, ro_secs = pipeline.train_or_restore(
     ctx, "retain_only", data.retain_only_set
   )
-  ref_ratios = evaluator.evaluate(ro_params)["forget_ratios"]
-  ro_eval = report.summarize(evaluator.evaluate(ro_params, ref_ratios))
+  ro_raw = evaluator.evaluate(ro_params)  # evaluated once: its FQ is vs itself
+  ref_ratios = ro_raw["forget_ratios"]
+  ro_raw["forget_quality"] = forget_quality(ref_ratios, ref_ratios)
+  ro_eval = report.summarize(ro_raw)
   ft_raw = evaluator.evaluate(ft_params, ref_ratios)
   before = {"step": 0, **report.summarize(ft_raw)}
   learned = {k: before[f"{k}/rouge_l"] >= v for k, v in ROUGE_TARGETS.items()}
-  log(
+  say(
     "fine-tuned: "
     + ", ".join(f"{k} ROUGE-L {before[f'{k}/rouge_l']:.3f}" for k in learned)
     + f", MU {before['model_utility']:.3f}; learned its data ("
     + ", ".join(f"{k} >= {v:g}" for k, v in ROUGE_TARGETS.items())
     + f"): {'yes' if all(learned.values()) else 'NO'}"
   )
-  log(
+  if not all(learned.values()):
+    say(
+      f"warning: after {args.finetune_steps} fine-tuning steps the model has not "
+      "learned its data: part of the FE below is what it never learned"
+      + (
+        "; --quick fine-tunes briefly: rerun without it (or with more "
+        "--finetune-steps and another --out)"
+        if args.quick
+        else "; rerun with more --finetune-steps and another --out"
+      )
+    )
+  say(
     f"retain-only: forget ROUGE-L {ro_eval['forget/rouge_l']:.3f}, "
     f"retain ROUGE-L {ro_eval['retain/rouge_l']:.3f}, FE "
     f"{ro_eval['forget_efficacy']:.3f}, MU {ro_eval['model_utility']:.3f}"
   )
   for name in ("forget", "retain"):
     ref, gen = ft_raw["sets"][name]["samples"][0]
-    log(
+    say(
       f"  {name} sample: ref={ref!r}\n  {' ' * len(name)}         gen={gen!r}"
     )
 
@@ -174,10 +190,10 @@ def run(args: argparse.Namespace, names: list[str], t_start: float) -> int:
       report.plot_fronts(
         runs, before, ro_eval, os.path.join(args.out, file), y, title
       )
-  log("\n" + title)
-  log(table)
-  log(report.LEGEND)
-  log(
+  say("\n" + title)
+  say(table)
+  say(report.LEGEND)
+  say(
     f"total wall time {time.time() - t_start:.0f}s; outputs in {os.path.abspath(args.out)}"
   )
   return 0

@@ -31,8 +31,8 @@ for _name in (
 
 import dualoptax  # noqa: E402
 from tests import multidevice  # noqa: E402
+from unlearn_lm import cli, train  # noqa: E402
 from unlearn_lm import main as script  # noqa: E402
-from unlearn_lm import train  # noqa: E402
 from unlearn_lm.data import encode_qa, generate_people  # noqa: E402
 from unlearn_lm.model import LanguageModel, TransformerConfig  # noqa: E402
 from unlearn_lm.tokenizer import ByteTokenizer  # noqa: E402
@@ -372,11 +372,16 @@ def test_end_to_end_tiny_study_and_resume(tmp_path, capsys):
   assert not os.path.exists(os.path.join(out, "results.json"))
   assert os.path.isdir(os.path.join(out, "checkpoints", "finetuned"))
   assert script.main(args + ["--resume"]) == 0
-  log = capsys.readouterr().out
+  captured = capsys.readouterr()
+  log, progress = captured.out, captured.err
+  # progress lines go to stderr, the results to stdout
   assert (
-    "reusing the Orbax checkpoint" in log
-    and "[adam npo] resumed at step 6" in log
+    "reusing the Orbax checkpoint" in progress
+    and "[adam npo] resumed at step 6" in progress
+    and "] step " in progress
   )
+  assert "] step " not in log and "reusing" not in log
+  assert "fine-tuned: forget ROUGE-L" in log and "total wall time" in log
   with open(os.path.join(out, "results.json")) as f:
     res = json.load(f)
   for key in ("finetuned", "retain_only"):
@@ -407,8 +412,58 @@ def test_end_to_end_tiny_study_and_resume(tmp_path, capsys):
   assert fe[("dual_optim_plus", 1e-2, 0)] != fe[("dual_optim_plus", 1e-2, 1)]
   for png in ("fe_mu.png", "fq_mu.png"):
     assert os.path.getsize(os.path.join(out, png)) > 10_000
-  assert "| DualOptim+ |" in log and "best FE subject to MU" in log
+  assert "| DualOptim+ |" in log and "best FE among the lrs with MU >=" in log
   assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def _filled(argv):
+  args = cli.fill_defaults(cli.build_parser().parse_args(argv))
+  return args, cli.validate(args)
+
+
+def test_quick_settings_are_the_readme_s():
+  # --quick is budgeted at ~3 min on 2 CPU cores; the README states its settings
+  args, names = _filled(["--quick"])
+  assert names == ["adam", "dual_optim", "dual_optim_plus"]
+  assert args.forget_losses == ["npo"] and args.seeds == 1
+  assert args.lrs == [3e-4, 3e-3, 3e-2]
+  assert (args.finetune_steps, args.unlearn_steps, args.eval_every) == (
+    300,
+    60,
+    60,
+  )
+  assert (args.d_model, args.layers, args.retain_size) == (128, 2, None)
+  tofu, _ = _filled(["--quick", "--data-dir", "x"])
+  assert tofu.lrs == [1e-3, 1e-2]
+  assert (tofu.retain_size, tofu.eval_size, tofu.finetune_steps) == (
+    100,
+    20,
+    200,
+  )
+  full, names = _filled(["--data-dir", "x"])
+  assert len(names) == 5 and full.seeds == 3 and len(full.lrs) == 5
+  assert (full.finetune_steps, full.eval_every, full.retain_size) == (
+    1000,
+    30,
+    200,
+  )
+  # flags given with --quick win
+  mine, _ = _filled(["--quick", "--seeds", "2", "--finetune-steps", "500"])
+  assert (mine.seeds, mine.finetune_steps) == (2, 500)
+  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    readme = f.read()
+  quick = re.search(r"`--quick`: (.*?)\.", readme, re.S).group(1)
+  for fact in (
+    "300 fine-tuning steps (TOFU: 200",
+    "Adam, DualOptim and DualOptim+",
+    "NPO+GD",
+    "lrs 3e-4, 3e-3, 3e-2 (generated) or 1e-3, 1e-2 (TOFU)",
+    "1 seed",
+    "one evaluation",
+    "100 retain pairs",
+    "20 questions",
+  ):
+    assert fact in " ".join(quick.split()), fact
 
 
 @pytest.mark.parametrize(

@@ -88,23 +88,29 @@ def study_table(
   reference: str = "dual_optim_plus",
   mu_ratio: float = MU_RATIO,
 ) -> tuple[str, list[dict]]:
-  """Each optimizer at its best FE subject to MU >= ``mu_ratio`` x the
-  fine-tuned model's, as a Markdown table per forget loss, and the rows.
+  """Each optimizer at its best FE among the lrs whose MU is >= ``mu_ratio`` x
+  the fine-tuned model's, as a Markdown table per forget loss, and the rows.
 
   ``ΔFE`` is the paired difference to ``reference`` at its own chosen lr, over
   the same seeds (mean ± std); it is marked ``*`` when its mean exceeds the seed
-  spread, the larger of the two optimizers' FE stds (never with one seed).
+  spread, the larger of the two optimizers' FE stds. With one seed there is no
+  spread: the values are shown alone, nothing is marked, and the footer says so.
   """
   floor = mu_ratio * finetuned_mu
   points = lr_points(runs)
+  one_seed = all(len(pts["seeds"]) == 1 for v in points.values() for pts in v)
+  pm = lambda mean, std, f=".3f", fs=".3f": (
+    f"{mean:{f}}" if one_seed else f"{mean:{f}} ± {std:{fs}}"
+  )
   rows, lines = [], []
   for loss in dict.fromkeys(r["forget_loss"] for r in runs):
     names = [n for (fl, n) in points if fl == loss]
     chosen = {n: select(points[(loss, n)], floor) for n in names}
     ref = chosen.get(reference)
     lines += [
-      f"\n{loss.upper()}+GD: best FE subject to MU >= {mu_ratio:g} x fine-tuned "
-      f"= {floor:.3f} (final values; mean ± std over seeds)",
+      f"\n{loss.upper()}+GD: best FE among the lrs with MU >= {floor:.3f} "
+      f"({mu_ratio:g} x fine-tuned MU {finetuned_mu:.3f}); final values, "
+      + ("1 seed: no spread" if one_seed else "mean ± std over seeds"),
       "| optimizer | lr | FE | MU | FQ | ΔFE vs "
       f"{LABELS.get(reference, reference)} |",
       "|---|---|---|---|---|---|",
@@ -117,7 +123,9 @@ def study_table(
         )
         rows.append({"forget_loss": loss, "optimizer": n, "lr": None})
         continue
-      fmt = lambda m: f"{c[m + '_mean']:.3f} ± {c[m + '_std']:.3f}"
+      fmt = lambda m, f=".3f", fs=".3f": pm(
+        c[m + "_mean"], c[m + "_std"], f, fs
+      )
       delta, mark = "—", ""
       row = {
         "forget_loss": loss,
@@ -135,7 +143,7 @@ def study_table(
         spread = max(c["forget_efficacy_std"], ref["forget_efficacy_std"])
         big = len(d) > 1 and abs(d.mean()) > spread
         mark = " *" if big else ""
-        delta = f"{d.mean():+.3f} ± {d.std(ddof=0):.3f}{mark}"
+        delta = pm(d.mean(), d.std(ddof=0), "+.3f") + mark
         row.update(
           delta_fe_mean=float(d.mean()),
           delta_fe_std=float(d.std()),
@@ -144,13 +152,17 @@ def study_table(
       lr = f"{c['lr']:g}" + (" (edge)" if c["edge"] else "")
       lines.append(
         f"| {LABELS.get(n, n)} | {lr} | {fmt('forget_efficacy')} | "
-        f"{fmt('model_utility')} | {c['forget_quality_mean']:.3g} ± "
-        f"{c['forget_quality_std']:.2g} | {delta} |"
+        f"{fmt('model_utility')} | {fmt('forget_quality', '.3g', '.2g')} | "
+        f"{delta} |"
       )
       rows.append(row)
   lines.append(
-    "\n* : the paired FE difference exceeds the seed spread; (edge): the "
-    "chosen lr is at an end of the sweep"
+    "\n(edge): the chosen lr is at an end of the sweep; "
+    + (
+      "1 seed: no spread, so no ΔFE is marked (--seeds 2 or more give one)"
+      if one_seed
+      else "* : the paired FE difference exceeds the seed spread"
+    )
   )
   return "\n".join(lines).lstrip("\n"), rows
 
@@ -220,8 +232,11 @@ def plot_fronts(
         "forget_quality": "log10 Forget Quality (KS p-value)",
       }[y]
     )
+    one_seed = all(len(p["seeds"]) == 1 for v in points.values() for p in v)
     ax.set_title(
-      f"{loss.upper()}+GD (points: lrs; bars: std over seeds)", fontsize=10
+      f"{loss.upper()}+GD (points: lrs; "
+      + ("1 seed: no spread)" if one_seed else "bars: std over seeds)"),
+      fontsize=10,
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

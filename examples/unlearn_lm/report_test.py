@@ -68,12 +68,30 @@ def test_best_fe_under_the_mu_floor_and_the_paired_difference():
   assert "+0.100 ± 0.000 *" in text
 
 
-def test_one_seed_is_never_marked():
+def test_one_seed_is_never_marked_and_shows_no_spread():
   runs = _runs(
     {("dual_optim_plus", 1e-3): [(0.5, 0.9)], ("adam", 1e-3): [(0.9, 0.9)]}
   )
-  _, rows = report.study_table(runs, finetuned_mu=0.9)
+  text, rows = report.study_table(runs, finetuned_mu=0.9)
   assert not {r["optimizer"]: r for r in rows}["adam"]["exceeds_spread"]
+  # values alone: no "± 0.000", no seed-spread legend, and the reason said
+  assert "±" not in text and "seed spread" not in text and "*" not in text
+  assert "1 seed: no spread" in text
+  assert (
+    "| Adam (shared state) | 0.001 (edge) | 0.900 | 0.900 | 0.5 | +0.400 |"
+    in (text)
+  )
+
+
+def test_the_heading_names_the_mu_floor_as_such():
+  runs = _runs({("dual_optim_plus", 1e-3): [(0.5, 0.9), (0.6, 0.9)]})
+  text, _ = report.study_table(runs, finetuned_mu=0.879)
+  heading = text.splitlines()[0]
+  assert heading == (
+    "NPO+GD: best FE among the lrs with MU >= 0.791 (0.9 x fine-tuned MU "
+    "0.879); final values, mean ± std over seeds"
+  )
+  assert "| 0.550 ± 0.050 |" in text and "seed spread" in text
 
 
 def test_sequence_length_truncates_at_most_one_percent():
