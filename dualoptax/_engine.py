@@ -471,10 +471,10 @@ def guarded(
   values of what ``step`` changes).
 
   One ``lax.cond`` guards the call (an element-wise select instead compiled
-  slower, with more temporaries, on XLA:CPU). Only the
-  state that the step changes goes through the conditional, so absent
-  objectives' moments are not copied. Code lowered for a platform named in
-  ``select_on`` (``"tpu"``, ``"cpu"``, ...) selects instead: the step always runs and each output is
+  slower, with more temporaries, on XLA:CPU). Only the state that the step
+  changes goes through the conditional, so absent objectives' moments are not
+  copied. Code lowered for a platform named in ``select_on`` (``"tpu"``,
+  ``"cpu"``, ...) selects instead: the step always runs and each output is
   ``where(finite, new, old)``, which fuses into the step's own element-wise
   loops, where a conditional's outputs are whole buffers that the parameter
   update then reads back from HBM.
