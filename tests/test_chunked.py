@@ -134,15 +134,20 @@ def test_chunked_step_equals_whole_step(name):
   make, multi = CASES[name]
   whole = make(None)
   chunked = {cs: jax.jit(make(cs).update) for cs in (4096, 2**22)}
+  state = whole.init(_params())
+  # From the same state: several chunks per leaf, and two per leaf.
+  _assert_steps_agree(jax.jit(whole.update), chunked.values(), state, multi)
+
+
+def _assert_steps_agree(reference, others, state, multi):
+  """Four steps along ``reference``'s trajectory; from the same state at each,
+  every update in ``others`` gives its state and update to float32 rounding."""
   params = _params()
-  state = whole.init(params)
-  whole_update = jax.jit(whole.update)
   for t in range(4):
     g = _grads(t, params)
     g = {("forget", "retain")[t % 2]: g} if multi else g
-    u1, s1 = whole_update(g, state, params)
-    # From the same state: several chunks per leaf, and two per leaf.
-    for update in chunked.values():
+    u1, s1 = reference(g, state, params)
+    for update in others:
       u2, s2 = update(g, state, params)
       _assert_states_close(s1, s2)
       # Updates: the same rounding, amplified where DualOptim+'s v_k + v_B
@@ -171,17 +176,7 @@ def test_kernel_step_equals_loop_step(name):
   # One kernel per 2-d quantized leaf ("a", "a2", "c"), in each of the two
   # platform branches; the padded 1-d leaf keeps its loop.
   assert jaxpr.count("pallas_call") >= 6, jaxpr.count("pallas_call")
-  kernel_update = jax.jit(kernel.update)
-  for t in range(4):
-    g = _grads(t, params)
-    g = {("forget", "retain")[t % 2]: g} if multi else g
-    u1, s1 = loop(g, state, params)
-    u2, s2 = kernel_update(g, state, params)
-    _assert_states_close(s1, s2)
-    for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
-      np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-5)
-    params = optax.apply_updates(params, u1)
-    state = s1
+  _assert_steps_agree(loop, [jax.jit(kernel.update)], state, multi)
 
 
 @pytest.mark.parametrize(
