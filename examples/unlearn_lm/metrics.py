@@ -321,8 +321,13 @@ class Evaluator:
     return out
 
   def _blocks(self, fn, params, members: int, *arrays) -> np.ndarray:
-    """``fn(params, *block)`` over row blocks: ``[members, rows, ...]``."""
-    rows, n = self._rows(members), arrays[0].shape[0]
+    """``fn(params, *block)`` over row blocks: ``[members, rows, ...]``.
+
+    A set smaller than one block is padded to a multiple of 16 rows, not to a
+    whole block: padding rows are computed and dropped, and on the CPU they
+    were most of an evaluation's time (40 prompts in a block of 256)."""
+    n = arrays[0].shape[0]
+    rows = min(self._rows(members), -(-n // 16) * 16)
     padded = [_pad_rows(a, rows) for a in arrays]
     out = [
       np.asarray(fn(params, *(a[s : s + rows] for a in padded)))
