@@ -37,6 +37,7 @@ import math
 import re
 import sys
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -209,6 +210,61 @@ def hlo_counts(text: str) -> dict:
   }
 
 
+_NO_TRAFFIC = {
+  "parameter",
+  "constant",
+  "get-tuple-element",
+  "tuple",
+  "bitcast",
+  "after-all",
+  "partition-id",
+  "replica-id",
+}
+
+
+def hbm_traffic(text: str) -> Optional[int]:
+  """Bytes the step moves across HBM, read from the compiled HLO: per
+  instruction of the entry computation, its operands and its result where
+  they live in HBM (a layout without ``S(1)``, VMEM). A prefetch or an
+  eviction (``copy-start``/``-done``, ``slice-start``/``-done``) counts its
+  HBM source once and its HBM destination once; VMEM-to-VMEM work counts
+  nothing. Each operand counts once per instruction, as a fusion reads it.
+  None when the step has a loop (``while``) or a conditional, whose trip
+  counts this reading cannot see.
+
+  ``cost_analysis()["bytes accessed"]`` instead counts every operand and
+  result wherever it lives, so a value XLA moves into VMEM for the next
+  instruction counts as a read, a write and a read again."""
+  entry = text[text.index("\nENTRY") :]
+  defined, total = {}, 0
+  for line in entry.splitlines()[1:]:
+    line = line.split(", metadata=")[0].split(", backend_config=")[0]
+    m = re.match(
+      r"\s*(?:ROOT\s+)?(%[\w.\-]+)\s*=\s*(.*?)\s([\w\-]+)\((.*)", line
+    )
+    if not m:
+      continue
+    name, result, op, rest = m.groups()
+    defined[name] = result
+    if op in ("while", "conditional", "call"):
+      return None
+    if op in _NO_TRAFFIC:
+      continue
+    operands = re.findall(r"%[\w.\-]+", rest.split(")")[0])
+    # An asynchronous copy or slice (a prefetch into VMEM or an eviction to
+    # HBM): its start reads the source, its done writes the destination; the
+    # start's result tuple repeats the source, which is not a second read.
+    if op.endswith("-start"):
+      total += sum(_hbm_bytes(defined.get(o, "")) for o in set(operands))
+      continue
+    if op.endswith("-done"):
+      total += _hbm_bytes(result)
+      continue
+    total += _hbm_bytes(result)
+    total += sum(_hbm_bytes(defined.get(o, "")) for o in set(operands))
+  return total
+
+
 def measure(tx, objectives, params) -> dict:
   state = jax.eval_shape(tx.init, params)
   if objectives is None:
@@ -228,7 +284,9 @@ def measure(tx, objectives, params) -> dict:
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
-  hlo = hlo_counts(compiled.as_text())
+  text = compiled.as_text()
+  hlo = hlo_counts(text)
+  hbm = hbm_traffic(text)
   ndev = max(len(x.sharding.device_set) for x in jax.tree.leaves(params))
   # memory_analysis and cost_analysis are per device: scale to the whole step.
   return {
@@ -237,6 +295,7 @@ def measure(tx, objectives, params) -> dict:
     "accessed": cost.get("bytes accessed", float("nan")) * ndev / n,
     "kernel": hlo["kernel_bytes"] * ndev / n,
     "kernel_all": hlo["kernel_all_bytes"] * ndev / n,
+    "hbm": float("nan") if hbm is None else hbm * ndev / n,
     "compile": seconds,
     **{k: hlo["counts"][k] for k in ("gather", "transpose", "copy")},
   }
@@ -279,7 +338,7 @@ def main() -> int:
       print(f"\n{label}, {where} (B/param over all chips)")
       print(
         f"{'update':16s} {'state':>6s} {'temp':>7s} {'accessed':>9s} "
-        f"{'kernel':>7s} {'k.all':>6s} {'compile s':>9s} {'gather':>6s} {'transp':>6s} "
+        f"{'kernel':>7s} {'k.all':>6s} {'HBM':>6s} {'compile s':>9s} {'gather':>6s} {'transp':>6s} "
         f"{'copy':>5s}"
       )
       for name in args.updates.split(","):
@@ -292,6 +351,7 @@ def main() -> int:
         print(
           f"{name:16s} {r['state']:6.2f} {r['temp']:7.2f} "
           f"{r['accessed']:9.1f} {r['kernel']:7.1f} {r['kernel_all']:6.1f} "
+          f"{r['hbm']:6.1f} "
           f"{r['compile']:9.1f} "
           f"{r['gather']:6d} {r['transpose']:6d} {r['copy']:5d}",
           flush=True,

@@ -90,6 +90,31 @@ def _with_column(tile, j, column):
   return jnp.where(lanes == j, column, tile)
 
 
+def _row_to_column(row, start, sub):
+  """Lanes ``start .. start + sub`` (traced start) of a ``[1, tr]`` row, as a
+  ``[sub, 1]`` column: a masked lane reduction (one value per sublane)."""
+  shape = (sub, row.shape[-1])
+  lanes = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+  rows = jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+  picked = jnp.where(lanes == rows + start, jnp.broadcast_to(row, shape), 0.0)
+  return jnp.sum(picked, axis=1, keepdims=True)
+
+
+def _with_row_part(row, start, column):
+  """``row`` ``[1, tr]`` with lanes ``start .. start + sub`` set to the
+  ``[sub, 1]`` ``column``: a masked sublane reduction, then a select."""
+  sub = column.shape[0]
+  shape = (sub, row.shape[-1])
+  lanes = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+  rows = jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+  spread = jnp.where(
+    lanes == rows + start, jnp.broadcast_to(column, shape), 0.0
+  )
+  part = jnp.sum(spread, axis=0, keepdims=True)
+  lane = jax.lax.broadcasted_iota(jnp.int32, row.shape, 1)
+  return jnp.where((lane >= start) & (lane < start + sub), part, row)
+
+
 def _split_scalar_equations(jaxpr, eqn_ids):
   """Equations with only 0-d outputs (they read only scalars in an
   element-wise group) and the rest, in order."""
@@ -182,11 +207,22 @@ def run_group(
     )
     in_specs.append(smem)
   block = pl.BlockSpec((rows, b), lambda i, j: (i, j))
-  row_of_absmax = pl.BlockSpec((rows, nb), lambda i, j: (i, 0))
+  # TPU stores a [rows, nb] absmax with few blocks per row (nb < 128) rows
+  # minor, i.e. as [nb, rows]: the kernel takes it transposed (a bitcast
+  # there, not a relayout copy in and out of every kernel), where the row
+  # tile is a whole number of lanes.
+  transposed = nb < _LANES and (rows % _LANES == 0 or rows == total)
+  if transposed:
+    row_of_absmax = pl.BlockSpec((nb, rows), lambda i, j: (0, i))
+    absmax_in = lambda a: a.absmax.reshape(total, nb).T
+  else:
+    row_of_absmax = pl.BlockSpec((rows, nb), lambda i, j: (i, 0))
+    absmax_in = lambda a: a.absmax.reshape(total, nb)
+  absmax_shape = (nb, total) if transposed else (total, nb)
   for a in args:
     arg_slots.append(len(flat_in))
     if isinstance(a, QuantizedArray):
-      flat_in += [a.codes.reshape(total, n), a.absmax.reshape(total, nb)]
+      flat_in += [a.codes.reshape(total, n), absmax_in(a)]
       in_specs += [block, row_of_absmax]
     else:
       flat_in.append(a.reshape(total, n))
@@ -200,7 +236,7 @@ def run_group(
     else:
       out_shapes += [
         jax.ShapeDtypeStruct((total, n), jnp.uint8),
-        jax.ShapeDtypeStruct((total, nb), jnp.float32),
+        jax.ShapeDtypeStruct(absmax_shape, jnp.float32),
       ]
       out_specs += [block, row_of_absmax]
   io_aliases = {}
@@ -234,12 +270,25 @@ def run_group(
         if like is not None:
           outs[t + 1][...] = jnp.zeros(outs[t + 1].shape, jnp.float32)
 
+    def scales(ref, at, start):
+      """This slice's block absmax, ``[sub, 1]``."""
+      if transposed:
+        return _row_to_column(ref[pl.ds(j, 1), :], start, sub)
+      return _column(ref[at, :], j)
+
+    def set_scales(ref, at, start, column):
+      if transposed:
+        ref[pl.ds(j, 1), :] = _with_row_part(ref[pl.ds(j, 1), :], start, column)
+      else:
+        ref[at, :] = _with_column(ref[at, :], j, column)
+
     def rows_slice(r, carry):
-      at = pl.ds(pl.multiple_of(r * sub, sub), sub)
+      start = pl.multiple_of(r * sub, sub)
+      at = pl.ds(start, sub)
       env = dict(env0)
       for var, a, s in zip(local, args, arg_slots):
         if isinstance(a, QuantizedArray):
-          scale = _column(ins[s + 1][at, :], j)
+          scale = scales(ins[s + 1], at, start)
           env[var] = _q._decode_normalized(ins[s][at, :], a.signed) * scale  # pylint: disable=protected-access
         else:
           env[var] = ins[s][at, :]
@@ -255,11 +304,11 @@ def run_group(
         codes, absmax = _q._encode_blocks(x.astype(jnp.float32), like.signed)  # pylint: disable=protected-access
         if kept is not None:  # a skipped step: codes and absmax as they were
           codes = jnp.where(kept, codes, ins[s][at, :])
-          absmax = jnp.where(kept, absmax, _column(ins[s + 1][at, :], j))
+          absmax = jnp.where(kept, absmax, scales(ins[s + 1], at, start))
         outs[t][at, :] = codes
         # The row tile's absmax stays in VMEM while j runs (the same block
         # index) and is written back once; each step sets its own column.
-        outs[t + 1][at, :] = _with_column(outs[t + 1][at, :], j, absmax)
+        set_scales(outs[t + 1], at, start, absmax)
       return carry
 
     jax.lax.fori_loop(0, rows // sub, rows_slice, 0)
@@ -293,7 +342,9 @@ def run_group(
         dataclasses.replace(
           like,
           codes=flat_out[t].reshape(like.codes.shape),
-          absmax=flat_out[t + 1].reshape(like.absmax.shape),
+          absmax=(flat_out[t + 1].T if transposed else flat_out[t + 1]).reshape(
+            like.absmax.shape
+          ),
         )
       )
   return results

@@ -139,10 +139,10 @@ def test_chunked_step_equals_whole_step(name):
   _assert_steps_agree(jax.jit(whole.update), chunked.values(), state, multi)
 
 
-def _assert_steps_agree(reference, others, state, multi):
+def _assert_steps_agree(reference, others, state, multi, params=None):
   """Four steps along ``reference``'s trajectory; from the same state at each,
   every update in ``others`` gives its state and update to float32 rounding."""
-  params = _params()
+  params = _params() if params is None else params
   for t in range(4):
     g = _grads(t, params)
     g = {("forget", "retain")[t % 2]: g} if multi else g
@@ -177,6 +177,36 @@ def test_kernel_step_equals_loop_step(name):
   # platform branches; the padded 1-d leaf keeps its loop.
   assert jaxpr.count("pallas_call") >= 6, jaxpr.count("pallas_call")
   _assert_steps_agree(loop, [jax.jit(kernel.update)], state, multi)
+
+
+@pytest.mark.parametrize(
+  "shape, transposed",
+  [
+    ((600, 512), True),  # two row tiles, the last partial
+    ((8, 32768), False),  # 128 blocks per row: absmax kept rows-major
+  ],
+)
+def test_kernel_absmax_layouts(shape, transposed):
+  # The kernel takes a leaf's [rows, blocks] absmax transposed where TPU
+  # stores it so (fewer than 128 blocks per row), as it is otherwise.
+  params = {"w": jax.random.normal(jax.random.key(1), shape)}
+  make = lambda kernel: dualoptax.dual_optim_plus_8bit(
+    1e-2, chunk_size=4096, kernel=kernel
+  )
+  kernel = make("pallas")
+  state = kernel.init(params)
+  nb = shape[-1] // state.base_mu["w"].block_size
+  g = {"forget": params}
+  jaxpr = str(jax.make_jaxpr(kernel.update)(g, state, params))
+  assert "pallas_call" in jaxpr
+  assert (f"f32[{nb},{shape[0]}]" in jaxpr) == transposed
+  _assert_steps_agree(
+    jax.jit(make("xla").update),
+    [jax.jit(kernel.update)],
+    state,
+    True,
+    params,
+  )
 
 
 @pytest.mark.parametrize(

@@ -291,14 +291,16 @@ def test_sweep_members_take_the_steps_of_single_runs():
   from unlearn_lm import pipeline
 
   lm, params, udata = _setup()
-  lrs, seeds = [1e-3, 1e-2, 1e-3], [5, 5, 6]
+  # two members that differ in both lr and seed: a member given the other's
+  # lr or seed takes other steps
+  lrs, seeds = [1e-3, 1e-2], [5, 6]
   kw = dict(
     multi_objective=True, forget_loss="npo", batch_size=4, chunk_steps=6
   )
   for name in ("dual_optim_plus", "dual_optim_plus_8bit", "adam"):
     tx, multi = pipeline.make_tx(name, 1.0, 0.01)
     kw["multi_objective"] = multi
-    stacked = jax.tree.map(lambda x: jnp.stack([x] * 3), params)
+    stacked = jax.tree.map(lambda x: jnp.stack([x] * len(lrs)), params)
     opt = jax.vmap(lambda p, lr: pipeline.make_tx(name, lr, 0.01)[0].init(p))(
       stacked, jnp.asarray(lrs)
     )
