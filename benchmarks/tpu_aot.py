@@ -19,11 +19,13 @@ compiled for TPU, and read back:
 * the number of ``gather``, ``transpose`` and ``copy`` instructions in the
   compiled HLO (all three move data through HBM on TPU).
 
-Trees: GPT-2-small shapes (124M), one 4096x4096 leaf, and a Llama-shaped tree
-of 1.24B parameters (Llama-3.2-1B's shapes). Meshes: one chip, or FSDP over 4
+Trees: GPT-2-small shapes (124M), one 4096x4096 leaf, a Llama-shaped tree
+of 1.24B parameters (Llama-3.2-1B's shapes), and one or 12 leaves of 768x3072
+(``mlp1``, ``mlp12``: how figures grow with the number of leaves). Meshes: one chip, or FSDP over 4
 chips (each leaf sharded along its largest axis divisible by 4).
 
-    python benchmarks/tpu_aot.py [--trees gpt2,square] [--mesh 1,4]
+    python benchmarks/tpu_aot.py [--trees gpt2,square,llama1b,mlp1,mlp12]
+      [--mesh 1,4]
       [--updates adamw,q_adamw,...] [--topology v5e:2x2]
 
 Without libtpu this prints how to install it and exits with status 2.
@@ -88,10 +90,21 @@ def square_shapes() -> dict:
   return {"w": jax.ShapeDtypeStruct((4096, 4096), jnp.float32)}
 
 
+def mlp_shapes(leaves: int):
+  """``leaves`` identical 768x3072 leaves (GPT-2's MLP input): how compile
+  time grows with the number of kernels of one shape."""
+  return lambda: {
+    f"w{i:02d}": jax.ShapeDtypeStruct((768, 3072), jnp.float32)
+    for i in range(leaves)
+  }
+
+
 TREES = {
   "gpt2": ("GPT-2 small, 124M params", gpt2_small_shapes),
   "square": ("one 4096x4096 leaf, 16.8M params", square_shapes),
   "llama1b": ("Llama-shaped, 1.24B params", llama_1b_shapes),
+  "mlp1": ("one 768x3072 leaf, 2.4M params", mlp_shapes(1)),
+  "mlp12": ("12 leaves of 768x3072, 28.3M params", mlp_shapes(12)),
 }
 
 
