@@ -188,25 +188,31 @@ def _hbm_bytes(shapes: str) -> int:
   )
 
 
+def _instructions(text: str):
+  """``(name, result shape, opcode, operand names, line)`` of each HLO
+  instruction in ``text``, in order."""
+  for line in text.splitlines():
+    line = line.split(", metadata=")[0].split(", backend_config=")[0]
+    m = re.match(
+      r"\s*(?:ROOT\s+)?(%[\w.\-]+)\s*=\s*(.*?)\s([\w\-]+)\((.*)", line
+    )
+    if m:
+      name, result, op, rest = m.groups()
+      operands = re.findall(r"%[\w.\-]+", rest.split(")")[0])
+      yield name, result, op, operands, line
+
+
 def hlo_counts(text: str) -> dict:
   """Instruction counts by opcode of interest, and the bytes a Pallas kernel
   (a ``tpu_custom_call``, which XLA's cost analysis does not see) reads and
   writes in HBM: its operands' and results' sizes, where they are in HBM."""
   counts = collections.Counter()
   defined, calls = {}, []
-  for line in text.splitlines():
-    line = line.split(", metadata=")[0]
-    m = re.match(
-      r"\s*(?:ROOT\s+)?(%[\w.\-]+)\s*=\s*(.*?)\s([\w\-]+)\((.*)", line
-    )
-    if not m:
-      continue
-    name, result, op, rest = m.groups()
+  for name, result, op, operands, line in _instructions(text):
     defined[name] = result
     if op in ("gather", "transpose", "copy", "custom-call"):
       counts[op] += 1
     if op == "custom-call" and "tpu_custom_call" in line:
-      operands = re.findall(r"%[\w.\-]+", rest.split(")")[0])
       calls.append((result, operands))
 
   def total(hbm_only: bool) -> int:
@@ -248,22 +254,14 @@ def hbm_traffic(text: str) -> Optional[int]:
   ``cost_analysis()["bytes accessed"]`` instead counts every operand and
   result wherever it lives, so a value XLA moves into VMEM for the next
   instruction counts as a read, a write and a read again."""
-  entry = text[text.index("\nENTRY") :]
+  entry = text[text.index("\nENTRY") :].split("\n", 2)[2]
   defined, total = {}, 0
-  for line in entry.splitlines()[1:]:
-    line = line.split(", metadata=")[0].split(", backend_config=")[0]
-    m = re.match(
-      r"\s*(?:ROOT\s+)?(%[\w.\-]+)\s*=\s*(.*?)\s([\w\-]+)\((.*)", line
-    )
-    if not m:
-      continue
-    name, result, op, rest = m.groups()
+  for name, result, op, operands, _ in _instructions(entry):
     defined[name] = result
     if op in ("while", "conditional", "call"):
       return None
     if op in _NO_TRAFFIC:
       continue
-    operands = re.findall(r"%[\w.\-]+", rest.split(")")[0])
     # An asynchronous copy or slice (a prefetch into VMEM or an eviction to
     # HBM): its start reads the source, its done writes the destination; the
     # start's result tuple repeats the source, which is not a second read.
