@@ -192,7 +192,8 @@ def run_group(
     return None
 
   # Operands: scalars (SMEM, shape (1,)), then per arg its arrays as [rows, n]
-  # in tiles of rows x b, and absmax as the row tile's whole [rows, n / b].
+  # in tiles of rows x b, and absmax as the row tile's whole [rows, n / b]
+  # (or [n / b, rows], below).
   b = next(
     like.block_size
     for like in [*args, *out_like]
