@@ -90,13 +90,20 @@ def _with_column(tile, j, column):
   return jnp.where(lanes == j, column, tile)
 
 
+def _row_lanes(sub, width, start):
+  """``[sub, width]`` mask of lane ``start + k`` in sublane ``k``: where
+  lanes ``start .. start + sub`` of a row meet a ``[sub, 1]`` column."""
+  shape = (sub, width)
+  lanes = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+  rows = jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+  return lanes == rows + start
+
+
 def _row_to_column(row, start, sub):
   """Lanes ``start .. start + sub`` (traced start) of a ``[1, tr]`` row, as a
   ``[sub, 1]`` column: a masked lane reduction (one value per sublane)."""
-  shape = (sub, row.shape[-1])
-  lanes = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-  rows = jax.lax.broadcasted_iota(jnp.int32, shape, 0)
-  picked = jnp.where(lanes == rows + start, jnp.broadcast_to(row, shape), 0.0)
+  mask = _row_lanes(sub, row.shape[-1], start)
+  picked = jnp.where(mask, jnp.broadcast_to(row, mask.shape), 0.0)
   return jnp.sum(picked, axis=1, keepdims=True)
 
 
@@ -104,12 +111,8 @@ def _with_row_part(row, start, column):
   """``row`` ``[1, tr]`` with lanes ``start .. start + sub`` set to the
   ``[sub, 1]`` ``column``: a masked sublane reduction, then a select."""
   sub = column.shape[0]
-  shape = (sub, row.shape[-1])
-  lanes = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-  rows = jax.lax.broadcasted_iota(jnp.int32, shape, 0)
-  spread = jnp.where(
-    lanes == rows + start, jnp.broadcast_to(column, shape), 0.0
-  )
+  mask = _row_lanes(sub, row.shape[-1], start)
+  spread = jnp.where(mask, jnp.broadcast_to(column, mask.shape), 0.0)
   part = jnp.sum(spread, axis=0, keepdims=True)
   lane = jax.lax.broadcasted_iota(jnp.int32, row.shape, 1)
   return jnp.where((lane >= start) & (lane < start + sub), part, row)
@@ -213,17 +216,20 @@ def run_group(
   # there, not a relayout copy in and out of every kernel), where the row
   # tile is a whole number of lanes.
   transposed = nb < _LANES and (rows % _LANES == 0 or rows == total)
+  # [total, nb] <-> the kernel's absmax (its own inverse)
+  orient = (lambda x: x.T) if transposed else (lambda x: x)
   if transposed:
     row_of_absmax = pl.BlockSpec((nb, rows), lambda i, j: (0, i))
-    absmax_in = lambda a: a.absmax.reshape(total, nb).T
   else:
     row_of_absmax = pl.BlockSpec((rows, nb), lambda i, j: (i, 0))
-    absmax_in = lambda a: a.absmax.reshape(total, nb)
   absmax_shape = (nb, total) if transposed else (total, nb)
   for a in args:
     arg_slots.append(len(flat_in))
     if isinstance(a, QuantizedArray):
-      flat_in += [a.codes.reshape(total, n), absmax_in(a)]
+      flat_in += [
+        a.codes.reshape(total, n),
+        orient(a.absmax.reshape(total, nb)),
+      ]
       in_specs += [block, row_of_absmax]
     else:
       flat_in.append(a.reshape(total, n))
@@ -343,9 +349,7 @@ def run_group(
         dataclasses.replace(
           like,
           codes=flat_out[t].reshape(like.codes.shape),
-          absmax=(flat_out[t + 1].T if transposed else flat_out[t + 1]).reshape(
-            like.absmax.shape
-          ),
+          absmax=orient(flat_out[t + 1]).reshape(like.absmax.shape),
         )
       )
   return results
