@@ -816,6 +816,7 @@ def _run_kernels(
   local = [jaxpr.invars[i] for i in template.inputs]
   outvars = [jaxpr.outvars[o] for o in carried[0]]
   done = []
+  built: dict = {}  # one kernel per alias pattern (in practice one per bucket)
   for grp, outs in zip(groups, carried):
     # A state's codes, absmax or float32 value is updated in place. The
     # gradient is not taken over, unlike the loops' ``reusable`` carries:
@@ -829,23 +830,26 @@ def _run_kernels(
         aliases[grp.inputs.index(i)] = q
       elif i is not None and keep is not None:
         return False  # a skipped step would need this state's old value
-    new = _kernel.run_group(
-      jaxpr,
-      consts,
-      eqn_ids,
-      local,
-      [inputs[i] for i in grp.inputs],
-      outvars,
-      [q_out.get(o) for o in outs],
-      scalars,
-      aliases,
-      rows,
-      _eval_equations,
-      keep,
-    )
-    if new is None:
+    args = [inputs[i] for i in grp.inputs]
+    key = tuple(sorted(aliases.items()))
+    if key not in built:
+      built[key] = _kernel.group_kernel(
+        jaxpr,
+        consts,
+        eqn_ids,
+        local,
+        args,
+        outvars,
+        [q_out.get(o) for o in outs],
+        scalars,
+        aliases,
+        rows,
+        _eval_equations,
+        keep,
+      )
+    if built[key] is None:
       return False
-    done.append(new)
+    done.append(built[key](args))
   for outs, new in zip(carried, done):
     for o, x in zip(outs, new):
       results[o] = x

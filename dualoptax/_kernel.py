@@ -12,7 +12,10 @@ tile's absmax, which stays in VMEM while ``j`` runs), evaluates the group's
 equations, takes the block's new absmax, re-encodes, and writes codes, the
 absmax column and the update; codes and absmax are aliased in place. Per
 value, HBM sees each input read once and each output written once, and the
-kernel body is one block's work, whatever the leaf's width.
+kernel body is one block's work, whatever the leaf's width. Groups of one
+signature (a model's layers: the same equations on leaves of one shape) share
+one traced and lowered kernel (:func:`group_kernel`), so tracing time grows
+with the number of distinct shapes, not of leaves.
 
 The math is the same statement as the XLA path's: the group's equations from
 the one trace of the inner update (evaluated by ``_chunked._eval_equations``)
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -142,12 +145,12 @@ def _scalar_reads(jaxpr, array_ids, local) -> list:
   return reads
 
 
-def run_group(
+def group_kernel(
   jaxpr,
   consts,
   eqn_ids,
   local: Sequence[Any],
-  args: Sequence[Any],
+  like_args: Sequence[Any],
   outvars: Sequence[Any],
   out_like: Sequence[Optional[QuantizedArray]],
   scalars: dict,
@@ -155,19 +158,25 @@ def run_group(
   rows: int,
   evaluate,
   keep: Optional[jax.Array] = None,
-) -> Optional[list]:
-  """Runs one group's equations as a fused kernel over tiles of rows.
+) -> Optional[Callable[[Sequence[Any]], list]]:
+  """One group's equations as a fused kernel over tiles of rows.
+
+  The kernel is traced and lowered once; the returned function applies it to
+  the arguments of any group of the same signature (the layers of a model),
+  so that a model's leaves of one shape cost one Mosaic lowering, not one
+  each.
 
   Args:
     jaxpr, consts, eqn_ids: the traced update and the group's equations.
     local: the jaxpr input variables the group reads per element.
-    args: their values (QuantizedArray or arrays of the leaf's shape).
+    like_args: the arguments of one group (QuantizedArray or arrays of the
+      leaf's shape): their shapes, dtypes and layouts.
     outvars: the group's output variables.
     out_like: per output, the QuantizedArray whose layout it is encoded with
       (None: returned as an array).
     scalars: the jaxpr's 0-d inputs, by variable.
     aliases: ``{arg position: output position}``: buffers an output takes
-      over (a state's codes and absmax; a gradient the update may reuse).
+      over (a state's codes and absmax).
     rows: tile rows (see :func:`tile_rows`).
     evaluate: ``_chunked._eval_equations``.
     keep: a traced bool or None: where False, each aliased output keeps its
@@ -175,10 +184,11 @@ def run_group(
       is zeros, selected in VMEM.
 
   Returns:
-    The outputs (QuantizedArray where ``out_like`` is), or None when a dtype
-    keeps the group on the XLA path.
+    ``apply(args) -> outputs`` (QuantizedArray where ``out_like`` is, in the
+    layout of ``out_like``'s), for ``args`` laid out like ``like_args``; or
+    None when a dtype keeps the group on the XLA path.
   """
-  shape = tuple(args[0].shape)
+  shape = tuple(like_args[0].shape)
   n = int(shape[-1])
   total = math.prod(shape[:-1])
   scalar_ids, array_ids = _split_scalar_equations(jaxpr, eqn_ids)
@@ -190,7 +200,7 @@ def run_group(
     return None
   if any(
     not isinstance(a, QuantizedArray) and jnp.dtype(a.dtype) != jnp.float32
-    for a in args
+    for a in like_args
   ) or any(jnp.dtype(v.aval.dtype) != jnp.float32 for v in outvars):
     return None
 
@@ -199,17 +209,16 @@ def run_group(
   # (or [n / b, rows], below).
   b = next(
     like.block_size
-    for like in [*args, *out_like]
+    for like in [*like_args, *out_like]
     if isinstance(like, QuantizedArray)
   )
   nb = n // b
-  flat_in, in_specs, arg_slots = [], [], []
-  smem = pl.BlockSpec(memory_space=pltpu.SMEM)
-  for v in values:
-    flat_in.append(
-      jnp.reshape(v.astype(jnp.int32) if v.dtype == jnp.bool_ else v, (1,))
-    )
-    in_specs.append(smem)
+  scalar_in = [
+    jnp.reshape(v.astype(jnp.int32) if v.dtype == jnp.bool_ else v, (1,))
+    for v in values
+  ]
+  in_specs = [pl.BlockSpec(memory_space=pltpu.SMEM)] * len(values)
+  arg_slots = []
   block = pl.BlockSpec((rows, b), lambda i, j: (i, j))
   # TPU stores a [rows, nb] absmax with few blocks per row (nb < 128) rows
   # minor, i.e. as [nb, rows]: the kernel takes it transposed (a bitcast
@@ -223,17 +232,22 @@ def run_group(
   else:
     row_of_absmax = pl.BlockSpec((rows, nb), lambda i, j: (i, 0))
   absmax_shape = (nb, total) if transposed else (total, nb)
-  for a in args:
-    arg_slots.append(len(flat_in))
+  for a in like_args:
+    arg_slots.append(len(in_specs))
     if isinstance(a, QuantizedArray):
-      flat_in += [
-        a.codes.reshape(total, n),
-        orient(a.absmax.reshape(total, nb)),
-      ]
       in_specs += [block, row_of_absmax]
     else:
-      flat_in.append(a.reshape(total, n))
       in_specs.append(block)
+
+  def operands(group_args) -> list:
+    flat = list(scalar_in)
+    for a in group_args:
+      if isinstance(a, QuantizedArray):
+        flat += [a.codes.reshape(total, n), orient(a.absmax.reshape(total, nb))]
+      else:
+        flat.append(a.reshape(total, n))
+    return flat
+
   out_shapes, out_specs, out_slots = [], [], []
   for like in out_like:
     out_slots.append(len(out_shapes))
@@ -248,7 +262,7 @@ def run_group(
       out_specs += [block, row_of_absmax]
   io_aliases = {}
   for p, o in aliases.items():
-    a, s, t = args[p], arg_slots[p], out_slots[o]
+    a, s, t = like_args[p], arg_slots[p], out_slots[o]
     io_aliases[s] = t
     if isinstance(a, QuantizedArray):
       io_aliases[s + 1] = t + 1
@@ -263,7 +277,7 @@ def run_group(
   sub = _ROW_ALIGN if rows % _ROW_ALIGN == 0 else rows
 
   def kernel(*refs):
-    ins, outs = refs[: len(flat_in)], refs[len(flat_in) :]
+    ins, outs = refs[: len(in_specs)], refs[len(in_specs) :]
     j = pl.program_id(1)
     env0 = {
       var: (ref[0] != 0 if is_bool else ref[0])
@@ -293,7 +307,7 @@ def run_group(
       start = pl.multiple_of(r * sub, sub)
       at = pl.ds(start, sub)
       env = dict(env0)
-      for var, a, s in zip(local, args, arg_slots):
+      for var, a, s in zip(local, like_args, arg_slots):
         if isinstance(a, QuantizedArray):
           scale = scales(ins[s + 1], at, start)
           env[var] = _q._decode_normalized(ins[s][at, :], a.signed) * scale  # pylint: disable=protected-access
@@ -337,19 +351,28 @@ def run_group(
 
     return go
 
-  flat_out = jax.lax.platform_dependent(
-    *flat_in, tpu=call(False), default=call(True)
-  )
-  results = []
-  for like, t, v in zip(out_like, out_slots, outvars):
-    if like is None:
-      results.append(flat_out[t].reshape(v.aval.shape))
-    else:
-      results.append(
-        dataclasses.replace(
-          like,
-          codes=flat_out[t].reshape(like.codes.shape),
-          absmax=orient(flat_out[t + 1]).reshape(like.absmax.shape),
+  def fused_step(*flat):
+    return jax.lax.platform_dependent(
+      *flat, tpu=call(False), default=call(True)
+    )
+
+  # One trace (and one lowering) of the kernel for every group it serves.
+  launch = jax.jit(fused_step)
+
+  def apply(group_args) -> list:
+    flat_out = launch(*operands(group_args))
+    results = []
+    for like, t, v in zip(out_like, out_slots, outvars):
+      if like is None:
+        results.append(flat_out[t].reshape(v.aval.shape))
+      else:
+        results.append(
+          dataclasses.replace(
+            like,
+            codes=flat_out[t].reshape(like.codes.shape),
+            absmax=orient(flat_out[t + 1]).reshape(like.absmax.shape),
+          )
         )
-      )
-  return results
+    return results
+
+  return apply

@@ -148,29 +148,6 @@ def _midpoints_np(signed: bool) -> np.ndarray:
   return ((c[:-1] + c[1:]) / 2).astype(np.float32)
 
 
-def _encoder_constants(signed: bool):
-  """Per-decade constants of the closed-form candidate code.
-
-  For ``|x|`` in decade ``i`` the candidate index among the non-negative codes is
-  ``lo_i + clip(floor(|x| * s_i - o_i), 0, n_i - 1)`` with
-  ``s_i = 10^(6-i) n_i / 0.9`` and ``o_i = 0.1 n_i / 0.9``.
-  """
-  sizes = _decade_sizes(signed)
-  consts = []
-  offset = 0
-  for i, n in enumerate(sizes):
-    consts.append(
-      (
-        float(10.0 ** (6 - i) * n / 0.9),  # s_i
-        float(0.1 * n / 0.9),  # o_i
-        float(offset),  # first non-negative-code index of the decade
-        float(offset + n - 1),  # last one
-      )
-    )
-    offset += n
-  return consts
-
-
 def _positive_code_value(m: jax.Array, signed: bool) -> jax.Array:
   r"""The ``m``-th positive code of the map, in closed form (no table look-up).
 
@@ -182,24 +159,25 @@ def _positive_code_value(m: jax.Array, signed: bool) -> jax.Array:
      = \frac{2n + 18j + 9}{2^{8 + [\text{unsigned}]}\,5^{7-i}},
 
   a quotient of two integers that float32 holds exactly, so one IEEE division
-  rounds it correctly: the table's float32 value, bit for bit. Selects by
-  comparison, not a gather from the table, keep this an element-wise loop
-  that a TPU vectorizes.
+  rounds it correctly: the table's float32 value, bit for bit. Decade ``i``
+  starts at code :math:`n - 1` (signed, :math:`n = 2^i`) or :math:`n - 2`
+  (unsigned, :math:`n = 2^{i+1}`), so :math:`n` is the highest power of two
+  in :math:`k = m + 1` (or :math:`m + 2`), read from ``k``'s float exponent,
+  and :math:`j = k - n`. Element-wise arithmetic and selects, not a gather
+  from the table, keep this a loop that a TPU vectorizes.
   """
   sizes = _decade_sizes(signed)
   scale = 256.0 if signed else 512.0
-  n = jnp.float32(sizes[0])
-  lo = jnp.float32(0.0)
+  k = m + (1.0 if signed else 2.0)
+  exponent = jnp.uint32(0xFF800000)  # sign and exponent bits: k's power of 2
+  n = jax.lax.bitcast_convert_type(
+    jax.lax.bitcast_convert_type(k, jnp.uint32) & exponent, jnp.float32
+  )
   den = jnp.float32(scale * 5.0**7)
-  offset = sizes[0]
   for i in range(1, _NUM_DECADES):
-    later = m >= jnp.float32(offset)
-    n = jnp.where(later, jnp.float32(sizes[i]), n)
-    lo = jnp.where(later, jnp.float32(offset), lo)
-    den = jnp.where(later, jnp.float32(scale * 5.0 ** (7 - i)), den)
-    offset += sizes[i]
-  value = (2.0 * n + 18.0 * (m - lo) + 9.0) / den
-  value = jnp.where(m >= jnp.float32(offset), jnp.float32(1.0), value)
+    den = jnp.where(k >= sizes[i], jnp.float32(scale * 5.0 ** (7 - i)), den)
+  value = (18.0 * k - 16.0 * n + 9.0) / den  # 2n + 18 (k - n) + 9
+  value = jnp.where(m >= jnp.float32(sum(sizes)), jnp.float32(1.0), value)
   return jnp.where(m < 0, jnp.float32(0.0), value)
 
 
@@ -378,36 +356,53 @@ jax.tree_util.register_dataclass(
 # Encode / decode.
 # ---------------------------------------------------------------------------
 def _encode_normalized(xn: jax.Array, signed: bool) -> jax.Array:
-  """Exact nearest code of ``xn`` (values normalized to about [-1, 1]), as uint8.
+  r"""Exact nearest code of ``xn`` (values normalized to about [-1, 1]), as uint8.
 
   Ties at float32 resolution go to the code of larger magnitude.
+
+  Within decade :math:`i` (``n`` codes, :math:`p = 10^{6-i}`) the codes are
+  the midpoints of ``n`` equal bins, so the thresholds between them sit at
+  whole bin positions :math:`r = (|x| p - 0.1)\, n / 0.9`: the nearest one
+  is bin boundary :math:`b = \lfloor r + 1/2 \rceil`, clipped to the
+  decade (boundary 0 is the one with the decade below, or with the zero
+  code; boundary ``n`` exists in the top decade alone, with the code 1.0).
+  One comparison with that threshold, the midpoint of the float32 codes
+  :math:`b - 1` and :math:`b` (each one exact division, as in
+  :func:`_positive_code_value`), picks the code; the bin position only has
+  to be right to within a fifth of a bin, so its float32 rounding does not
+  matter.
   """
   a = jnp.abs(xn)
-  consts = _encoder_constants(signed)
-  s, o, lo, hi = (jnp.float32(c) for c in consts[0])
+  sizes = _decade_sizes(signed)
   # Decade by comparison with 1e-6..1e-1: the float exponent alone cannot tell
   # decades of 10 apart. Selects instead of gathers keep this one fused loop.
+  n, p = jnp.float32(sizes[0]), jnp.float32(1e6)
   for i in range(1, _NUM_DECADES):
     in_decade = a >= jnp.float32(10.0 ** (i - 7))
-    si, oi, loi, hii = consts[i]
-    s = jnp.where(in_decade, jnp.float32(si), s)
-    o = jnp.where(in_decade, jnp.float32(oi), o)
-    lo = jnp.where(in_decade, jnp.float32(loi), lo)
-    hi = jnp.where(in_decade, jnp.float32(hii), hi)
-  r = a * s - o  # position in the decade, in bins
-  u = jnp.clip(
-    jnp.floor(r) + lo, lo, hi
-  )  # candidate index among positive codes
-  # The nearest code is u-1, u or u+1; the half of the bin that |x| falls in tells
-  # which single threshold can move it: the midpoint of the float32 codes t-1
-  # and t (halving commutes with rounding, so it is the float64 midpoint rounded
-  # once), which fixes rounding at bin edges, decade edges, 0 and 1.0.
-  upper = (r - (u - lo)) >= 0.5
-  t = u + upper.astype(jnp.float32)
-  threshold = 0.5 * (
-    _positive_code_value(t - 1.0, signed) + _positive_code_value(t, signed)
+    n = jnp.where(in_decade, jnp.float32(sizes[i]), n)
+    p = jnp.where(in_decade, jnp.float32(10.0 ** (6 - i)), p)
+  top = in_decade.astype(jnp.float32)  # the decade whose last code is 1.0
+  r = (a * p - 0.1) * (n * jnp.float32(1.0 / 0.9))  # position, in bins
+  b = jnp.clip(jnp.floor(r + 0.5), 0.0, n - 1.0 + top)  # nearest boundary
+  # The codes on either side: (2n + 18j + 9) / den for code j of the decade,
+  # den = 2^(8 + unsigned) 5^(7-i) = 20 p n, all exact in float32 (as in
+  # _positive_code_value). Code -1 is the last of the decade below: there
+  # n and den are n/2 and 5 den; below decade 0 it is the zero code.
+  den = (p * n) * 20.0
+  t = 18.0 * b + 2.0 * n
+  upper = jnp.where(b == n, jnp.float32(1.0), (t + 9.0) / den)
+  first = b == 0.0
+  lower = jnp.where(first, 10.0 * n - 9.0, t - 9.0) / jnp.where(
+    first, 5.0 * den, den
   )
-  m = t.astype(jnp.int32) - 1 + (a >= threshold).astype(jnp.int32)
+  lower = jnp.where(first & (n == sizes[0]), jnp.float32(0.0), lower)
+  threshold = 0.5 * (lower + upper)
+  # Index among the positive codes (-1: zero; the decade's first code is
+  # n - 1 signed, n - 2 unsigned).
+  first_code = n - (1.0 if signed else 2.0)
+  m = (first_code + b - 1.0).astype(jnp.int32) + (a >= threshold).astype(
+    jnp.int32
+  )
   if signed:
     # Positive codes sit at 128..255 (1.0 last); negatives mirror them at 126..0
     # and have no -1.0.
@@ -423,11 +418,8 @@ def _decode_normalized(codes: jax.Array, signed: bool) -> jax.Array:
   if not signed:
     return _positive_code_value(c - 1.0, signed)  # code 0 is zero
   # Positive codes sit at 128..255, zero at 127, negatives mirror at 126..0.
-  negative = c < 127.0
-  value = _positive_code_value(
-    jnp.where(negative, 126.0 - c, c - 128.0), signed
-  )
-  return jnp.where(negative, -value, value)
+  value = _positive_code_value(jnp.abs(c - 127.0) - 1.0, signed)
+  return jnp.where(c < 127.0, -value, value)
 
 
 def _encode_blocks(blocks: jax.Array, signed: bool):

@@ -115,7 +115,18 @@ def test_codes_exact_over_wide_range_and_at_every_boundary(signed):
     ]
   ).astype(np.float32)
   edges = np.concatenate([edges, np.ones(256 - len(edges) % 256, np.float32)])
-  for data in (wide, edges):
+  # The encoder's own switch points: 64 float32 steps either side of every
+  # decade edge 1e-7..1 and of every code value (where its bin position
+  # crosses a half), with absmax 1 in each block.
+  steps = np.arange(-64, 64, dtype=np.int32)
+  pivots = np.concatenate(
+    [np.float32(10.0) ** np.arange(-7, 1, dtype=np.float32), table]
+  ).astype(np.float32)
+  near = (pivots.view(np.int32)[:, None] + steps).view(np.float32).ravel()
+  near = near[np.abs(near) <= 1]  # (drops the NaNs below zero's bits)
+  near = np.pad(near, (0, -len(near) % 255)).reshape(-1, 255)
+  near = np.concatenate([near, np.ones((len(near), 1), np.float32)], axis=1)
+  for data in (wide, edges, near):
     q = _quantize(data.reshape(-1, 256), signed=signed)
     ref_codes, _ = _reference_codes(data, signed)
     np.testing.assert_array_equal(
