@@ -19,12 +19,13 @@ compiled for TPU, and read back:
 * the number of ``gather``, ``transpose`` and ``copy`` instructions in the
   compiled HLO (all three move data through HBM on TPU).
 
-Trees: GPT-2-small shapes (124M), one 4096x4096 leaf, a Llama-shaped tree
+Trees: GPT-2-small shapes (124M; ``gpt2_scan``: its layers stacked, as a
+scanned model keeps them), one 4096x4096 leaf, a Llama-shaped tree
 of 1.24B parameters (Llama-3.2-1B's shapes), and one or 12 leaves of 768x3072
 (``mlp1``, ``mlp12``: how figures grow with the number of leaves). Meshes: one chip, or FSDP over 4
 chips (each leaf sharded along its largest axis divisible by 4).
 
-    python benchmarks/tpu_aot.py [--trees gpt2,square,llama1b,mlp1,mlp12]
+    python benchmarks/tpu_aot.py [--trees gpt2,gpt2_scan,square,llama1b,mlp1,mlp12]
       [--mesh 1,4]
       [--updates adamw,q_adamw,...] [--topology v5e:2x2]
 
@@ -99,8 +100,25 @@ def mlp_shapes(leaves: int):
   }
 
 
+def gpt2_scanned_shapes() -> dict:
+  """GPT-2 small with its 12 layers stacked on a leading axis, as a scanned
+  model (``nnx.scan``, ``linen.scan``) keeps them: one leaf per layer
+  parameter instead of twelve."""
+  tree = gpt2_small_shapes()
+  layers = [tree.pop(f"h{i}") for i in range(12)]
+  tree["h"] = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct((len(layers), *x.shape), x.dtype),
+    layers[0],
+  )
+  return tree
+
+
 TREES = {
   "gpt2": ("GPT-2 small, 124M params", gpt2_small_shapes),
+  "gpt2_scan": (
+    "GPT-2 small, layers stacked (scanned), 124M params",
+    gpt2_scanned_shapes,
+  ),
   "square": ("one 4096x4096 leaf, 16.8M params", square_shapes),
   "llama1b": ("Llama-shaped, 1.24B params", llama_1b_shapes),
   "mlp1": ("one 768x3072 leaf, 2.4M params", mlp_shapes(1)),

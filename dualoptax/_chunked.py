@@ -846,6 +846,7 @@ def _run_kernels(
         rows,
         _eval_equations,
         keep,
+        shared=len(groups) > 1,
       )
     if built[key] is None:
       return False

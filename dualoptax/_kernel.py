@@ -158,6 +158,7 @@ def group_kernel(
   rows: int,
   evaluate,
   keep: Optional[jax.Array] = None,
+  shared: bool = True,
 ) -> Optional[Callable[[Sequence[Any]], list]]:
   """One group's equations as a fused kernel over tiles of rows.
 
@@ -182,6 +183,8 @@ def group_kernel(
     keep: a traced bool or None: where False, each aliased output keeps its
       input's value (codes and absmax as they were) and each other output
       is zeros, selected in VMEM.
+    shared: whether ``apply`` will serve several groups (then it reuses one
+      trace of the kernel).
 
   Returns:
     ``apply(args) -> outputs`` (QuantizedArray where ``out_like`` is, in the
@@ -356,8 +359,10 @@ def group_kernel(
       *flat, tpu=call(False), default=call(True)
     )
 
-  # One trace (and one lowering) of the kernel for every group it serves.
-  launch = jax.jit(fused_step)
+  # One trace (and one lowering) of the kernel for every group it serves. A
+  # jit boundary for one group only would change XLA's TPU prefetch choices
+  # for nothing (GPT-2 with stacked layers: +3 B/param of HBM traffic).
+  launch = jax.jit(fused_step) if shared else fused_step
 
   def apply(group_args) -> list:
     flat_out = launch(*operands(group_args))

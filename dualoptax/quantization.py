@@ -13,9 +13,11 @@ the value is recovered as
 The code map is bitsandbytes' *dynamic* map (:func:`dynamic_code_map`). Encoding picks
 the exact nearest code (ties at float32 resolution go to the code of larger
 magnitude), like the bitsandbytes GPU kernel. Encoder and decoder are closed
-forms of the code (comparisons, a linear bin index and one exact division, see
-:func:`quantize_blockwise`): no ``searchsorted`` and no table look-up, which on
-TPU would be a gather over every value.
+forms of the code (comparisons, a linear bin index, and each code's value as
+two products and a sum that round to the table's float32 value on any IEEE
+arithmetic, see ``_code_value``): no ``searchsorted``, no table look-up, which
+on TPU would be a gather over every value, and no division, which XLA on GPU
+rounds to within an ulp only.
 
 Block layout and sharding
 -------------------------
@@ -148,35 +150,66 @@ def _midpoints_np(signed: bool) -> np.ndarray:
   return ((c[:-1] + c[1:]) / 2).astype(np.float32)
 
 
+def _reciprocal_parts(signed: bool) -> list[tuple[float, float]]:
+  """Per decade ``i``, ``1 / den_i`` as ``hi + lo`` (see :func:`_code_value`):
+  ``hi`` rounded to 12 significant bits, ``lo`` the float32 rest."""
+  scale = 256.0 if signed else 512.0
+  parts = []
+  for i in range(_NUM_DECADES):
+    inv = 1.0 / (scale * 5.0 ** (7 - i))
+    mantissa, exponent = np.frexp(inv)
+    hi = float(np.ldexp(np.round(mantissa * 2.0**12), exponent - 12))
+    parts.append((hi, float(np.float32(inv - hi))))
+  return parts
+
+
+def _code_value(num: jax.Array, hi: jax.Array, lo: jax.Array) -> jax.Array:
+  r"""A code's float32 value from its numerator, without a division.
+
+  Code ``j`` of decade ``i`` (``n`` codes) is
+
+  .. math:: 10^{i-6}\bigl(0.1 + 0.9\,\tfrac{j + 1/2}{n}\bigr)
+     = \frac{2n + 18j + 9}{den_i},\quad den_i = 2^{8 + [\text{unsigned}]}\,
+     5^{7-i}.
+
+  With :math:`1 / den_i = hi + lo` (:func:`_reciprocal_parts`) and a
+  numerator below :math:`2^{12}`, ``num * hi`` is exact and ``num * lo``
+  off by far less than an ulp, so the sum rounds to the correctly rounded
+  quotient: the code map's float32 value, bit for bit. Each of the 381
+  decade codes of the two maps sits at least 9 times that error away from a
+  rounding boundary (``tests/test_quantization.py``), so this holds on any
+  IEEE float32 arithmetic, with or without fused multiply-adds. A division
+  would not: XLA on GPU divides to within an ulp, not exactly.
+  """
+  return num * hi + num * lo
+
+
 def _positive_code_value(m: jax.Array, signed: bool) -> jax.Array:
   r"""The ``m``-th positive code of the map, in closed form (no table look-up).
 
   ``m`` (float32 holding whole numbers) runs over ``-1`` (the zero code), the
-  decades' codes, and their count (the code ``1.0``). Code ``j`` of decade
-  ``i`` (``n`` codes) is
-
-  .. math:: 10^{i-6}\bigl(0.1 + 0.9\,\tfrac{j + 1/2}{n}\bigr)
-     = \frac{2n + 18j + 9}{2^{8 + [\text{unsigned}]}\,5^{7-i}},
-
-  a quotient of two integers that float32 holds exactly, so one IEEE division
-  rounds it correctly: the table's float32 value, bit for bit. Decade ``i``
-  starts at code :math:`n - 1` (signed, :math:`n = 2^i`) or :math:`n - 2`
+  decades' codes, and their count (the code ``1.0``). Decade ``i`` starts at
+  code :math:`n - 1` (signed, :math:`n = 2^i` codes) or :math:`n - 2`
   (unsigned, :math:`n = 2^{i+1}`), so :math:`n` is the highest power of two
   in :math:`k = m + 1` (or :math:`m + 2`), read from ``k``'s float exponent,
-  and :math:`j = k - n`. Element-wise arithmetic and selects, not a gather
-  from the table, keep this a loop that a TPU vectorizes.
+  code ``m`` is code :math:`j = k - n` of its decade, and its value is
+  :func:`_code_value` of :math:`2n + 18j + 9`. Element-wise arithmetic and
+  selects, not a gather from the table, keep this a loop that a TPU
+  vectorizes.
   """
   sizes = _decade_sizes(signed)
-  scale = 256.0 if signed else 512.0
+  parts = _reciprocal_parts(signed)
   k = m + (1.0 if signed else 2.0)
   exponent = jnp.uint32(0xFF800000)  # sign and exponent bits: k's power of 2
   n = jax.lax.bitcast_convert_type(
     jax.lax.bitcast_convert_type(k, jnp.uint32) & exponent, jnp.float32
   )
-  den = jnp.float32(scale * 5.0**7)
+  hi, lo = (jnp.float32(c) for c in parts[0])
   for i in range(1, _NUM_DECADES):
-    den = jnp.where(k >= sizes[i], jnp.float32(scale * 5.0 ** (7 - i)), den)
-  value = (18.0 * k - 16.0 * n + 9.0) / den  # 2n + 18 (k - n) + 9
+    later = k >= sizes[i]
+    hi = jnp.where(later, jnp.float32(parts[i][0]), hi)
+    lo = jnp.where(later, jnp.float32(parts[i][1]), lo)
+  value = _code_value(18.0 * k - 16.0 * n + 9.0, hi, lo)  # 2n + 18j + 9
   value = jnp.where(m >= jnp.float32(sum(sizes)), jnp.float32(1.0), value)
   return jnp.where(m < 0, jnp.float32(0.0), value)
 
@@ -363,39 +396,39 @@ def _encode_normalized(xn: jax.Array, signed: bool) -> jax.Array:
   Within decade :math:`i` (``n`` codes, :math:`p = 10^{6-i}`) the codes are
   the midpoints of ``n`` equal bins, so the thresholds between them sit at
   whole bin positions :math:`r = (|x| p - 0.1)\, n / 0.9`: the nearest one
-  is bin boundary :math:`b = \lfloor r + 1/2 \rceil`, clipped to the
+  is bin boundary :math:`b = \lfloor r + 1/2 \rfloor`, clipped to the
   decade (boundary 0 is the one with the decade below, or with the zero
   code; boundary ``n`` exists in the top decade alone, with the code 1.0).
   One comparison with that threshold, the midpoint of the float32 codes
-  :math:`b - 1` and :math:`b` (each one exact division, as in
-  :func:`_positive_code_value`), picks the code; the bin position only has
-  to be right to within a fifth of a bin, so its float32 rounding does not
-  matter.
+  :math:`b - 1` and :math:`b` (:func:`_code_value`, exact), picks the code;
+  the bin position only has to be right to within a fifth of a bin, so its
+  float32 rounding does not matter.
   """
   a = jnp.abs(xn)
   sizes = _decade_sizes(signed)
+  parts = _reciprocal_parts(signed)
+  positive = _CODE_MAPS[signed][_CODE_MAPS[signed] > 0]
   # Decade by comparison with 1e-6..1e-1: the float exponent alone cannot tell
   # decades of 10 apart. Selects instead of gathers keep this one fused loop.
+  # ``below``: the code under the decade's first (the decade below's last, or
+  # zero).
   n, p = jnp.float32(sizes[0]), jnp.float32(1e6)
+  hi, lo = (jnp.float32(c) for c in parts[0])
+  below = jnp.float32(0.0)
   for i in range(1, _NUM_DECADES):
     in_decade = a >= jnp.float32(10.0 ** (i - 7))
     n = jnp.where(in_decade, jnp.float32(sizes[i]), n)
     p = jnp.where(in_decade, jnp.float32(10.0 ** (6 - i)), p)
+    hi = jnp.where(in_decade, jnp.float32(parts[i][0]), hi)
+    lo = jnp.where(in_decade, jnp.float32(parts[i][1]), lo)
+    below = jnp.where(in_decade, positive[sum(sizes[:i]) - 1], below)
   top = in_decade.astype(jnp.float32)  # the decade whose last code is 1.0
   r = (a * p - 0.1) * (n * jnp.float32(1.0 / 0.9))  # position, in bins
   b = jnp.clip(jnp.floor(r + 0.5), 0.0, n - 1.0 + top)  # nearest boundary
-  # The codes on either side: (2n + 18j + 9) / den for code j of the decade,
-  # den = 2^(8 + unsigned) 5^(7-i) = 20 p n, all exact in float32 (as in
-  # _positive_code_value). Code -1 is the last of the decade below: there
-  # n and den are n/2 and 5 den; below decade 0 it is the zero code.
-  den = (p * n) * 20.0
+  # Codes b - 1 and b of the decade: numerators 2n + 18j + 9.
   t = 18.0 * b + 2.0 * n
-  upper = jnp.where(b == n, jnp.float32(1.0), (t + 9.0) / den)
-  first = b == 0.0
-  lower = jnp.where(first, 10.0 * n - 9.0, t - 9.0) / jnp.where(
-    first, 5.0 * den, den
-  )
-  lower = jnp.where(first & (n == sizes[0]), jnp.float32(0.0), lower)
+  upper = jnp.where(b == n, jnp.float32(1.0), _code_value(t + 9.0, hi, lo))
+  lower = jnp.where(b == 0.0, below, _code_value(t - 9.0, hi, lo))
   threshold = 0.5 * (lower + upper)
   # Index among the positive codes (-1: zero; the decade's first code is
   # n - 1 signed, n - 2 unsigned).
@@ -563,8 +596,9 @@ def dequantize_blockwise(q: QuantizedArray) -> jax.Array:
   r"""Decodes a :class:`QuantizedArray`: :math:`\mathrm{code\_map}[c_i]\cdot\mathrm{absmax}_b`.
 
   ``code_map[c]`` is computed from ``c`` (see :func:`dynamic_code_map`: a
-  quotient of two integers, rounded once), equal to the table bit for bit
-  under IEEE division, without gathering from the table.
+  quotient of two integers, rounded once, see ``_code_value``), equal to the
+  table bit for bit on any IEEE float32 arithmetic, without gathering from
+  the table.
 
   Args:
     q: the output of :func:`quantize_blockwise`.

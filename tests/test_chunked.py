@@ -173,11 +173,12 @@ def test_kernel_step_equals_loop_step(name):
   g0 = _grads(0, params)
   g0 = {"forget": g0} if multi else g0
   jaxpr = str(jax.make_jaxpr(kernel.update)(g0, state, params))
-  # A kernel launch per 2-d quantized leaf ("a", "a2", "c"); the padded 1-d
-  # leaf keeps its loop. Leaves of one shape share the launch's trace, so
-  # the jaxpr holds at least two kernels, each in both platform branches.
-  assert jaxpr.count("name=fused_step") == 3, jaxpr
-  assert jaxpr.count("pallas_call") >= 4, jaxpr.count("pallas_call")
+  # A kernel per 2-d quantized leaf ("a", "a2", "c"); the padded 1-d leaf
+  # keeps its loop. "a" and "a2" (one shape) share one traced kernel, called
+  # twice through a jit; "c" calls its own. Each kernel sits in both
+  # platform branches.
+  assert jaxpr.count("name=fused_step") == 2, jaxpr
+  assert jaxpr.count("pallas_call") == 4, jaxpr.count("pallas_call")
   _assert_steps_agree(loop, [jax.jit(kernel.update)], state, multi)
 
 

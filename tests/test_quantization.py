@@ -162,6 +162,47 @@ def test_decoder_is_the_table_bit_for_bit_and_gathers_nothing(signed):
     assert "gather" not in text and "dynamic_slice" not in text
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_code_values_round_the_same_on_any_ieee_arithmetic(signed):
+  # The codec computes code j of decade i as num * hi + num * lo, with
+  # num = 2n + 18j + 9 and hi + lo = 1 / den_i: no division (XLA on GPU
+  # divides to within an ulp). In exact rationals: num * hi is exact, and
+  # the sum before its one rounding is far closer to num / den_i than any
+  # float32 rounding boundary, so every evaluation order rounds to the map.
+  from fractions import Fraction
+
+  def exact(x) -> Fraction:
+    return Fraction(float(x))
+
+  sizes = qz._decade_sizes(signed)
+  parts = qz._reciprocal_parts(signed)
+  positive = dualoptax.dynamic_code_map(signed)
+  positive = positive[positive > 0]
+  k = 0
+  for i, n in enumerate(sizes):
+    den = (256 if signed else 512) * 5 ** (7 - i)
+    hi, lo = (np.float32(c) for c in parts[i])
+    assert exact(hi) + exact(lo) != Fraction(1, den)  # not trivially exact
+    for j in range(n):
+      num = 2 * n + 18 * j + 9
+      assert num < 2**12
+      assert exact(np.float32(num) * hi) == num * exact(hi)
+      value = Fraction(num, den)
+      table = positive[k]
+      k += 1
+      assert exact(table) == exact(np.float32(float(value)))  # the map
+      ulp = exact(np.spacing(table))
+      margin = min(
+        value - (exact(table) - ulp / 2), exact(table) + ulp / 2 - value
+      )
+      error = abs(num * exact(hi) + num * exact(lo) - value)
+      error += abs(num * exact(lo)) * Fraction(1, 2**24)  # rounding num * lo
+      assert margin > 9 * error, (i, j)
+      got = np.float32(np.float32(num) * hi + np.float32(num) * lo)
+      assert got == table, (i, j)
+  assert k == len(positive) - 1  # every code but 1.0
+
+
 def test_zero_blocks_and_zeros_decode_exactly():
   x = np.zeros((4, 512), np.float32)
   x[1, 300] = -2.5
