@@ -313,7 +313,10 @@ def group_kernel(
       for var, a, s in zip(local, like_args, arg_slots):
         if isinstance(a, QuantizedArray):
           scale = scales(ins[s + 1], at, start)
-          env[var] = _q._decode_normalized(ins[s][at, :], a.signed) * scale  # pylint: disable=protected-access
+          # No division on TPU (nor in the interpreter that tests this).
+          codes = ins[s][at, :]
+          value = _q._decode_normalized(codes, a.signed, divide=False)  # pylint: disable=protected-access
+          env[var] = value * scale
         else:
           env[var] = ins[s][at, :]
       new = evaluate(jaxpr, consts, env, array_ids, outvars, (sub, b))

@@ -152,6 +152,11 @@ def test_decoder_is_the_table_bit_for_bit_and_gathers_nothing(signed):
   out = np.asarray(_dequantize(q))
   table = dualoptax.dynamic_code_map(signed)
   np.testing.assert_array_equal(out.view(np.int32), table.view(np.int32))
+  # Both ways to the quotient: one division (what XLA:CPU runs) and the
+  # division-free sum (what other platforms and the TPU kernel run).
+  for divide in (True, False):
+    out = np.asarray(qz._decode_normalized(q.codes, signed, divide=divide))
+    np.testing.assert_array_equal(out.view(np.int32), table.view(np.int32))
   # Neither direction indexes a table: on TPU a gather over every value.
   x = jnp.ones((8, 512), jnp.float32)
   for fn in (
