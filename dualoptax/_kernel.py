@@ -313,7 +313,8 @@ def group_kernel(
       for var, a, s in zip(local, like_args, arg_slots):
         if isinstance(a, QuantizedArray):
           scale = scales(ins[s + 1], at, start)
-          # No division on TPU (nor in the interpreter that tests this).
+          # TPU's forms of the codec: no division in the decoder, the block
+          # scale's refined (the interpreter that tests this runs them too).
           codes = ins[s][at, :]
           value = _q._decode_normalized(codes, a.signed, divide=False)  # pylint: disable=protected-access
           env[var] = value * scale
@@ -328,7 +329,9 @@ def group_kernel(
             x = jnp.where(kept, x, 0.0 if s is None else ins[s][at, :])
           outs[t][at, :] = x
           continue
-        codes, absmax = _q._encode_blocks(x.astype(jnp.float32), like.signed)  # pylint: disable=protected-access
+        codes, absmax = _q._encode_blocks(  # pylint: disable=protected-access
+          x.astype(jnp.float32), like.signed, refine=True
+        )
         if kept is not None:  # a skipped step: codes and absmax as they were
           codes = jnp.where(kept, codes, ins[s][at, :])
           absmax = jnp.where(kept, absmax, scales(ins[s + 1], at, start))

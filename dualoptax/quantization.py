@@ -483,12 +483,59 @@ def _decode_normalized(
   return jnp.where(c < 127.0, -value, value)
 
 
-def _encode_blocks(blocks: jax.Array, signed: bool):
+def _high_bits(x: jax.Array) -> jax.Array:
+  """``x`` with its float32 significand cut to its 12 leading bits (the rest,
+  ``x - _high_bits(x)``, is exact and has at most 12 bits too)."""
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFFF000)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _refined_reciprocal(m: jax.Array, r: jax.Array) -> jax.Array:
+  r"""The float32 nearest to :math:`1/m`, from ``r`` within two ulps of it.
+
+  XLA on GPU divides to within an ulp, not exactly; the encoder's block scale
+  must be the correctly rounded reciprocal for the codes to be the same on
+  every platform. Of ``r`` and its four nearest floats, this keeps the one
+  with the smallest :math:`|1 - m c|`: with :math:`m` and :math:`c` split
+  into 12-bit halves (:func:`_high_bits`) the four partial products are
+  exact and :math:`1 - m_h c_h` is exact (both near 1), so the residual is
+  known to far better than the gap between neighbours (about an ulp of 1).
+  Only where ``r`` is a normal float; elsewhere ``r`` itself.
+  """
+  m_hi = _high_bits(m)
+  m_lo = m - m_hi
+
+  def residual(c):
+    c_hi = _high_bits(c)
+    c_lo = c - c_hi
+    return jnp.abs(
+      (((1.0 - m_hi * c_hi) - m_hi * c_lo) - m_lo * c_hi) - m_lo * c_lo
+    )
+
+  best, error = r, residual(r)
+  for step in (-2, -1, 1, 2):
+    c = jax.lax.bitcast_convert_type(
+      jax.lax.bitcast_convert_type(r, jnp.int32) + step, jnp.float32
+    )
+    e = residual(c)
+    better = e < error
+    best, error = jnp.where(better, c, best), jnp.where(better, e, error)
+  normal = (jnp.abs(r) >= jnp.finfo(jnp.float32).tiny) & jnp.isfinite(r)
+  return jnp.where(normal, best, r)
+
+
+def _encode_blocks(
+  blocks: jax.Array, signed: bool, refine: Optional[bool] = None
+):
   """Codes and absmax of float32 ``blocks`` whose last axis is one block.
 
   Returns ``(codes, absmax)``: uint8 codes of ``blocks``' shape and the
   float32 absmax with the last axis kept (length 1). Both the whole-array
   encoder and the fused TPU kernel (on one block-wide slice of a tile) call it.
+  ``refine``: whether the block scale's division is refined to the nearest
+  float32 (:func:`_refined_reciprocal`); None: everywhere but where lowered
+  for the CPU, whose division is exact (there the refinement cost the
+  8-bit step's fused loops about a tenth of their time, measured).
   """
   # A NaN or Inf counts as +inf, so the block's max is +inf exactly when the
   # block holds one (a vectorized max may drop a NaN, never an inf).
@@ -501,7 +548,15 @@ def _encode_blocks(blocks: jax.Array, signed: bool):
   absmax = jnp.where(finite, m, jnp.float32(jnp.nan))
   # One reciprocal per block, then a multiply per value (as the bitsandbytes
   # kernel); a zero or non-finite block gets 0, so its codes are the zero code.
-  inv = jnp.where(finite & (m > 0), 1.0 / jnp.where(finite, m, 1.0), 0.0)
+  safe = jnp.where(finite & (m > 0), m, 1.0)
+  refined = lambda m: _refined_reciprocal(m, 1.0 / m)
+  if refine is None:
+    inv = jax.lax.platform_dependent(
+      safe, cpu=lambda m: 1.0 / m, default=refined
+    )
+  else:
+    inv = refined(safe) if refine else 1.0 / safe
+  inv = jnp.where(finite & (m > 0), inv, 0.0)
   xn = jnp.where(finite, blocks, 0.0) * inv
   if not signed:
     xn = jnp.maximum(xn, 0.0)

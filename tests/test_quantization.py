@@ -208,6 +208,21 @@ def test_code_values_round_the_same_on_any_ieee_arithmetic(signed):
   assert k == len(positive) - 1  # every code but 1.0
 
 
+def test_block_scale_is_the_correctly_rounded_reciprocal_on_any_division():
+  # The encoder's block scale 1/absmax is refined to the nearest float32
+  # (XLA on GPU divides to within an ulp): from a quotient up to two ulps
+  # off either way, it is NumPy's correctly rounded reciprocal.
+  rng = np.random.default_rng(5)
+  m = np.exp(rng.uniform(np.log(1e-30), np.log(1e30), 20000)).astype(np.float32)
+  m = np.concatenate([m, np.float32([1, 2, 3, 0.1, 1e-7, 7.5, 2.0**-60])])
+  want = np.float32(1) / m
+  refine = jax.jit(qz._refined_reciprocal)
+  for step in (-2, -1, 0, 1, 2):
+    off = (want.view(np.int32) + step).view(np.float32)
+    got = np.asarray(refine(jnp.asarray(m), jnp.asarray(off)))
+    np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+
+
 def test_zero_blocks_and_zeros_decode_exactly():
   x = np.zeros((4, 512), np.float32)
   x[1, 300] = -2.5
