@@ -151,6 +151,14 @@ def _midpoints_np(signed: bool) -> np.ndarray:
   return ((c[:-1] + c[1:]) / 2).astype(np.float32)
 
 
+def _masked(x: jax.Array, mask: int) -> jax.Array:
+  """float32 ``x`` with only the bits of ``mask`` kept: ``0xFF800000`` (sign
+  and exponent) leaves its power of two, ``0xFFFFF000`` its 12 leading
+  significant bits (the rest, ``x`` minus that, is exact)."""
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(mask)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def _reciprocal_parts(signed: bool) -> list[tuple[float, float]]:
   """Per decade ``i``, ``1 / den_i`` as ``hi + lo`` (see :func:`_code_value`):
   ``hi`` rounded to 12 significant bits, ``lo`` the float32 rest."""
@@ -218,10 +226,7 @@ def _positive_code_value(
   parts = _reciprocal_parts(signed)
   scale = 256.0 if signed else 512.0
   k = m + (1.0 if signed else 2.0)
-  exponent = jnp.uint32(0xFF800000)  # sign and exponent bits: k's power of 2
-  n = jax.lax.bitcast_convert_type(
-    jax.lax.bitcast_convert_type(k, jnp.uint32) & exponent, jnp.float32
-  )
+  n = _masked(k, 0xFF800000)  # k's power of two
   num = 18.0 * k - 16.0 * n + 9.0  # 2n + 18j + 9
   if divide:
     den = jnp.float32(scale * 5.0**7)
@@ -483,13 +488,6 @@ def _decode_normalized(
   return jnp.where(c < 127.0, -value, value)
 
 
-def _high_bits(x: jax.Array) -> jax.Array:
-  """``x`` with its float32 significand cut to its 12 leading bits (the rest,
-  ``x - _high_bits(x)``, is exact and has at most 12 bits too)."""
-  bits = jax.lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFFF000)
-  return jax.lax.bitcast_convert_type(bits, jnp.float32)
-
-
 def _refined_reciprocal(m: jax.Array, r: jax.Array) -> jax.Array:
   r"""The float32 nearest to :math:`1/m`, from ``r`` within two ulps of it.
 
@@ -497,16 +495,16 @@ def _refined_reciprocal(m: jax.Array, r: jax.Array) -> jax.Array:
   must be the correctly rounded reciprocal for the codes to be the same on
   every platform. Of ``r`` and its four nearest floats, this keeps the one
   with the smallest :math:`|1 - m c|`: with :math:`m` and :math:`c` split
-  into 12-bit halves (:func:`_high_bits`) the four partial products are
+  into 12-bit halves (:func:`_masked`) the four partial products are
   exact and :math:`1 - m_h c_h` is exact (both near 1), so the residual is
   known to far better than the gap between neighbours (about an ulp of 1).
   Only where ``r`` is a normal float; elsewhere ``r`` itself.
   """
-  m_hi = _high_bits(m)
+  m_hi = _masked(m, 0xFFFFF000)
   m_lo = m - m_hi
 
   def residual(c):
-    c_hi = _high_bits(c)
+    c_hi = _masked(c, 0xFFFFF000)
     c_lo = c - c_hi
     return jnp.abs(
       (((1.0 - m_hi * c_hi) - m_hi * c_lo) - m_lo * c_hi) - m_lo * c_lo
