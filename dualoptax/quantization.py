@@ -159,13 +159,19 @@ def _masked(x: jax.Array, mask: int) -> jax.Array:
   return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
+def _denominators(signed: bool) -> list[float]:
+  """Per decade ``i``, the denominator of its codes (:func:`_code_value`):
+  ``2^(8 + unsigned) 5^(7-i)``, exact in float32."""
+  scale = 256.0 if signed else 512.0
+  return [scale * 5.0 ** (7 - i) for i in range(_NUM_DECADES)]
+
+
 def _reciprocal_parts(signed: bool) -> list[tuple[float, float]]:
   """Per decade ``i``, ``1 / den_i`` as ``hi + lo`` (see :func:`_code_value`):
   ``hi`` rounded to 12 significant bits, ``lo`` the float32 rest."""
-  scale = 256.0 if signed else 512.0
   parts = []
-  for i in range(_NUM_DECADES):
-    inv = 1.0 / (scale * 5.0 ** (7 - i))
+  for den in _denominators(signed):
+    inv = 1.0 / den
     mantissa, exponent = np.frexp(inv)
     hi = float(np.ldexp(np.round(mantissa * 2.0**12), exponent - 12))
     parts.append((hi, float(np.float32(inv - hi))))
@@ -223,23 +229,21 @@ def _positive_code_value(
       ),
     )
   sizes = _decade_sizes(signed)
-  parts = _reciprocal_parts(signed)
-  scale = 256.0 if signed else 512.0
+  # Per decade: its denominator, or the two parts of its reciprocal.
+  if divide:
+    consts = [(den,) for den in _denominators(signed)]
+  else:
+    consts = _reciprocal_parts(signed)
   k = m + (1.0 if signed else 2.0)
   n = _masked(k, 0xFF800000)  # k's power of two
   num = 18.0 * k - 16.0 * n + 9.0  # 2n + 18j + 9
-  if divide:
-    den = jnp.float32(scale * 5.0**7)
-    for i in range(1, _NUM_DECADES):
-      den = jnp.where(k >= sizes[i], jnp.float32(scale * 5.0 ** (7 - i)), den)
-    value = num / den
-  else:
-    hi, lo = (jnp.float32(c) for c in parts[0])
-    for i in range(1, _NUM_DECADES):
-      later = k >= sizes[i]
-      hi = jnp.where(later, jnp.float32(parts[i][0]), hi)
-      lo = jnp.where(later, jnp.float32(parts[i][1]), lo)
-    value = _code_value(num, hi, lo)
+  chosen = [jnp.float32(c) for c in consts[0]]
+  for i in range(1, _NUM_DECADES):
+    later = k >= sizes[i]
+    chosen = [
+      jnp.where(later, jnp.float32(c), x) for c, x in zip(consts[i], chosen)
+    ]
+  value = num / chosen[0] if divide else _code_value(num, *chosen)
   value = jnp.where(m >= jnp.float32(sum(sizes)), jnp.float32(1.0), value)
   return jnp.where(m < 0, jnp.float32(0.0), value)
 
