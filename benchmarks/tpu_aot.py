@@ -15,6 +15,9 @@ compiled for TPU, and read back:
   prefetched into VMEM counts once, as that prefetch), so the two add up to
   the step's HBM traffic (``k.all``: every operand and result of the kernels,
   in HBM or not);
+* HBM traffic per parameter read from the compiled HLO (``HBM``, see
+  :func:`hbm_traffic`): what cost analysis counts, less what XLA moves through
+  VMEM;
 * lowering + compile time;
 * the number of ``gather``, ``transpose`` and ``copy`` instructions in the
   compiled HLO (all three move data through HBM on TPU).
@@ -26,8 +29,13 @@ of 1.24B parameters (Llama-3.2-1B's shapes), and one or 12 leaves of 768x3072
 chips (each leaf sharded along its largest axis divisible by 4).
 
     python benchmarks/tpu_aot.py [--trees gpt2,gpt2_scan,square,llama1b,mlp1,mlp12]
-      [--mesh 1,4]
+      [--mesh 1,4] [--grads input|step]
       [--updates adamw,q_adamw,...] [--topology v5e:2x2]
+
+Gradients, one tree per objective present: arguments of the step that the
+caller keeps (``--grads input``, the default), or computed in the step and
+dead after the update (``step``: see :func:`measure`; the figures then
+include the gradients, 4 B/param each of temporaries and 12 of traffic).
 
 Without libtpu this prints how to install it and exits with status 2.
 """
@@ -247,6 +255,10 @@ def hlo_counts(text: str) -> dict:
   }
 
 
+# Bytes of operands and results up to which a loop or conditional counts as
+# moving only those (see hbm_traffic).
+_SCALARS_ONLY = 64
+
 _NO_TRAFFIC = {
   "parameter",
   "constant",
@@ -264,10 +276,10 @@ def hbm_traffic(text: str) -> Optional[int]:
   instruction of the entry computation, its operands and its result where
   they live in HBM (a layout without ``S(1)``, VMEM). A prefetch or an
   eviction (``copy-start``/``-done``, ``slice-start``/``-done``) counts its
-  HBM source once and its HBM destination once; VMEM-to-VMEM work counts
-  nothing. Each operand counts once per instruction, as a fusion reads it.
-  None when the step has a loop (``while``) or a conditional, whose trip
-  counts this reading cannot see.
+  HBM source once and its HBM destination once (a slice reads only its
+  part of the source); VMEM-to-VMEM work counts nothing. Each operand counts once per instruction, as a fusion reads it.
+  None when the step has a loop (``while``) or a conditional over arrays,
+  whose trip counts or taken branches this reading cannot see.
 
   ``cost_analysis()["bytes accessed"]`` instead counts every operand and
   result wherever it lives, so a value XLA moves into VMEM for the next
@@ -277,12 +289,26 @@ def hbm_traffic(text: str) -> Optional[int]:
   for name, result, op, operands, _ in _instructions(entry):
     defined[name] = result
     if op in ("while", "conditional", "call"):
-      return None
+      # Its computations see only its operands: where those and its results
+      # are a few scalars (a guard's flag), so is its traffic.
+      size = _all_bytes(result)
+      size += sum(_all_bytes(defined.get(o, "")) for o in operands)
+      if size > _SCALARS_ONLY:
+        return None
+      total += size
+      continue
     if op in _NO_TRAFFIC:
       continue
     # An asynchronous copy or slice (a prefetch into VMEM or an eviction to
     # HBM): its start reads the source, its done writes the destination; the
     # start's result tuple repeats the source, which is not a second read.
+    if op == "slice-start":
+      # A slice reads only its part of the source: the destination's size
+      # (the start's second shape), where the source is in HBM.
+      source = defined.get(operands[0], "")
+      if _hbm_bytes(source):
+        total += _all_bytes(list(_SHAPE.finditer(result))[1].group(0))
+      continue
     if op.endswith("-start"):
       total += sum(_hbm_bytes(defined.get(o, "")) for o in set(operands))
       continue
@@ -294,20 +320,30 @@ def hbm_traffic(text: str) -> Optional[int]:
   return total
 
 
-def measure(tx, objectives, params) -> dict:
+def measure(tx, objectives, params, grads: str = "input") -> dict:
+  """One train step's figures. ``grads="input"``: the gradients (one tree
+  per objective present) are arguments of the step, which the caller keeps;
+  ``"step"``: the step computes them, ``p - x_k`` (the gradient of
+  ``0.5 * |p - x_k|^2``, materialized behind an optimization barrier as a
+  network's are), from arguments ``x_k``, so they are dead after the update."""
   state = jax.eval_shape(tx.init, params)
-  if objectives is None:
-    wrap = lambda g: g
-  else:
-    wrap = lambda g: {k: g for k in objectives}
+  count = 1 if objectives is None else len(objectives)
 
-  def train_step(p, s, g):
-    u, s = tx.update(wrap(g), s, p)
+  def present(gs):
+    return gs[0] if objectives is None else dict(zip(objectives, gs))
+
+  def train_step(p, s, xs):
+    if grads == "step":
+      xs = [
+        jax.lax.optimization_barrier(jax.tree.map(jnp.subtract, p, x))
+        for x in xs
+      ]
+    u, s = tx.update(present(xs), s, p)
     return optax.apply_updates(p, u), s
 
   t0 = time.perf_counter()
   jitted = jax.jit(train_step, donate_argnums=(0, 1))
-  compiled = jitted.lower(params, state, params).compile()
+  compiled = jitted.lower(params, state, [params] * count).compile()
   seconds = time.perf_counter() - t0
   n = sum(x.size for x in jax.tree.leaves(params))
   cost = compiled.cost_analysis()
@@ -338,6 +374,12 @@ def main() -> int:
     "--updates", default=",".join(updates("xla")), help="comma-separated"
   )
   parser.add_argument("--topology", default="v5e:2x2")
+  parser.add_argument(
+    "--grads",
+    choices=("input", "step"),
+    default="input",
+    help="gradients passed in (kept by the caller) or computed in the step",
+  )
   args = parser.parse_args()
   try:
     from jax.experimental import topologies
@@ -373,7 +415,7 @@ def main() -> int:
       for name in args.updates.split(","):
         tx, objectives = table[name]
         try:
-          r = measure(tx, objectives, params)
+          r = measure(tx, objectives, params, args.grads)
         except jax.errors.JaxRuntimeError as e:  # e.g. more HBM than a chip has
           print(f"{name:16s} does not compile: {str(e).splitlines()[0][:100]}")
           continue

@@ -12,7 +12,9 @@ tile's absmax, which stays in VMEM while ``j`` runs), evaluates the group's
 equations, takes the block's new absmax, re-encodes, and writes codes, the
 absmax column and the update; codes and absmax are aliased in place. Per
 value, HBM sees each input read once and each output written once, and the
-kernel body is one block's work, whatever the leaf's width. Groups of one
+kernel body is one block's work, whatever the leaf's width, done 8 rows at a
+time (the step's vector code, which XLA's TPU compiler compiles for every
+kernel of a step, is a float32 vreg per 128 lanes). Groups of one
 signature (a model's layers: the same equations on leaves of one shape) share
 one traced and lowered kernel (:func:`group_kernel`), so tracing time grows
 with the number of distinct shapes, not of leaves.
@@ -31,6 +33,7 @@ kernel when lowering for TPU, also ahead of time from another machine.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -48,8 +51,23 @@ from dualoptax.quantization import QuantizedArray
 _TILE_VALUES = 1 << 17
 # Rows of a tile are a multiple of this: the sublane tiling of uint8 arrays.
 _ROW_ALIGN = 32
+# Rows of one float32 vreg: the kernel body's vector code works on pieces of
+# this many rows (see ``rows_slice``).
+_SUBLANES = 8
 _LANES = 128
 _SCALAR_DTYPES = ("float32", "int32", "uint32", "bool")
+
+# The codec as the kernel runs it (no division in the decoder, the block
+# scale refined), jitted so that a kernel's several 8-bit arrays, and every
+# kernel of a step, trace it once per signedness rather than once per use.
+_decode = jax.jit(
+  functools.partial(_q._decode_normalized, divide=False),  # pylint: disable=protected-access
+  static_argnums=1,
+)
+_encode = jax.jit(
+  functools.partial(_q._encode_blocks, refine=True),  # pylint: disable=protected-access
+  static_argnums=1,
+)
 
 
 def tile_rows(
@@ -271,16 +289,28 @@ def group_kernel(
       io_aliases[s + 1] = t + 1
   n_scalars = len(values)
   bools = [v.dtype == jnp.bool_ for v in values]
-  # Per output, the operand slot of the input it replaces (its old value).
-  source = {o: arg_slots[p] for p, o in aliases.items()}
+  # Per output, the position of the input it replaces (its old value).
+  source = {o: p for p, o in aliases.items()}
 
   # Each grid step works through its tile in slices of 32 rows (a loop, not
   # unrolled): Mosaic emits a slice's vector code once, so compile time does
-  # not grow with the tile.
+  # not grow with the tile. 32 rows are the least an 8-bit array is loaded
+  # and stored in; the step itself runs on pieces of 8 rows (one float32
+  # vreg per 128 lanes) in an inner loop over int32 copies of the slice's
+  # codes in VMEM scratch: Mosaic emits the step's vector code, most of the
+  # kernel, for 8 rows instead of 32, and compiles a quarter as much of it.
   sub = _ROW_ALIGN if rows % _ROW_ALIGN == 0 else rows
+  piece = _SUBLANES if sub % _SUBLANES == 0 else sub
+  q_in = [p for p, a in enumerate(like_args) if isinstance(a, QuantizedArray)]
+  q_out = [q for q, like in enumerate(out_like) if like is not None]
+  scratch_shapes = [pltpu.VMEM((sub, b), jnp.int32)] * (len(q_in) + len(q_out))
 
   def kernel(*refs):
-    ins, outs = refs[: len(in_specs)], refs[len(in_specs) :]
+    ins = refs[: len(in_specs)]
+    outs = refs[len(in_specs) : len(in_specs) + len(out_specs)]
+    scratch = refs[len(in_specs) + len(out_specs) :]
+    codes_in = dict(zip(q_in, scratch))
+    codes_out = dict(zip(q_out, scratch[len(q_in) :]))
     j = pl.program_id(1)
     env0 = {
       var: (ref[0] != 0 if is_bool else ref[0])
@@ -295,9 +325,9 @@ def group_kernel(
           outs[t + 1][...] = jnp.zeros(outs[t + 1].shape, jnp.float32)
 
     def scales(ref, at, start):
-      """This slice's block absmax, ``[sub, 1]``."""
+      """This piece's block absmax, ``[piece, 1]``."""
       if transposed:
-        return _row_to_column(ref[pl.ds(j, 1), :], start, sub)
+        return _row_to_column(ref[pl.ds(j, 1), :], start, piece)
       return _column(ref[at, :], j)
 
     def set_scales(ref, at, start, column):
@@ -307,38 +337,55 @@ def group_kernel(
         ref[at, :] = _with_column(ref[at, :], j, column)
 
     def rows_slice(r, carry):
-      start = pl.multiple_of(r * sub, sub)
-      at = pl.ds(start, sub)
-      env = dict(env0)
-      for var, a, s in zip(local, like_args, arg_slots):
-        if isinstance(a, QuantizedArray):
-          scale = scales(ins[s + 1], at, start)
-          # TPU's forms of the codec: no division in the decoder, the block
-          # scale's refined (the interpreter that tests this runs them too).
-          codes = ins[s][at, :]
-          value = _q._decode_normalized(codes, a.signed, divide=False)  # pylint: disable=protected-access
-          env[var] = value * scale
-        else:
-          env[var] = ins[s][at, :]
-      new = evaluate(jaxpr, consts, env, array_ids, outvars, (sub, b))
-      for q, (x, like, t) in enumerate(zip(new, out_like, out_slots)):
-        s = source.get(q)
-        if like is None:
-          x = x.astype(outs[t].dtype)
-          if kept is not None:
-            x = jnp.where(kept, x, 0.0 if s is None else ins[s][at, :])
-          outs[t][at, :] = x
-          continue
-        codes, absmax = _q._encode_blocks(  # pylint: disable=protected-access
-          x.astype(jnp.float32), like.signed, refine=True
+      first = pl.multiple_of(r * sub, sub)
+      for p in q_in:
+        codes_in[p][...] = ins[arg_slots[p]][pl.ds(first, sub), :].astype(
+          jnp.int32
         )
-        if kept is not None:  # a skipped step: codes and absmax as they were
-          codes = jnp.where(kept, codes, ins[s][at, :])
-          absmax = jnp.where(kept, absmax, scales(ins[s + 1], at, start))
-        outs[t][at, :] = codes
-        # The row tile's absmax stays in VMEM while j runs (the same block
-        # index) and is written back once; each step sets its own column.
-        set_scales(outs[t + 1], at, start, absmax)
+
+      def piece_step(k, carry):
+        local_at = pl.ds(pl.multiple_of(k * piece, piece), piece)
+        start = pl.multiple_of(first + k * piece, piece)
+        at = pl.ds(start, piece)
+        env = dict(env0)
+        for p, (var, a, s) in enumerate(zip(local, like_args, arg_slots)):
+          if isinstance(a, QuantizedArray):
+            scale = scales(ins[s + 1], at, start)
+            # TPU's forms of the codec: no division in the decoder, the block
+            # scale's refined (the interpreter that tests this runs them too).
+            codes = codes_in[p][local_at, :]
+            value = _decode(codes, a.signed)
+            env[var] = value * scale
+          else:
+            env[var] = ins[s][at, :]
+        new = evaluate(jaxpr, consts, env, array_ids, outvars, (piece, b))
+        for q, (x, like, t) in enumerate(zip(new, out_like, out_slots)):
+          p = source.get(q)
+          if like is None:
+            x = x.astype(outs[t].dtype)
+            if kept is not None:
+              old = 0.0 if p is None else ins[arg_slots[p]][at, :]
+              x = jnp.where(kept, x, old)
+            outs[t][at, :] = x
+            continue
+          codes, absmax = _encode(x.astype(jnp.float32), like.signed)
+          codes = codes.astype(jnp.int32)
+          if kept is not None:  # a skipped step: codes and absmax as they were
+            codes = jnp.where(kept, codes, codes_in[p][local_at, :])
+            absmax = jnp.where(
+              kept, absmax, scales(ins[arg_slots[p] + 1], at, start)
+            )
+          codes_out[q][local_at, :] = codes
+          # The row tile's absmax stays in VMEM while j runs (the same block
+          # index) and is written back once; each step sets its own column.
+          set_scales(outs[t + 1], at, start, absmax)
+        return carry
+
+      jax.lax.fori_loop(0, sub // piece, piece_step, 0)
+      for q in q_out:
+        outs[out_slots[q]][pl.ds(first, sub), :] = codes_out[q][...].astype(
+          jnp.uint8
+        )
       return carry
 
     jax.lax.fori_loop(0, rows // sub, rows_slice, 0)
@@ -352,6 +399,7 @@ def group_kernel(
         out_specs=out_specs,
         out_shape=out_shapes,
         input_output_aliases=io_aliases,
+        scratch_shapes=scratch_shapes,
         compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "arbitrary")
         ),
