@@ -168,6 +168,14 @@ def updates(kernel: str) -> dict:
       dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.01, **q),
       two,
     ),
+    # Without the non-finite guard, whose check reads every gradient before
+    # the kernels run.
+    "8bit_2obj_nocheck": (
+      dualoptax.dual_optim_plus_8bit(
+        1e-3, weight_decay=0.01, skip_nonfinite=False, **q
+      ),
+      two,
+    ),
     "8bit_2obj_xla": (
       dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.01, kernel="xla"),
       two,
@@ -408,7 +416,7 @@ def main() -> int:
       where = "1 chip" if chips == 1 else f"FSDP over {chips} chips"
       print(f"\n{label}, {where} (B/param over all chips)")
       print(
-        f"{'update':16s} {'state':>6s} {'temp':>7s} {'accessed':>9s} "
+        f"{'update':17s} {'state':>6s} {'temp':>7s} {'accessed':>9s} "
         f"{'kernel':>7s} {'k.all':>6s} {'HBM':>6s} {'compile s':>9s} {'gather':>6s} {'transp':>6s} "
         f"{'copy':>5s}"
       )
@@ -417,10 +425,10 @@ def main() -> int:
         try:
           r = measure(tx, objectives, params, args.grads)
         except jax.errors.JaxRuntimeError as e:  # e.g. more HBM than a chip has
-          print(f"{name:16s} does not compile: {str(e).splitlines()[0][:100]}")
+          print(f"{name:17s} does not compile: {str(e).splitlines()[0][:100]}")
           continue
         print(
-          f"{name:16s} {r['state']:6.2f} {r['temp']:7.2f} "
+          f"{name:17s} {r['state']:6.2f} {r['temp']:7.2f} "
           f"{r['accessed']:9.1f} {r['kernel']:7.1f} {r['kernel_all']:6.1f} "
           f"{r['hbm']:6.1f} "
           f"{r['compile']:9.1f} "

@@ -392,11 +392,15 @@ def dual_optim_plus_8bit(
     kernel: ``"auto"``, ``"pallas"`` or ``"xla"``: fused Pallas kernels per
       leaf or XLA loops over chunks (see :func:`dualoptax.quantize_state`).
     skip_nonfinite: skip (and count) calls whose gradients hold NaN or Inf.
-      The skip is a ``lax.cond`` around the step, under which the update
-      cannot take the gradients' buffers; with False it does (see
-      :func:`dualoptax.quantize_state`'s ``reuse_gradient_buffers``): a
-      params-sized float32 buffer fewer in a train step that computes its
-      gradients.
+      The check reads every gradient once before the step reads them again
+      (on TPU a sizeable share of the step's traffic and compile time:
+      ``benchmarks/RESULTS.md``).
+      On the XLA loops the skip is a ``lax.cond`` around the step, under
+      which the update cannot take the gradients' buffers; with False it
+      does (see :func:`dualoptax.quantize_state`'s
+      ``reuse_gradient_buffers``): a params-sized float32 buffer fewer in a
+      train step that computes its gradients. The fused kernels select in
+      on-chip memory instead, without a conditional.
     objectives, b1, b2, base_b1, base_b2, eps, weight_decay, mask, stable,
       mu_dtype, nu_dtype: as :func:`dual_optim_plus` (named here, not passed
       through ``**kwargs``, so ``optax.inject_hyperparams`` can inject them;
