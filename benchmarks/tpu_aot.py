@@ -285,7 +285,8 @@ def hbm_traffic(text: str) -> Optional[int]:
   they live in HBM (a layout without ``S(1)``, VMEM). A prefetch or an
   eviction (``copy-start``/``-done``, ``slice-start``/``-done``) counts its
   HBM source once and its HBM destination once (a slice reads only its
-  part of the source); VMEM-to-VMEM work counts nothing. Each operand counts once per instruction, as a fusion reads it.
+  part of the source); VMEM-to-VMEM work counts nothing. Each operand counts
+  once per instruction, as a fusion reads it.
   None when the step has a loop (``while``) or a conditional over arrays,
   whose trip counts or taken branches this reading cannot see.
 
