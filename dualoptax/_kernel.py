@@ -25,6 +25,9 @@ and the codec of :mod:`dualoptax.quantization` (``_decode_normalized``,
 ``_encode_blocks``). Scalar equations (counts, bias corrections, schedules)
 run outside the kernel, and their values enter through SMEM.
 
+The non-finite guard's check, which must read every gradient before any
+state is written, is a kernel too (:func:`all_finite`).
+
 Off TPU the same kernel runs in Pallas' interpret mode (tests check it against
 the XLA path on the CPU); ``jax.lax.platform_dependent`` picks the compiled
 kernel when lowering for TPU, also ahead of time from another machine.
@@ -436,3 +439,99 @@ def group_kernel(
     return results
 
   return apply
+
+
+def _finite_tile(shape: tuple[int, int], count: int) -> tuple[int, int]:
+  """A ``[rows, cols]`` tile of a float32 ``[total, n]`` leaf for the
+  finiteness kernel: about ``_TILE_VALUES`` values over its ``count`` inputs,
+  rows a multiple of 8 (float32's sublanes) and cols of 128, or whole."""
+  total, n = shape
+  cols = min(n, 32 * _LANES)
+  values = max(_TILE_VALUES // count, _SUBLANES * cols)
+  rows = max(values // cols // _SUBLANES, 1) * _SUBLANES
+  return (total if rows >= total else rows), cols
+
+
+# Jitted: the leaves of one shape (a model's layers) trace and lower it once.
+@jax.jit
+def _nonfinite_sum(*xs: jax.Array) -> jax.Array:
+  """``sum(x - x)`` over float32 ``[total, n]`` arrays of one shape, as one
+  kernel: NaN exactly when one of them holds a NaN or Inf."""
+  total, n = xs[0].shape
+  rows, cols = _finite_tile((total, n), len(xs))
+
+  def kernel(*refs):
+    out = refs[-1]
+    i, j = pl.program_id(0), pl.program_id(1)
+
+    @pl.when((i == 0) & (j == 0))
+    def _():
+      out[...] = jnp.zeros(out.shape, jnp.float32)
+
+    # The last row and column tiles may reach past the leaf: what a tile
+    # holds there is undefined, so it is masked out, not summed.
+    r = jax.lax.broadcasted_iota(jnp.int32, (rows, cols), 0) + i * rows
+    c = jax.lax.broadcasted_iota(jnp.int32, (rows, cols), 1) + j * cols
+    inside = (r < total) & (c < n)
+    acc = out[...]
+    for ref in refs[:-1]:
+      x = ref[...]
+      acc += jnp.sum(jnp.where(inside, x - x, 0.0), axis=0, keepdims=True)
+    out[...] = acc
+
+  def call(interpret: bool):
+    def go(*operands):
+      return pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(total, rows), pl.cdiv(n, cols)),
+        in_specs=[pl.BlockSpec((rows, cols), lambda i, j: (i, j))] * len(xs),
+        out_specs=pl.BlockSpec((1, cols), lambda i, j: (0, 0)),
+        out_shape=jax.ShapeDtypeStruct((1, cols), jnp.float32),
+        compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("arbitrary", "arbitrary")
+        ),
+        interpret=interpret,
+      )(*operands)
+
+    return go
+
+  part = jax.lax.platform_dependent(*xs, tpu=call(False), default=call(True))
+  return jnp.sum(part)
+
+
+def _kernel_view(xs: Sequence[Any]) -> Optional[tuple[int, int]]:
+  """``[total, n]``, the view of float32 leaves of one shape the finiteness
+  kernel reads them in, free on TPU (their stored tiles), or None (they are
+  summed by XLA)."""
+  shape = tuple(int(s) for s in xs[0].shape)
+  if any(jnp.dtype(x.dtype) != jnp.float32 for x in xs):
+    return None
+  if math.prod(shape) < _SUBLANES * _LANES:
+    return None
+  if len(shape) == 1:
+    # TPU tiles a float32 vector in 1024 values, as [8, 128] tiles.
+    return (shape[0] // _LANES, _LANES) if shape[0] % _LANES == 0 else None
+  if shape[-1] % _LANES or (len(shape) > 2 and shape[-2] % _SUBLANES):
+    return None
+  return math.prod(shape[:-1]), shape[-1]
+
+
+def all_finite(trees: Sequence[Any]) -> jax.Array:
+  """One boolean: every element of every tree (trees of one structure, the
+  present objectives' gradients) is finite.
+
+  ``_objectives.all_finite``'s test, ``sum(x - x)`` is NaN, with each leaf
+  that TPU stores as ``[8, 128]`` tiles (see :func:`_kernel_view`) read by
+  one kernel, all the trees' arrays at that position together. Beside the
+  step's kernels, XLA's reductions would make XLA prefetch every gradient
+  into VMEM for the check and again for the kernels; a kernel reads each
+  gradient once (benchmarks/tpu_aot.py).
+  """
+  total = jnp.zeros((), jnp.float32)
+  for xs in zip(*(jax.tree.leaves(t) for t in trees)):
+    view = _kernel_view(xs)
+    if view is None:
+      total += sum(jnp.sum(x - x, dtype=jnp.float32) for x in xs)
+    else:
+      total += _nonfinite_sum(*(x.reshape(view) for x in xs))
+  return jnp.isfinite(total)

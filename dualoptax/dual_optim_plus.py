@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dualoptax import _engine, _objectives, quantized_state
+from dualoptax import _engine, _kernel, _objectives, quantized_state
 from dualoptax._engine import DeltaState
 
 DEFAULT_OBJECTIVES = ("forget", "retain")
@@ -301,11 +301,14 @@ def _skip_nonfinite(
     present = _objectives.present_gradients(
       grads, objectives, quantized_state.shape_tree(state.base_mu)
     )
-    finite = _objectives.all_finite(list(present.values()))
+    fused = quantized_state.use_kernel(kernel)
+    # With the kernels, the check is a kernel too (see _kernel.all_finite).
+    check = _kernel.all_finite if fused else _objectives.all_finite
+    finite = check(list(present.values()))
     skipped = jnp.where(
       finite, state.skipped, optax.safe_increment(state.skipped)
     )
-    if quantized_state.use_kernel(kernel):
+    if fused:
       # The fused kernels select in VMEM: a conditional around them would
       # copy every code array in and out of its branches.
       updates, new_state = tx.update(

@@ -176,9 +176,13 @@ def test_kernel_step_equals_loop_step(name):
   # A kernel per 2-d quantized leaf ("a", "a2", "c"); the padded 1-d leaf
   # keeps its loop. "a" and "a2" (one shape) share one traced kernel, called
   # twice through a jit; "c" calls its own. Each kernel sits in both
-  # platform branches.
+  # platform branches. DualOptim+'s non-finite guard checks "a", "a2" and
+  # "c" with kernels too ("vec" is not a whole number of lanes): three
+  # calls, two traces, each in both branches.
+  guarded = multi and "unguarded" not in name
   assert jaxpr.count("name=fused_step") == 2, jaxpr
-  assert jaxpr.count("pallas_call") == 4, jaxpr.count("pallas_call")
+  assert jaxpr.count("name=_nonfinite_sum") == (3 if guarded else 0)
+  assert jaxpr.count("pallas_call") == (8 if guarded else 4)
   _assert_steps_agree(loop, [jax.jit(kernel.update)], state, multi)
 
 
@@ -234,6 +238,39 @@ def test_kernel_tile_rows(shape, block, expected):
     block_size=block,
   )
   assert _kernel.tile_rows(shape, [like]) == expected
+
+
+@pytest.mark.parametrize(
+  "shape",
+  [
+    (600, 512),  # a partial last row tile
+    (40, 5120),  # partial last row and column tiles
+    (50, 8, 256),  # leading axes merged into rows
+    (3072,),  # a vector, read as [24, 128]
+    (5000,),  # not a whole number of lanes: XLA's sum
+    (30, 7),
+  ],
+)
+def test_kernel_finiteness_check(shape):
+  # The non-finite guard's check as a kernel (interpreted here): a NaN or Inf
+  # anywhere in either tree, the first and last values included, is found,
+  # and what a tile holds past the leaf (NaN in interpret mode) is not read.
+  from dualoptax import _kernel
+
+  x = jax.random.normal(jax.random.key(0), shape)
+  trees = [{"w": x, "b": jnp.ones(3)}, {"w": -x, "b": jnp.zeros(3)}]
+  jaxpr = str(jax.make_jaxpr(_kernel.all_finite)(trees))
+  assert ("pallas_call" in jaxpr) == (shape[-1] % 128 == 0)
+  check = jax.jit(_kernel.all_finite)
+  assert bool(check(trees))
+  size = x.size
+  for flat in (0, size // 2 + 1, size - 1):
+    at = np.unravel_index(flat, shape)
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+      for k in (0, 1):
+        spoilt = [dict(t) for t in trees]
+        spoilt[k]["w"] = spoilt[k]["w"].at[at].set(bad)
+        assert not bool(check(spoilt)), (at, bad, k)
 
 
 def test_kernel_is_validated():
