@@ -73,6 +73,14 @@ _encode = jax.jit(
 )
 
 
+def on_one_tpu() -> bool:
+  """Whether the update is being traced for a single TPU device (where
+  ``kernel="auto"`` runs the kernels, and the non-finite guards check with
+  one). Under several devices a kernel, a custom call, would gather sharded
+  operands, where XLA's own operations keep the sharding."""
+  return jax.default_backend() == "tpu" and jax.device_count() == 1
+
+
 def tile_rows(
   shape: Sequence[int], layouts: Sequence[QuantizedArray]
 ) -> Optional[int]:

@@ -397,7 +397,7 @@ def dual_optim_plus_8bit(
     skip_nonfinite: skip (and count) calls whose gradients hold NaN or Inf.
       The check reads every gradient once before the step reads them again
       (on TPU a sizeable share of the step's traffic and compile time:
-      ``benchmarks/RESULTS.md``).
+      ``benchmarks/RESULTS.md``); with the fused kernels it is a kernel too.
       On the XLA loops the skip is a ``lax.cond`` around the step, under
       which the update cannot take the gradients' buffers; with False it
       does (see :func:`dualoptax.quantize_state`'s

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dualoptax import _chunked, _engine
+from dualoptax import _chunked, _engine, _kernel
 from dualoptax import quantization as _q
 from dualoptax.quantization import QuantizedArray
 
@@ -582,7 +582,7 @@ def use_kernel(kernel: str) -> bool:
   traced). Under several devices the kernel, a custom call, would gather
   sharded operands; the XLA loops keep the sharding."""
   if kernel == "auto":
-    return jax.default_backend() == "tpu" and jax.device_count() == 1
+    return _kernel.on_one_tpu()
   return kernel == "pallas"
 
 

@@ -161,6 +161,32 @@ def test_weight_decay_needs_params():
 @pytest.mark.parametrize(
   "make", [dualoptax.dual_optim_plus, dualoptax.dual_optim]
 )
+def test_nonfinite_check_is_a_kernel_on_one_tpu(make, monkeypatch):
+  # Traced for one TPU device, the guard checks a lane-aligned leaf with a
+  # kernel (interpreted here) and the rest with XLA: the same skips.
+  from dualoptax import _kernel
+
+  monkeypatch.setattr(_kernel, "on_one_tpu", lambda: True)
+  params = {"v": jnp.arange(3.0), "m": jnp.ones((16, 128))}
+  tx = make(1e-2)
+  state = tx.init(params)
+  good = jax.tree.map(jnp.ones_like, params)
+  jaxpr = str(jax.make_jaxpr(tx.update)({"forget": good}, state, params))
+  assert "pallas_call" in jaxpr
+  update = jax.jit(tx.update)
+  u, new = update({"forget": good}, state, params)
+  assert int(new.skipped) == 0 and np.all(u["m"] != 0)
+  for leaf, at in (("m", (15, 127)), ("m", (0, 0)), ("v", 1)):
+    for bad in (jnp.nan, -jnp.inf):
+      spoilt = {**good, leaf: good[leaf].at[at].set(bad)}
+      u, new = update({"forget": good, "retain": spoilt}, state, params)
+      assert int(new.skipped) == 1, (leaf, at, bad)
+      assert not any(np.any(x) for x in jax.tree.leaves(u))
+
+
+@pytest.mark.parametrize(
+  "make", [dualoptax.dual_optim_plus, dualoptax.dual_optim]
+)
 def test_nonfinite_step_is_skipped_and_counted(make):
   params = {"w": jnp.arange(4.0)}
   tx = make(1e-2, weight_decay=0.1)
