@@ -46,6 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.extend import core as jex_core
 
+from dualoptax import _objectives
 from dualoptax import quantization as _q
 from dualoptax.quantization import QuantizedArray
 
@@ -539,7 +540,7 @@ def all_finite(trees: Sequence[Any]) -> jax.Array:
   for xs in zip(*(jax.tree.leaves(t) for t in trees)):
     view = _kernel_view(xs)
     if view is None:
-      total += sum(jnp.sum(x - x, dtype=jnp.float32) for x in xs)
+      total += _objectives.nonfinite_sum(xs)
     else:
       total += _nonfinite_sum(*(x.reshape(view) for x in xs))
   return jnp.isfinite(total)

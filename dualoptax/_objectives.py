@@ -263,8 +263,13 @@ def all_finite(trees: Sequence[Any]) -> jax.Array:
   materialize an array of zeros the size of the largest leaf.)
   """
   leaves = [x for t in trees for x in jax.tree.leaves(t)]
-  total = sum(jnp.sum(x - x, dtype=jnp.float32) for x in leaves)
-  return jnp.isfinite(total)
+  return jnp.isfinite(nonfinite_sum(leaves))
+
+
+def nonfinite_sum(leaves: Sequence[jax.Array]) -> jax.Array:
+  """``sum(x - x)`` over ``leaves`` in float32: NaN exactly when one of them
+  holds a NaN or Inf (see :func:`all_finite`)."""
+  return sum(jnp.sum(x - x, dtype=jnp.float32) for x in leaves)
 
 
 def decay_mask(mask: MaskOrFn, params: Any) -> list[bool]:
