@@ -450,6 +450,10 @@ def group_kernel(
   return apply
 
 
+# Arrays one finiteness kernel reads (the objectives' gradients of a leaf).
+_CHECK_ARRAYS = 4
+
+
 def _finite_tile(shape: tuple[int, int], count: int) -> tuple[int, int]:
   """A ``[rows, cols]`` tile of a float32 ``[total, n]`` leaf for the
   finiteness kernel: about ``_TILE_VALUES`` values over its ``count`` inputs,
@@ -542,5 +546,9 @@ def all_finite(trees: Sequence[Any]) -> jax.Array:
     if view is None:
       total += _objectives.nonfinite_sum(xs)
     else:
-      total += _nonfinite_sum(*(x.reshape(view) for x in xs))
+      views = [x.reshape(view) for x in xs]
+      # At most _CHECK_ARRAYS per kernel, so that its VMEM stays bounded
+      # whatever the number of objectives.
+      for k in range(0, len(views), _CHECK_ARRAYS):
+        total += _nonfinite_sum(*views[k : k + _CHECK_ARRAYS])
   return jnp.isfinite(total)

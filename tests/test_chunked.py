@@ -273,6 +273,22 @@ def test_kernel_finiteness_check(shape):
         assert not bool(check(spoilt)), (at, bad, k)
 
 
+def test_kernel_finiteness_check_with_many_objectives():
+  # Nine trees: three kernels per leaf (at most four arrays each, so that a
+  # kernel's VMEM does not grow with the objectives), the last one's too.
+  from dualoptax import _kernel
+
+  x = jnp.ones((64, 256))
+  trees = [{"w": x * k} for k in range(9)]
+  jaxpr = str(jax.make_jaxpr(_kernel.all_finite)(trees))
+  assert jaxpr.count("name=_nonfinite_sum") == 3
+  check = jax.jit(_kernel.all_finite)
+  assert bool(check(trees))
+  for k in (0, 4, 8):
+    spoilt = [*trees[:k], {"w": x.at[63, 255].set(jnp.inf)}, *trees[k + 1 :]]
+    assert not bool(check(spoilt)), k
+
+
 def test_kernel_is_validated():
   with pytest.raises(ValueError, match="kernel must be one of"):
     dualoptax.quantize_state(optax.adam(1e-3), kernel="cuda")
