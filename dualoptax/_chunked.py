@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
 
-from dualoptax import _kernel
+from dualoptax import _kernel, _sharding
 from dualoptax import quantization as _q
 from dualoptax.quantization import QuantizedArray
 
@@ -686,7 +686,14 @@ def _run_bucket(
         source[i] = len(init)
         init.append(inputs[i])
       else:
-        init.append(jnp.zeros(shape, out_avals[o].dtype))
+        like = inputs[grp.inputs[0]]
+        init.append(
+          _sharding.zeros(
+            _sharding.struct(
+              shape, out_avals[o].dtype, like=getattr(like, "codes", like)
+            )
+          )
+        )
     sources.append(source)
   invariant = [
     {i: inputs[i] for i in grp.inputs if i not in src}
@@ -763,7 +770,9 @@ def _run_bucket(
       args = jax.lax.optimization_barrier(args)
     # The new moments and updates are materialized once, not recomputed in
     # each encoder or member slice that reads them (see _materialized).
-    new = _materialized(lambda: stacked_eval(*args), new_shapes, step, k > 1)
+    new = _materialized(
+      lambda: stacked_eval(*args), new_shapes, step, k > 1, like=args[0]
+    )
     carry = list(carry)
     for q, o0 in enumerate(carried[0]):
       if o0 in q_out:
@@ -858,7 +867,9 @@ def _run_kernels(
   return True
 
 
-def _materialized(compute: Callable, shapes, step, materialize: bool):
+def _materialized(
+  compute: Callable, shapes, step, materialize: bool, like: Any = None
+):
   """``compute()``, its outputs written to buffers once.
 
   Where a stacked result is then sliced apart per member, XLA fuses the whole
@@ -870,10 +881,12 @@ def _materialized(compute: Callable, shapes, step, materialize: bool):
   """
   if not materialize:
     return compute()
+  if _sharding.explicit(like) is not None:
+    # Under a mesh with explicit axes the branches' types carry the sharding
+    # (``like`` is an input of ``compute``), which ``shapes`` does not hold.
+    shapes = jax.eval_shape(compute)
   return jax.lax.cond(
-    step >= 0,
-    compute,
-    lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+    step >= 0, compute, lambda: jax.tree.map(_sharding.zeros, shapes)
   )
 
 
@@ -893,7 +906,9 @@ def _encode_once(x, like: QuantizedArray, step, materialize: bool):
     like.block_size,
     like.rows,
   )
-  return _materialized(lambda: _encode(x, like), shapes, step, materialize)
+  return _materialized(
+    lambda: _encode(x, like), shapes, step, materialize, like=x
+  )
 
 
 def _carry_index(carried, q_out, m: int, q: int) -> int:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dualoptax import _kernel, _objectives
+from dualoptax import _kernel, _objectives, _sharding
 
 
 class DeltaState(NamedTuple):
@@ -484,7 +484,7 @@ def guarded(
     return step()
 
   def skip():
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), update_shapes)
+    zeros = jax.tree.map(_sharding.zeros, update_shapes)
     return zeros, unchanged
 
   def conditional():
@@ -517,7 +517,7 @@ def update_shapes(grads: Mapping[str, Any], params: Any) -> Any:
   first present gradient's without params)."""
   first = next(iter(grads.values()))
   return jax.tree.map(
-    lambda g, p: jax.ShapeDtypeStruct(jnp.shape(g), jnp.result_type(p)),
+    lambda g, p: _sharding.struct(jnp.shape(g), jnp.result_type(p), like=g),
     first,
     first if params is None else params,
   )

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dualoptax import _objectives
+from dualoptax import _objectives, _sharding
 from dualoptax.dual_optim_plus import DEFAULT_OBJECTIVES
 
 
@@ -169,7 +169,7 @@ def accumulate_objectives(
     out_shapes = jax.eval_shape(emit, operand)[0]
 
     def hold(operand):
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shapes)
+      zeros = jax.tree.map(_sharding.zeros, out_shapes)
       return zeros, operand
 
     updates, (sums, sizes, inner_state) = jax.lax.cond(

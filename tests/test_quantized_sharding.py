@@ -7,6 +7,7 @@ devices (this process keeps its single device), and each test reports the
 outcome of one check.
 """
 
+import contextlib
 import os
 import re
 import textwrap
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import dualoptax
@@ -33,11 +34,29 @@ LAYOUTS = {
 }
 
 
-def _mesh(layout):
+# Mesh axis types: ``Auto`` (``Mesh``'s default) and ``Explicit``
+# (``jax.make_mesh``'s default), under which arrays carry their sharding in
+# their traced types and every array the step creates must match it.
+AXES = ("auto", "explicit")
+
+
+def _mesh(layout, axes="auto"):
   shape, names, spec = LAYOUTS[layout]
   assert len(jax.devices()) == 8, "runs in the 8-device subprocess only"
-  mesh = Mesh(np.array(jax.devices()[:8]).reshape(shape), names)
+  kind = AxisType.Explicit if axes == "explicit" else AxisType.Auto
+  mesh = Mesh(
+    np.array(jax.devices()[:8]).reshape(shape),
+    names,
+    axis_types=(kind,) * len(names),
+  )
   return mesh, NamedSharding(mesh, spec)
+
+
+def _within(mesh):
+  """The mesh as the context mesh where its axes are explicit (the usual
+  way to use one: arrays created in the step take it), else nothing."""
+  explicit = AxisType.Explicit in tuple(mesh.axis_types)
+  return jax.set_mesh(mesh) if explicit else contextlib.nullcontext()
 
 
 def _params(sharding, shape=(64, 2048)):
@@ -82,25 +101,27 @@ def _check_state_sharding(state, param_sharding):
   return qs
 
 
-def _check_adam_8bit_update_has_no_collectives(layout):
-  _, sharding = _mesh(layout)
+def _check_adam_8bit_update_has_no_collectives(layout, axes="auto"):
+  mesh, sharding = _mesh(layout, axes)
   params = _params(sharding)
   tx = dualoptax.quantize_state(optax.adam(1e-3))
-  state = tx.init(params)
-  qs = _check_state_sharding(state, sharding)
-  assert qs[0].codes.shape == (64, 2048) and qs[0].absmax.shape == (64, 8)
-  assert qs[0].block_size == 256
-  compiled = _compiled_step(tx, params, state, multi=False)
-  assert _collectives(compiled) == []
-  # Control: bitsandbytes' layout (flatten the tensor, then cut blocks) does
-  # need collectives on a column-sharded array, and the checker sees them.
-  if layout == "fsdp_cols":
-    flat = jax.jit(lambda x: jnp.max(jnp.abs(x.reshape(-1, 256 * 64)), -1))
-    assert _collectives(flat.lower(params["a"]).compile())
-  # The updated state comes back with the same sharding (no resharding later).
-  new_p, new_s = compiled(params, state, params)
-  _check_state_sharding(new_s, sharding)
-  assert new_p["a"].sharding.is_equivalent_to(sharding, 2)
+  with _within(mesh):
+    state = tx.init(params)
+    qs = _check_state_sharding(state, sharding)
+    assert qs[0].codes.shape == (64, 2048) and qs[0].absmax.shape == (64, 8)
+    assert qs[0].block_size == 256
+    compiled = _compiled_step(tx, params, state, multi=False)
+    assert _collectives(compiled) == []
+    # Control: bitsandbytes' layout (flatten the tensor, then cut blocks)
+    # does need collectives on a column-sharded array, and the checker sees
+    # them. (Under explicit axes JAX refuses that reshape outright.)
+    if layout == "fsdp_cols" and axes == "auto":
+      flat = jax.jit(lambda x: jnp.max(jnp.abs(x.reshape(-1, 256 * 64)), -1))
+      assert _collectives(flat.lower(params["a"]).compile())
+    # The updated state comes back with the same sharding (no resharding).
+    new_p, new_s = compiled(params, state, params)
+    _check_state_sharding(new_s, sharding)
+    assert new_p["a"].sharding.is_equivalent_to(sharding, 2)
   # And it computes what the unsharded wrapper computes.
   host = jax.tree.map(np.asarray, params)
 
@@ -115,8 +136,13 @@ def _check_adam_8bit_update_has_no_collectives(layout):
     )
 
 
-def _check_dual_optim_plus_8bit_sharded(layout):
-  _, sharding = _mesh(layout)
+def _check_dual_optim_plus_8bit_sharded(layout, axes="auto"):
+  mesh, sharding = _mesh(layout, axes)
+  with _within(mesh):
+    _dual_optim_plus_8bit_sharded(sharding)
+
+
+def _dual_optim_plus_8bit_sharded(sharding):
   params = _params(sharding)
   # Without the finiteness check: no collective at all.
   tx = dualoptax.dual_optim_plus_8bit(1e-3, skip_nonfinite=False)
@@ -209,30 +235,31 @@ STATE_TXS = {
 }
 
 
-def _check_state_scalars_replicated_over_the_params_mesh(name):
+def _check_state_scalars_replicated_over_the_params_mesh(name, axes="auto"):
   # Counters (count, deltas[*].count, skipped) used to live on device 0, so
   # out_shardings taken from the state's .sharding failed ("incompatible
   # devices").
-  _, sharding = _mesh("mesh_2d")
+  mesh, sharding = _mesh("mesh_2d", axes)
   params = _params(sharding)
   tx = STATE_TXS[name]()
-  state = tx.init(params)
-  scalars = [x for x in jax.tree.leaves(state) if x.ndim == 0]
-  assert scalars
-  for x in scalars:
-    assert x.sharding.device_set == sharding.device_set, x.sharding
-    assert x.sharding.is_fully_replicated
-  multi = name != "quantize_state(adam)"
-  state_shardings = jax.tree.map(lambda x: x.sharding, state)
-  param_shardings = jax.tree.map(lambda x: x.sharding, params)
+  with _within(mesh):
+    state = tx.init(params)
+    scalars = [x for x in jax.tree.leaves(state) if x.ndim == 0]
+    assert scalars
+    for x in scalars:
+      assert x.sharding.device_set == sharding.device_set, x.sharding
+      assert x.sharding.is_fully_replicated
+    multi = name != "quantize_state(adam)"
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
 
-  def step(p, s, g):
-    u, s = tx.update({"forget": g} if multi else g, s, p)
-    return optax.apply_updates(p, u), s
+    def step(p, s, g):
+      u, s = tx.update({"forget": g} if multi else g, s, p)
+      return optax.apply_updates(p, u), s
 
-  step = jax.jit(step, out_shardings=(param_shardings, state_shardings))
-  new_p, new_s = step(params, state, params)
-  new_p, new_s = step(new_p, new_s, params)
+    step = jax.jit(step, out_shardings=(param_shardings, state_shardings))
+    new_p, new_s = step(params, state, params)
+    new_p, new_s = step(new_p, new_s, params)
   count = new_s[0].count if name == "quantize_state(adam)" else new_s.count
   assert int(count) == 2
   # Unsharded params: plain default-device scalars, as before.
@@ -244,23 +271,44 @@ def _check_state_scalars_replicated_over_the_params_mesh(name):
   )
 
 
+def _check_accumulate_objectives_on_an_explicit_mesh():
+  # The held call's zero update is created in the update's sharding.
+  mesh, sharding = _mesh("fsdp_rows", "explicit")
+  params = _params(sharding)
+  tx = dualoptax.accumulate_objectives(dualoptax.dual_optim_plus(1e-3), 2)
+  with _within(mesh):
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for k in range(2):
+      u, state = update({"forget": params}, state, params)
+      assert jax.typeof(u["a"]).sharding.spec == sharding.spec
+      assert bool(jnp.any(u["a"] != 0)) == (k == 1)
+
+
 # ---------------------------------------------------------------------------
 # Running the checks on 8 simulated devices.
 # ---------------------------------------------------------------------------
 CHECKS = (
   [
-    ("_check_adam_8bit_update_has_no_collectives", (layout,))
+    ("_check_adam_8bit_update_has_no_collectives", (layout, axes))
     for layout in LAYOUTS
+    for axes in AXES
   ]
-  + [("_check_dual_optim_plus_8bit_sharded", (layout,)) for layout in LAYOUTS]
+  + [
+    ("_check_dual_optim_plus_8bit_sharded", (layout, axes))
+    for layout in LAYOUTS
+    for axes in AXES
+  ]
   + [
     ("_check_shards_smaller_than_a_block_use_a_shard_sized_block", ()),
     ("_check_shards_without_a_whole_block_stay_float32_with_a_warning", ()),
   ]
   + [("_check_blocks_spanning_unsharded_trailing_axes", ())]
+  + [("_check_accumulate_objectives_on_an_explicit_mesh", ())]
   + [
-    ("_check_state_scalars_replicated_over_the_params_mesh", (name,))
+    ("_check_state_scalars_replicated_over_the_params_mesh", (name, axes))
     for name in STATE_TXS
+    for axes in AXES
   ]
 )
 
@@ -300,16 +348,18 @@ def _outcome(report, fn, *args):
     pytest.fail(f"in the 8-device subprocess:\n{error}", pytrace=False)
 
 
+@pytest.mark.parametrize("axes", AXES)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_adam_8bit_update_has_no_collectives(layout, report):
+def test_adam_8bit_update_has_no_collectives(layout, axes, report):
   """quantize_state(adam): sharded state, no collective, unsharded result."""
-  _outcome(report, "_check_adam_8bit_update_has_no_collectives", layout)
+  _outcome(report, "_check_adam_8bit_update_has_no_collectives", layout, axes)
 
 
+@pytest.mark.parametrize("axes", AXES)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_dual_optim_plus_8bit_sharded(layout, report):
+def test_dual_optim_plus_8bit_sharded(layout, axes, report):
   """DualOptim+ 8-bit: no collective but the scalar finiteness flag."""
-  _outcome(report, "_check_dual_optim_plus_8bit_sharded", layout)
+  _outcome(report, "_check_dual_optim_plus_8bit_sharded", layout, axes)
 
 
 def test_shards_smaller_than_a_block_use_a_shard_sized_block(report):
@@ -324,13 +374,25 @@ def test_shards_without_a_whole_block_stay_float32_with_a_warning(report):
   )
 
 
+@pytest.mark.parametrize("axes", AXES)
 @pytest.mark.parametrize("name", list(STATE_TXS))
-def test_state_scalars_replicated_over_the_params_mesh(name, report):
+def test_state_scalars_replicated_over_the_params_mesh(name, axes, report):
   """Counters of a sharded state: on the params' mesh, so the state's own
-  shardings work as jit out_shardings."""
-  _outcome(report, "_check_state_scalars_replicated_over_the_params_mesh", name)
+  shardings work as jit out_shardings; each optimizer steps twice."""
+  _outcome(
+    report,
+    "_check_state_scalars_replicated_over_the_params_mesh",
+    name,
+    axes,
+  )
 
 
 def test_blocks_spanning_unsharded_trailing_axes(report):
   """A short last axis: blocks span the unsharded trailing axes, not d."""
   _outcome(report, "_check_blocks_spanning_unsharded_trailing_axes")
+
+
+def test_accumulate_objectives_on_an_explicit_mesh(report):
+  """accumulate_objectives under a mesh with explicit axes: a held call's
+  zero update has the update's sharding, and the k-th call steps."""
+  _outcome(report, "_check_accumulate_objectives_on_an_explicit_mesh")

@@ -1,0 +1,50 @@
+"""Sharding carried in array types (a mesh with explicit axes).
+
+``jax.make_mesh`` gives its axes ``AxisType.Explicit`` by default: arrays
+placed on such a mesh carry their ``NamedSharding`` in their traced type, and
+JAX checks it, so an array the step creates (a zero update, a loop's initial
+carry) must be created in the sharding of the arrays it meets. Under a mesh
+with ``Auto`` axes (``jax.sharding.Mesh``'s default) types carry no sharding
+and these helpers change nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+
+def explicit(x: Any) -> Optional[jax.sharding.NamedSharding]:
+  """The sharding in ``x``'s type where its mesh has an explicit axis, else
+  None (no mesh, ``Auto`` axes, or not an array)."""
+  try:
+    sharding = jax.typeof(x).sharding
+  except (TypeError, AttributeError):
+    return None
+  return sharding if _on_explicit_mesh(sharding) else None
+
+
+def _on_explicit_mesh(sharding: Any) -> bool:
+  mesh = getattr(sharding, "mesh", None)
+  return (
+    isinstance(sharding, jax.sharding.NamedSharding)
+    and not mesh.empty
+    and jax.sharding.AxisType.Explicit in tuple(mesh.axis_types)
+  )
+
+
+def struct(shape: Any, dtype: Any, like: Any = None) -> jax.ShapeDtypeStruct:
+  """A ``ShapeDtypeStruct`` in ``like``'s explicit sharding (if any)."""
+  sharding = None if like is None else explicit(like)
+  return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding)
+
+
+def zeros(s: jax.ShapeDtypeStruct) -> jax.Array:
+  """Zeros of ``s``'s shape and dtype, in its sharding where that is an
+  explicit mesh's (see :func:`struct`)."""
+  sharding = getattr(s, "sharding", None)
+  if not _on_explicit_mesh(sharding):
+    return jnp.zeros(s.shape, s.dtype)
+  return jnp.zeros(s.shape, s.dtype, out_sharding=sharding)
