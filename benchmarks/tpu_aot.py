@@ -412,6 +412,13 @@ def main() -> int:
     default="input",
     help="gradients passed in (kept by the caller) or computed in the step",
   )
+  parser.add_argument(
+    "--axes",
+    choices=("auto", "explicit"),
+    default="auto",
+    help="mesh axis types: auto (jax.sharding.Mesh's default) or explicit "
+    "(jax.make_mesh's), under which the 8-bit kernels run per shard",
+  )
   args = parser.parse_args()
   try:
     from jax.experimental import topologies
@@ -435,10 +442,17 @@ def main() -> int:
   for key in args.trees.split(","):
     label, make = TREES[key]
     for chips in (int(c) for c in args.mesh.split(",")):
-      mesh = jax.sharding.Mesh(topo.devices[:chips], ("fsdp",))
+      kind = getattr(jax.sharding.AxisType, args.axes.capitalize())
+      mesh = jax.sharding.Mesh(
+        topo.devices[:chips], ("fsdp",), axis_types=(kind,)
+      )
       params = place(make(), mesh)
-      table = updates("pallas" if chips == 1 else "xla")
+      # What "auto" picks on TPU: the kernels, per shard under explicit
+      # axes; under several chips with auto axes, the loops.
+      per_shard = chips == 1 or args.axes == "explicit"
+      table = updates("pallas" if per_shard else "xla")
       where = "1 chip" if chips == 1 else f"FSDP over {chips} chips"
+      where += f", {args.axes} axes" if chips > 1 else ""
       print(f"\n{label}, {where} (B/param over all chips)")
       print(
         f"{'update':17s} {'state':>6s} {'temp':>7s} {'accessed':>9s} "
@@ -448,7 +462,8 @@ def main() -> int:
       for name in args.updates.split(","):
         tx, objectives = table[name]
         try:
-          r = measure(tx, objectives, params, args.grads)
+          with jax.set_mesh(mesh):
+            r = measure(tx, objectives, params, args.grads)
         except jax.errors.JaxRuntimeError as e:  # e.g. more HBM than a chip has
           print(f"{name:17s} does not compile: {str(e).splitlines()[0][:100]}")
           continue

@@ -74,7 +74,11 @@ def _bind(eqn, invals, params=None):
   subfuns = ()
   if isinstance(params, tuple):  # jax < 0.7 returned (subfuns, params)
     subfuns, params = params
-  with eqn.ctx.manager:
+  # The equation's context, but the mesh of where it is evaluated now: a
+  # kernel per shard evaluates it inside a shard_map (manual axes), not
+  # under the mesh it was traced under.
+  here = jax.sharding.get_abstract_mesh()
+  with eqn.ctx.manager, jax.sharding.use_abstract_mesh(here):
     outs = eqn.primitive.bind(*subfuns, *invals, **params)
   return outs if eqn.primitive.multiple_results else [outs]
 
@@ -386,7 +390,7 @@ def apply_in_chunks(
   chunk_size: int,
   describe: Callable[[int], str] = str,
   reusable: frozenset = frozenset(),
-  kernel: bool = False,
+  kernel: str = "xla",
   keep: Optional[jax.Array] = None,
 ) -> list:
   """Evaluates ``fn`` on decoded ``inputs``, group by group, chunk by chunk.
@@ -411,9 +415,13 @@ def apply_in_chunks(
       so XLA can write the update into the gradient's buffer where the
       gradient is dead after the step. Empty under a conditional, whose
       operands XLA copies instead.
-    kernel: run each group whose leaf layout allows it as a fused Pallas
-      kernel over tiles of rows (see :mod:`dualoptax._kernel`) instead of a
-      loop over chunks; compiled on TPU, interpreted elsewhere.
+    kernel: ``"xla"``: loops; ``"pallas"``: each group whose leaf layout
+      allows it runs as a fused Pallas kernel over tiles of rows (see
+      :mod:`dualoptax._kernel`) instead of a loop over chunks, compiled on
+      TPU, interpreted elsewhere; ``"auto"``: the same, but a leaf under
+      several devices whose type does not carry its sharding keeps the
+      loops. Where it does (a mesh with explicit axes), the kernel runs per
+      shard.
     keep: a traced bool, or None (always True). Where False, every state
       output is its input as it was (8-bit codes and absmax bit for bit) and
       every other output is zeros: a skipped step without a conditional. A
@@ -614,7 +622,7 @@ def _run_bucket(
   set_passthrough,
   passthrough,
   reusable,
-  kernel=False,
+  kernel="xla",
   keep=None,
   fused=None,
 ):
@@ -634,7 +642,7 @@ def _run_bucket(
     return
   template, n = groups[0], len(groups)
   shape = template.shape
-  if kernel and _run_kernels(
+  if kernel != "xla" and _run_kernels(
     jaxpr,
     consts,
     groups,
@@ -648,6 +656,7 @@ def _run_bucket(
     results,
     keep,
     fused,
+    kernel,
   ):
     return
   cshape = _chunk_shape(shape, k)
@@ -812,14 +821,27 @@ def _run_kernels(
   results,
   keep,
   fused,
+  kernel: str,
 ) -> bool:
   """Runs each group of a bucket as one fused kernel (the template's
   equations on the member's inputs); False, with nothing written, where the
-  leaf's layout or dtypes keep the bucket on the loop path."""
+  leaf's layout or dtypes keep the bucket on the loop path.
+
+  Where the arrays carry their sharding in their types (a mesh with explicit
+  axes), the kernel is built for one shard and runs on every shard
+  (``_kernel.on_shards``). Otherwise, under several devices, ``"auto"``
+  keeps the loops: a custom call would gather sharded operands.
+  """
   template = groups[0]
-  layouts = [inputs[i] for i in template.inputs if is_q[i]]
-  layouts += [q_out[o] for o in carried[0] if o in q_out]
-  rows = _kernel.tile_rows(template.shape, layouts)
+  first = inputs[template.inputs[0]]
+  sharded = _sharding.explicit(getattr(first, "codes", first)) is not None
+  if not sharded and kernel == "auto" and _sharding.several_devices(first):
+    return False
+  shard = _kernel.local_stand_in if sharded else (lambda x: x)
+  layouts = [shard(inputs[i]) for i in template.inputs if is_q[i]]
+  layouts += [shard(q_out[o]) for o in carried[0] if o in q_out]
+  shape = shard(first).shape if sharded else template.shape
+  rows = _kernel.tile_rows(shape, layouts)
   if rows is None:
     return False
   local = [jaxpr.invars[i] for i in template.inputs]
@@ -840,6 +862,7 @@ def _run_kernels(
       elif i is not None and keep is not None:
         return False  # a skipped step would need this state's old value
     args = [inputs[i] for i in grp.inputs]
+    out_like = [q_out.get(o) for o in outs]
     key = tuple(sorted(aliases.items()))
     if key not in built:
       built[key] = _kernel.group_kernel(
@@ -847,9 +870,9 @@ def _run_kernels(
         consts,
         eqn_ids,
         local,
-        args,
+        [shard(a) for a in args],
         outvars,
-        [q_out.get(o) for o in outs],
+        [None if q is None else shard(q) for q in out_like],
         scalars,
         aliases,
         rows,
@@ -859,7 +882,10 @@ def _run_kernels(
       )
     if built[key] is None:
       return False
-    done.append(built[key](args))
+    if sharded:
+      done.append(_kernel.on_shards(built[key], args, out_like))
+    else:
+      done.append(built[key].apply(built[key].scalars, args))
   for outs, new in zip(carried, done):
     for o, x in zip(outs, new):
       results[o] = x

@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.extend import core as jex_core
 
-from dualoptax import _objectives
+from dualoptax import _objectives, _sharding
 from dualoptax import quantization as _q
 from dualoptax.quantization import QuantizedArray
 
@@ -74,12 +74,18 @@ _encode = jax.jit(
 )
 
 
+def on_tpu() -> bool:
+  """Whether the update is being traced for TPU (where ``kernel="auto"``
+  runs the kernels)."""
+  return jax.default_backend() == "tpu"
+
+
 def on_one_tpu() -> bool:
-  """Whether the update is being traced for a single TPU device (where
-  ``kernel="auto"`` runs the kernels, and the non-finite guards check with
-  one). Under several devices a kernel, a custom call, would gather sharded
-  operands, where XLA's own operations keep the sharding."""
-  return jax.default_backend() == "tpu" and jax.device_count() == 1
+  """Whether the update is being traced for a single TPU device (where the
+  float32 steps' non-finite guards check with a kernel). Under several
+  devices a kernel, a custom call, would gather sharded operands, where
+  XLA's own operations keep the sharding."""
+  return on_tpu() and jax.device_count() == 1
 
 
 def tile_rows(
@@ -175,6 +181,17 @@ def _scalar_reads(jaxpr, array_ids, local) -> list:
   return reads
 
 
+class GroupKernel(NamedTuple):
+  """A group's fused kernel. ``apply(scalars, args) -> outputs``
+  (QuantizedArray where ``out_like`` is, in its layout) for ``args`` laid
+  out like the ``like_args`` it was built for; ``scalars`` are the values it
+  reads from SMEM (computed from the update's 0-d inputs when it was
+  built)."""
+
+  apply: Callable[[Sequence[jax.Array], Sequence[Any]], list]
+  scalars: list
+
+
 def group_kernel(
   jaxpr,
   consts,
@@ -189,7 +206,7 @@ def group_kernel(
   evaluate,
   keep: Optional[jax.Array] = None,
   shared: bool = True,
-) -> Optional[Callable[[Sequence[Any]], list]]:
+) -> Optional[GroupKernel]:
   """One group's equations as a fused kernel over tiles of rows.
 
   The kernel is traced and lowered once; the returned function applies it to
@@ -217,9 +234,8 @@ def group_kernel(
       trace of the kernel).
 
   Returns:
-    ``apply(args) -> outputs`` (QuantizedArray where ``out_like`` is, in the
-    layout of ``out_like``'s), for ``args`` laid out like ``like_args``; or
-    None when a dtype keeps the group on the XLA path.
+    A :class:`GroupKernel`, or None when a dtype keeps the group on the XLA
+    path.
   """
   shape = tuple(like_args[0].shape)
   n = int(shape[-1])
@@ -272,8 +288,8 @@ def group_kernel(
     else:
       in_specs.append(block)
 
-  def operands(group_args) -> list:
-    flat = list(scalar_in)
+  def operands(scalar_values, group_args) -> list:
+    flat = list(scalar_values)
     for a in group_args:
       if isinstance(a, QuantizedArray):
         flat += [a.codes.reshape(total, n), orient(a.absmax.reshape(total, nb))]
@@ -431,12 +447,12 @@ def group_kernel(
   # traffic; benchmarks/tpu_aot.py).
   launch = jax.jit(fused_step) if shared else fused_step
 
-  def apply(group_args) -> list:
-    flat_out = launch(*operands(group_args))
+  def apply(scalar_values, group_args) -> list:
+    flat_out = launch(*operands(scalar_values, group_args))
     results = []
-    for like, t, v in zip(out_like, out_slots, outvars):
+    for like, t in zip(out_like, out_slots):
       if like is None:
-        results.append(flat_out[t].reshape(v.aval.shape))
+        results.append(flat_out[t].reshape(shape))
       else:
         results.append(
           dataclasses.replace(
@@ -447,7 +463,87 @@ def group_kernel(
         )
     return results
 
-  return apply
+  return GroupKernel(apply, scalar_in)
+
+
+# ---------------------------------------------------------------------------
+# A kernel per shard, where arrays carry their sharding in their types.
+# ---------------------------------------------------------------------------
+def _arrays(x) -> list:
+  return [x.codes, x.absmax] if isinstance(x, QuantizedArray) else [x]
+
+
+def local_stand_in(x):
+  """``x`` as one shard of it looks (shapes only), under the explicit
+  sharding in its type: a ``QuantizedArray`` of ``ShapeDtypeStruct``s with
+  the shard's shape, or a ``ShapeDtypeStruct``. Blocks never cross a shard
+  (``quantization.block_layout``), so a shard is an 8-bit array of its own."""
+
+  def local(a):
+    sharding = _sharding.explicit(a)
+    return jax.ShapeDtypeStruct(sharding.shard_shape(a.shape), a.dtype)
+
+  if not isinstance(x, QuantizedArray):
+    return local(x)
+  codes, absmax = local(x.codes), local(x.absmax)
+  shape = (*codes.shape[:-1], codes.shape[-1] - x.pad)
+  return dataclasses.replace(x, codes=codes, absmax=absmax, shape=shape)
+
+
+def on_shards(
+  kernel: GroupKernel,
+  args: Sequence[Any],
+  out_like: Sequence[Optional[QuantizedArray]],
+) -> list:
+  """``kernel``, built for one shard's shapes (from :func:`local_stand_in`),
+  run on every shard of ``args`` (``jax.shard_map`` over the mesh in their
+  types, its scalars replicated): no collective, each device's kernel reads
+  and writes its own shard. Outputs as ``kernel.apply``'s, in the global
+  layout of ``out_like`` (None: an array sharded as the group's leaf)."""
+  n_scalars = len(kernel.scalars)
+  flat = list(kernel.scalars)
+  specs = [jax.sharding.PartitionSpec()] * n_scalars
+  for a in args:
+    for x in _arrays(a):
+      flat.append(x)
+      specs.append(_sharding.explicit(x).spec)
+  leaf = specs[n_scalars]  # a group's arrays have the leaf's shape and spec
+  out_specs = []
+  for like in out_like:
+    if like is None:
+      out_specs.append(leaf)
+    else:
+      out_specs += [_sharding.explicit(x).spec for x in _arrays(like)]
+
+  def body(*local):
+    it = iter(local[n_scalars:])
+    local_args = [
+      dataclasses.replace(
+        a, codes=next(it), absmax=next(it), shape=local_stand_in(a).shape
+      )
+      if isinstance(a, QuantizedArray)
+      else next(it)
+      for a in args
+    ]
+    outs = kernel.apply(local[:n_scalars], local_args)
+    return tuple(y for x in outs for y in _arrays(x))
+
+  mesh = _sharding.explicit(flat[n_scalars]).mesh
+  out = iter(
+    jax.shard_map(
+      body,
+      mesh=mesh,
+      in_specs=tuple(specs),
+      out_specs=tuple(out_specs),
+      check_vma=False,  # a pallas_call's results carry no varying axes
+    )(*flat)
+  )
+  return [
+    next(out)
+    if like is None
+    else dataclasses.replace(like, codes=next(out), absmax=next(out))
+    for like in out_like
+  ]
 
 
 # Arrays one finiteness kernel reads (the objectives' gradients of a leaf).
@@ -542,13 +638,34 @@ def all_finite(trees: Sequence[Any]) -> jax.Array:
   """
   total = jnp.zeros((), jnp.float32)
   for xs in zip(*(jax.tree.leaves(t) for t in trees)):
-    view = _kernel_view(xs)
-    if view is None:
-      total += _objectives.nonfinite_sum(xs)
+    sharding = _sharding.explicit(xs[0])
+    if sharding is not None:  # a kernel per shard, then a scalar's psum
+      specs = tuple(_sharding.explicit(x).spec for x in xs)
+      names = _sharding.spec_axes(specs)
+      total += jax.shard_map(
+        lambda *local: jax.lax.psum(_leaf_nonfinite_sum(local), names),
+        mesh=sharding.mesh,
+        in_specs=specs,
+        out_specs=jax.sharding.PartitionSpec(),
+        check_vma=False,  # a pallas_call's results carry no varying axes
+      )(*xs)
+    elif _sharding.several_devices(xs[0]):
+      total += _objectives.nonfinite_sum(xs)  # a kernel would gather
     else:
-      views = [x.reshape(view) for x in xs]
-      # At most _CHECK_ARRAYS per kernel, so that its VMEM stays bounded
-      # whatever the number of objectives.
-      for k in range(0, len(views), _CHECK_ARRAYS):
-        total += _nonfinite_sum(*views[k : k + _CHECK_ARRAYS])
+      total += _leaf_nonfinite_sum(xs)
   return jnp.isfinite(total)
+
+
+def _leaf_nonfinite_sum(xs: Sequence[jax.Array]) -> jax.Array:
+  """``sum(x - x)`` over one leaf's arrays: kernels where the leaf's view
+  allows, else XLA's sum."""
+  view = _kernel_view(xs)
+  if view is None:
+    return _objectives.nonfinite_sum(xs)
+  views = [x.reshape(view) for x in xs]
+  total = jnp.zeros((), jnp.float32)
+  # At most _CHECK_ARRAYS per kernel, so that its VMEM stays bounded
+  # whatever the number of objectives.
+  for k in range(0, len(views), _CHECK_ARRAYS):
+    total += _nonfinite_sum(*views[k : k + _CHECK_ARRAYS])
+  return total

@@ -15,6 +15,8 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from dualoptax.quantization import QuantizedArray
+
 
 def explicit(x: Any) -> Optional[jax.sharding.NamedSharding]:
   """The sharding in ``x``'s type where its mesh has an explicit axis, else
@@ -48,3 +50,28 @@ def zeros(s: jax.ShapeDtypeStruct) -> jax.Array:
   if not _on_explicit_mesh(sharding):
     return jnp.zeros(s.shape, s.dtype)
   return jnp.zeros(s.shape, s.dtype, out_sharding=sharding)
+
+
+def several_devices(x: Any) -> bool:
+  """Whether ``x`` may live on several devices: this process has several,
+  or the mesh in its type has (ahead-of-time compilation for a topology
+  from a one-device host)."""
+  if isinstance(x, QuantizedArray):
+    x = x.codes
+  try:
+    mesh = getattr(jax.typeof(x).sharding, "mesh", None)
+  except (TypeError, AttributeError):
+    mesh = None
+  size = 1 if mesh is None or mesh.empty else mesh.size
+  return jax.device_count() > 1 or size > 1
+
+
+def spec_axes(specs: Any) -> tuple[str, ...]:
+  """The mesh axes the ``PartitionSpec``s name, in order of appearance."""
+  names: list[str] = []
+  for spec in specs:
+    for entry in spec:
+      for name in entry if isinstance(entry, tuple) else (entry,):
+        if name is not None and name not in names:
+          names.append(name)
+  return tuple(names)

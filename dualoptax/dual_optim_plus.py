@@ -373,9 +373,9 @@ def dual_optim_plus_8bit(
   Each step decodes, steps and re-encodes the moments one chunk of a leaf at a
   time, leaf after leaf (at most ``chunk_size`` values where the leaf's
   leading axis splits that finely, see :func:`dualoptax.quantize_state`), so
-  the step's temporary memory is bounded by the chunk, not the model; on a
-  single TPU device, one fused kernel per leaf works through tiles in on-chip
-  memory instead. The non-finite
+  the step's temporary memory is bounded by the chunk, not the model; on
+  TPU, one fused kernel per leaf (per shard, under a mesh with explicit
+  axes) works through tiles in on-chip memory instead. The non-finite
   check runs before, over all gradients at once; a skipped call keeps every
   code as it was.
 

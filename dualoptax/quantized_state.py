@@ -374,10 +374,14 @@ def quantize_state(
       (slow: for tests); leaves whose layout the kernel does not take (1-d,
       padded, blocks not a multiple of 128 values, non-float32) keep the
       loops. ``"xla"``: ``lax.fori_loop`` over chunks, on every backend.
-      ``"auto"`` (default): ``"pallas"`` on a single TPU device, else
-      ``"xla"`` (a custom call under several devices would gather sharded
-      operands). The kernel updates state in place and never takes a
-      gradient's buffer (``reuse_gradient_buffers`` is the loops' switch).
+      ``"auto"`` (default): the kernels on TPU, the loops elsewhere. Under
+      several devices a leaf whose arrays carry their sharding in their
+      types (a mesh with explicit axes, ``jax.make_mesh``'s default) runs
+      one kernel per shard (``jax.shard_map``, no collective); ``"auto"``
+      keeps the loops for other leaves there (a custom call would gather
+      sharded operands), ``"pallas"`` does not. The kernel updates state in
+      place and never takes a gradient's buffer (``reuse_gradient_buffers``
+      is the loops' switch).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is ``inner``'s
@@ -560,7 +564,7 @@ def quantize_state(
       chunk_size=chunk_size,
       describe=describe,
       reusable=frozenset(range(n_u) if reuse_gradient_buffers else ()),
-      kernel=use_kernel(kernel),
+      kernel=kernel if use_kernel(kernel) else "xla",
       keep=keep,
     )
     return out_def[0].unflatten(results[n_s:]), st_def.unflatten(results[:n_s])
@@ -577,12 +581,11 @@ KEEP_IF = "_dualoptax_keep_if"
 
 
 def use_kernel(kernel: str) -> bool:
-  """Whether the chunked step runs fused Pallas kernels: ``"pallas"``
-  always, ``"auto"`` on a single TPU device (decided when the update is
-  traced). Under several devices the kernel, a custom call, would gather
-  sharded operands; the XLA loops keep the sharding."""
+  """Whether the chunked step may run fused Pallas kernels: ``"pallas"``
+  always, ``"auto"`` on TPU (decided when the update is traced; which
+  leaves do under several devices, see ``_chunked._run_kernels``)."""
   if kernel == "auto":
-    return _kernel.on_one_tpu()
+    return _kernel.on_tpu()
   return kernel == "pallas"
 
 

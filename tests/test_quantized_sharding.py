@@ -285,6 +285,63 @@ def _check_accumulate_objectives_on_an_explicit_mesh():
       assert bool(jnp.any(u["a"] != 0)) == (k == 1)
 
 
+KERNEL_TXS = {
+  "dual_optim_plus_8bit": lambda kernel: dualoptax.dual_optim_plus_8bit(
+    1e-2, weight_decay=0.1, chunk_size=4096, kernel=kernel
+  ),
+  "quantize_state(adamw)": lambda kernel: dualoptax.quantize_state(
+    optax.adamw(1e-2, weight_decay=0.1), chunk_size=4096, kernel=kernel
+  ),
+}
+
+
+def _check_kernel_per_shard(layout, name):
+  # Under explicit axes each shard runs the fused kernel on its own blocks
+  # (interpreted here): the loops' steps on the same mesh, and no collective
+  # but the finiteness flag's scalar.
+  from tests import test_chunked
+
+  mesh, sharding = _mesh(layout, "explicit")
+  # Random values, as in test_chunked, whose tolerances are set for them.
+  keys = jax.random.split(jax.random.key(0), 2)
+  params = jax.device_put(
+    {n: jax.random.normal(k, (64, 2048)) for n, k in zip("ab", keys)},
+    sharding,
+  )
+  multi = name == "dual_optim_plus_8bit"
+  loop, kernel = KERNEL_TXS[name]("xla"), KERNEL_TXS[name]("pallas")
+  with _within(mesh):
+    state = kernel.init(params)
+    grads = {"forget": params} if multi else params
+    jaxpr = str(jax.make_jaxpr(kernel.update)(grads, state, params))
+    # One traced kernel for "a" and "b", called on each in a shard_map; so
+    # is the finiteness check's (DualOptim+).
+    assert jaxpr.count("name=fused_step") == 2
+    assert jaxpr.count("shard_map") == 2 + 2 * multi
+    assert jaxpr.count("name=_nonfinite_sum") == 2 * multi
+    test_chunked._assert_steps_agree(
+      jax.jit(loop.update), [jax.jit(kernel.update)], state, multi, params
+    )
+    compiled = _compiled_step(kernel, params, state, multi)
+    for result_type, op in _collectives(compiled):
+      assert op == "all-reduce", op
+      assert re.fullmatch(r"\(?((f32|pred)\[\](\{\})?,?\s*)+\)?", result_type)
+    new_p, new_s = compiled(params, state, params)
+    _check_state_sharding(new_s, sharding)
+    assert new_p["a"].sharding.is_equivalent_to(sharding, 2)
+    if multi:  # a NaN in one shard: nothing written on any shard
+      bad = params["b"].at[3, 5].set(jnp.nan, out_sharding=sharding)
+      u, skipped = jax.jit(kernel.update)(
+        {"forget": {"a": params["a"], "b": bad}}, state, params
+      )
+      assert int(skipped.skipped) == 1
+      assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(u))
+      for x, y in zip(
+        jax.tree.leaves(skipped.base_mu), jax.tree.leaves(state.base_mu)
+      ):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 # ---------------------------------------------------------------------------
 # Running the checks on 8 simulated devices.
 # ---------------------------------------------------------------------------
@@ -305,6 +362,11 @@ CHECKS = (
   ]
   + [("_check_blocks_spanning_unsharded_trailing_axes", ())]
   + [("_check_accumulate_objectives_on_an_explicit_mesh", ())]
+  + [
+    ("_check_kernel_per_shard", (layout, name))
+    for layout in LAYOUTS
+    for name in KERNEL_TXS
+  ]
   + [
     ("_check_state_scalars_replicated_over_the_params_mesh", (name, axes))
     for name in STATE_TXS
@@ -396,3 +458,11 @@ def test_accumulate_objectives_on_an_explicit_mesh(report):
   """accumulate_objectives under a mesh with explicit axes: a held call's
   zero update has the update's sharding, and the k-th call steps."""
   _outcome(report, "_check_accumulate_objectives_on_an_explicit_mesh")
+
+
+@pytest.mark.parametrize("name", list(KERNEL_TXS))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_kernel_per_shard(layout, name, report):
+  """Explicit axes: a kernel per shard, the loops' steps, no array moved; a
+  NaN in one shard skips the call on every shard."""
+  _outcome(report, "_check_kernel_per_shard", layout, name)
