@@ -59,6 +59,9 @@ _ROW_ALIGN = 32
 # this many rows (see ``rows_slice``).
 _SUBLANES = 8
 _LANES = 128
+# Most blocks per row where blocks are not whole lanes (each is unrolled in
+# the kernel body).
+_WIDE_BLOCKS = 4
 _SCALAR_DTYPES = ("float32", "int32", "uint32", "bool")
 
 # The codec as the kernel runs it (no division in the decoder, the block
@@ -98,7 +101,10 @@ def tile_rows(
   of ``rows x b``, ``b`` the block length. It needs one block length for
   every 8-bit operand, blocks along the last axis alone (not spanning
   trailing axes), ``n`` a whole number of blocks (no padding), and a block a
-  whole number of 128-value lanes; leading axes merge into rows only
+  whole number of 128-value lanes, or else at most ``_WIDE_BLOCKS`` blocks
+  per row (a shard 576 or 192 wide, say, in blocks of 192: Mosaic takes a
+  tile as wide as its array, whose blocks the kernel unrolls); leading axes
+  merge into rows only
   where that is free on TPU (the second-to-last axis a multiple of 32).
   """
   if len(shape) < 2 or any(int(s) == 0 for s in shape) or not layouts:
@@ -110,10 +116,11 @@ def tile_rows(
   for like in layouts:
     if like.block_size != b or like.pad or like.rows != 1:
       return None  # one block length; blocks along the last axis alone
-    if b % _LANES or n % b:
+    if n % b or (b % _LANES and n // b > _WIDE_BLOCKS):
       return None
   rows = math.prod(int(s) for s in shape[:-1])
-  tr = max(_TILE_VALUES // b // _ROW_ALIGN, 1) * _ROW_ALIGN
+  width = b if b % _LANES == 0 else n  # see group_kernel's ``wide``
+  tr = max(_TILE_VALUES // width // _ROW_ALIGN, 1) * _ROW_ALIGN
   return rows if rows <= tr else tr
 
 
@@ -262,13 +269,18 @@ def group_kernel(
     if isinstance(like, QuantizedArray)
   )
   nb = n // b
+  # A block that is not whole lanes (a 576-wide shard's 192-value blocks)
+  # cannot be a tile of its own: the tile is then the whole last axis, and
+  # the kernel works through its blocks at static lane offsets.
+  wide = b % _LANES != 0
+  width = n if wide else b
   scalar_in = [
     jnp.reshape(v.astype(jnp.int32) if v.dtype == jnp.bool_ else v, (1,))
     for v in values
   ]
   in_specs = [pl.BlockSpec(memory_space=pltpu.SMEM)] * len(values)
   arg_slots = []
-  block = pl.BlockSpec((rows, b), lambda i, j: (i, j))
+  block = pl.BlockSpec((rows, width), lambda i, j: (i, j))
   # TPU stores a [rows, nb] absmax with few blocks per row (nb < 128) rows
   # minor, i.e. as [nb, rows]: the kernel takes it transposed (a bitcast
   # there, not a relayout copy in and out of every kernel), where the row
@@ -339,35 +351,35 @@ def group_kernel(
     scratch = refs[len(in_specs) + len(out_specs) :]
     codes_in = dict(zip(q_in, scratch))
     codes_out = dict(zip(q_out, scratch[len(q_in) :]))
-    j = pl.program_id(1)
     env0 = {
       var: (ref[0] != 0 if is_bool else ref[0])
       for var, ref, is_bool in zip(reads, ins[:n_scalars], bools)
     }
     kept = None if keep is None else ins[n_scalars - 1][0] != 0
 
-    @pl.when(j == 0)
+    @pl.when(pl.program_id(1) == 0)
     def _():
       for like, t in zip(out_like, out_slots):
         if like is not None:
           outs[t + 1][...] = jnp.zeros(outs[t + 1].shape, jnp.float32)
 
-    def scales(ref, at, start):
+    def scales(ref, at, start, j):
       """This piece's block absmax, ``[piece, 1]``."""
       if transposed:
         return _row_to_column(ref[pl.ds(j, 1), :], start, piece)
       return _column(ref[at, :], j)
 
-    def set_scales(ref, at, start, column):
+    def set_scales(ref, at, start, column, j):
       if transposed:
         ref[pl.ds(j, 1), :] = _with_row_part(ref[pl.ds(j, 1), :], start, column)
       else:
         ref[at, :] = _with_column(ref[at, :], j, column)
 
-    def rows_slice(r, carry):
+    def rows_slice(j, cols, r, carry):
+      """Rows ``r * sub ..`` of block ``j``, lanes ``cols`` of the tile."""
       first = pl.multiple_of(r * sub, sub)
       for p in q_in:
-        codes_in[p][...] = ins[arg_slots[p]][pl.ds(first, sub), :].astype(
+        codes_in[p][...] = ins[arg_slots[p]][pl.ds(first, sub), cols].astype(
           jnp.int32
         )
 
@@ -378,51 +390,58 @@ def group_kernel(
         env = dict(env0)
         for p, (var, a, s) in enumerate(zip(local, like_args, arg_slots)):
           if isinstance(a, QuantizedArray):
-            scale = scales(ins[s + 1], at, start)
+            scale = scales(ins[s + 1], at, start, j)
             # TPU's forms of the codec: no division in the decoder, the block
             # scale's refined (the interpreter that tests this runs them too).
             codes = codes_in[p][local_at, :]
             value = _decode(codes, a.signed)
             env[var] = value * scale
           else:
-            env[var] = ins[s][at, :]
+            env[var] = ins[s][at, cols]
         new = evaluate(jaxpr, consts, env, array_ids, outvars, (piece, b))
         for q, (x, like, t) in enumerate(zip(new, out_like, out_slots)):
           p = source.get(q)
           if like is None:
             x = x.astype(outs[t].dtype)
             if kept is not None:
-              old = 0.0 if p is None else ins[arg_slots[p]][at, :]
+              old = 0.0 if p is None else ins[arg_slots[p]][at, cols]
               x = jnp.where(kept, x, old)
-            outs[t][at, :] = x
+            outs[t][at, cols] = x
             continue
           codes, absmax = _encode(x.astype(jnp.float32), like.signed)
           codes = codes.astype(jnp.int32)
           if kept is not None:  # a skipped step: codes and absmax as they were
             codes = jnp.where(kept, codes, codes_in[p][local_at, :])
             absmax = jnp.where(
-              kept, absmax, scales(ins[arg_slots[p] + 1], at, start)
+              kept, absmax, scales(ins[arg_slots[p] + 1], at, start, j)
             )
           codes_out[q][local_at, :] = codes
           # The row tile's absmax stays in VMEM while j runs (the same block
           # index) and is written back once; each step sets its own column.
-          set_scales(outs[t + 1], at, start, absmax)
+          set_scales(outs[t + 1], at, start, absmax, j)
         return carry
 
       jax.lax.fori_loop(0, sub // piece, piece_step, 0)
       for q in q_out:
-        outs[out_slots[q]][pl.ds(first, sub), :] = codes_out[q][...].astype(
+        outs[out_slots[q]][pl.ds(first, sub), cols] = codes_out[q][...].astype(
           jnp.uint8
         )
       return carry
 
-    jax.lax.fori_loop(0, rows // sub, rows_slice, 0)
+    if wide:  # the tile's blocks, at static lane offsets (see tile_rows)
+      blocks = [(k, pl.ds(k * b, b)) for k in range(nb)]
+    else:  # the grid's block column
+      blocks = [(pl.program_id(1), slice(None))]
+    for j, cols in blocks:
+      jax.lax.fori_loop(
+        0, rows // sub, functools.partial(rows_slice, j, cols), 0
+      )
 
   def call(interpret: bool):
     def go(*operands):
       return pl.pallas_call(
         kernel,
-        grid=(pl.cdiv(total, rows), nb),
+        grid=(pl.cdiv(total, rows), 1 if wide else nb),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shapes,

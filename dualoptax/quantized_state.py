@@ -205,8 +205,14 @@ def _place(q: QuantizedArray, sharding) -> QuantizedArray:
     else jax.sharding.PartitionSpec(*full),
   )
   if isinstance(q.codes, jax.core.Tracer):
-    codes = jax.lax.with_sharding_constraint(q.codes, codes_s)
-    absmax = jax.lax.with_sharding_constraint(q.absmax, absmax_s)
+    # Under explicit mesh axes the sharding is the arrays' type: resharded,
+    # not constrained (which takes auto axes only).
+    explicit = jax.sharding.AxisType.Explicit in tuple(sharding.mesh.axis_types)
+    place = (
+      jax.sharding.reshard if explicit else jax.lax.with_sharding_constraint
+    )
+    codes = place(q.codes, codes_s)
+    absmax = place(q.absmax, absmax_s)
   else:
     codes = jax.device_put(q.codes, codes_s)
     absmax = jax.device_put(q.absmax, absmax_s)

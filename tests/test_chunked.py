@@ -217,6 +217,33 @@ def test_kernel_absmax_layouts(shape, transposed):
 
 
 @pytest.mark.parametrize(
+  "shape, transposed", [((600, 192), True), ((1000, 192), False)]
+)
+def test_kernel_blocks_narrower_than_lanes(shape, transposed):
+  # Blocks of 64 values (a shard's blocks of 192 behave alike): the tile is
+  # the whole last axis, its three blocks unrolled at static lane offsets;
+  # one tile of rows (absmax transposed), or two, the last partial.
+  params = {"w": jax.random.normal(jax.random.key(2), shape)}
+  make = lambda kernel: dualoptax.dual_optim_plus_8bit(
+    1e-2, block_size=64, chunk_size=4096, kernel=kernel
+  )
+  kernel = make("pallas")
+  state = kernel.init(params)
+  assert state.base_mu["w"].absmax.shape == (shape[0], 3)
+  g = {"forget": params}
+  jaxpr = str(jax.make_jaxpr(kernel.update)(g, state, params))
+  assert "pallas_call" in jaxpr
+  assert (f"f32[3,{shape[0]}]" in jaxpr) == transposed
+  _assert_steps_agree(
+    jax.jit(make("xla").update),
+    [jax.jit(kernel.update)],
+    state,
+    True,
+    params,
+  )
+
+
+@pytest.mark.parametrize(
   "shape, block, expected",
   [
     ((48, 512), 256, 48),  # all rows in one tile
@@ -225,7 +252,8 @@ def test_kernel_absmax_layouts(shape, transposed):
     ((64, 4, 256), 256, None),  # merging (64, 4) rows would be a relayout
     ((64, 32, 256), 256, 512),
     ((5000,), 256, None),  # 1-d
-    ((96, 96), 32, None),  # blocks narrower than 128 lanes
+    ((96, 96), 32, 96),  # blocks narrower than 128 lanes: whole rows
+    ((96, 320), 64, None),  # ... but more than 4 such blocks a row
     ((8, 299520), 512, 8),  # a long last axis is many tiles one block wide
   ],
 )

@@ -342,6 +342,33 @@ def _check_kernel_per_shard(layout, name):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def _check_kernel_per_shard_with_blocks_narrower_than_lanes():
+  # Column shards 576 and 192 wide hold blocks of 192 (three and one per
+  # row), which a kernel tile cannot hold alone: it spans the shard's row.
+  from tests import test_chunked
+
+  mesh, sharding = _mesh("fsdp_cols", "explicit")
+  keys = jax.random.split(jax.random.key(1), 2)
+  shapes = {"a": (64, 8 * 576), "b": (96, 8 * 192)}
+  params = jax.device_put(
+    {n: jax.random.normal(k, shapes[n]) for n, k in zip("ab", keys)},
+    sharding,
+  )
+  loop, kernel = (
+    KERNEL_TXS["dual_optim_plus_8bit"](k) for k in ("xla", "pallas")
+  )
+  with _within(mesh):
+    state = kernel.init(params)
+    assert state.base_mu["a"].block_size == state.base_mu["b"].block_size == 192
+    jaxpr = str(
+      jax.make_jaxpr(kernel.update)({"forget": params}, state, params)
+    )
+    assert jaxpr.count("shard_map") == 4 and "pallas_call" in jaxpr
+    test_chunked._assert_steps_agree(
+      jax.jit(loop.update), [jax.jit(kernel.update)], state, True, params
+    )
+
+
 # ---------------------------------------------------------------------------
 # Running the checks on 8 simulated devices.
 # ---------------------------------------------------------------------------
@@ -367,6 +394,7 @@ CHECKS = (
     for layout in LAYOUTS
     for name in KERNEL_TXS
   ]
+  + [("_check_kernel_per_shard_with_blocks_narrower_than_lanes", ())]
   + [
     ("_check_state_scalars_replicated_over_the_params_mesh", (name, axes))
     for name in STATE_TXS
@@ -466,3 +494,9 @@ def test_kernel_per_shard(layout, name, report):
   """Explicit axes: a kernel per shard, the loops' steps, no array moved; a
   NaN in one shard skips the call on every shard."""
   _outcome(report, "_check_kernel_per_shard", layout, name)
+
+
+def test_kernel_per_shard_with_blocks_narrower_than_lanes(report):
+  """Shards of 576 and 192 columns (blocks of 192): the kernel takes whole
+  shard rows and agrees with the loops."""
+  _outcome(report, "_check_kernel_per_shard_with_blocks_narrower_than_lanes")
