@@ -40,7 +40,9 @@ include the gradients, 4 B/param each of temporaries and 12 of traffic).
 Updates are traced as a process on the mesh's TPU devices traces them: on one
 chip, ``kernel="auto"``'s kernels and the non-finite guards' check kernel
 (``dualoptax._kernel.on_one_tpu``, which here, where JAX's backend is the
-CPU, would say no). Compile times come from a process that has compiled for
+CPU, would say no); over several chips, the loops under auto mesh axes and a
+kernel per shard under explicit axes (``--axes explicit``, the mesh entered
+with ``jax.set_mesh``). Compile times come from a process that has compiled for
 the TPU before (see :func:`warm_up`), with JAX's caches cleared before each
 update.
 

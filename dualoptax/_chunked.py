@@ -834,7 +834,15 @@ def _run_kernels(
   """
   template = groups[0]
   first = inputs[template.inputs[0]]
-  sharded = _sharding.explicit(getattr(first, "codes", first)) is not None
+  specs = {
+    _sharding.explicit(getattr(x, "codes", x))
+    for grp in groups
+    for x in [inputs[i] for i in grp.inputs]
+    + [q_out[o] for o in grp.outputs if o in q_out]
+  }
+  sharded = specs != {None}
+  if sharded and (len(specs) > 1 or None in specs):
+    return False  # arrays sharded apart: the loops (and JAX's checks) decide
   if not sharded and kernel == "auto" and _sharding.several_devices(first):
     return False
   shard = _kernel.local_stand_in if sharded else (lambda x: x)
