@@ -37,12 +37,12 @@ caller keeps (``--grads input``, the default), or computed in the step and
 dead after the update (``step``: see :func:`measure`; the figures then
 include the gradients, 4 B/param each of temporaries and 12 of traffic).
 
-Updates are traced as a process on the mesh's TPU devices traces them: on one
-chip, ``kernel="auto"``'s kernels and the non-finite guards' check kernel
-(``dualoptax._kernel.on_one_tpu``, which here, where JAX's backend is the
-CPU, would say no); over several chips, the loops under auto mesh axes and a
-kernel per shard under explicit axes (``--axes explicit``, the mesh entered
-with ``jax.set_mesh``). Compile times come from a process that has compiled for
+Updates are traced as a process on the mesh's TPU devices traces them
+(``dualoptax._kernel.on_tpu``, which here, where JAX's backend is the CPU,
+would say no): on one chip, ``kernel="auto"``'s kernels and the non-finite
+guards' check kernel; over several chips, the loops and XLA's check under
+auto mesh axes, and a kernel per shard under explicit axes (``--axes
+explicit``, the mesh entered with ``jax.set_mesh``). Compile times come from a process that has compiled for
 the TPU before (see :func:`warm_up`), with JAX's caches cleared before each
 update.
 
@@ -148,9 +148,8 @@ TREES = {
 def updates(kernel: str) -> dict:
   """name -> (transformation, objectives present in the step's gradients).
 
-  ``kernel`` is what ``kernel="auto"`` picks on the TPU being compiled for:
-  ``"pallas"`` on one chip, ``"xla"`` over several (this machine's own
-  backend is the CPU, so "auto" would pick the loops).
+  ``kernel`` for the 8-bit updates (``"auto"``: what a TPU process picks,
+  see :func:`measure`); the ``_xla`` rows always run the loops.
   """
   two = ("forget", "retain")
   q = dict(kernel=kernel)
@@ -377,7 +376,7 @@ def measure(tx, objectives, params, grads: str = "input") -> dict:
   ndev = max(len(x.sharding.device_set) for x in jax.tree.leaves(params))
   t0 = time.perf_counter()
   jitted = jax.jit(train_step, donate_argnums=(0, 1))
-  with mock.patch.object(_kernel, "on_one_tpu", lambda: ndev == 1):
+  with mock.patch.object(_kernel, "on_tpu", lambda: True):
     compiled = jitted.lower(params, state, [params] * count).compile()
   seconds = time.perf_counter() - t0
   n = sum(x.size for x in jax.tree.leaves(params))
@@ -449,10 +448,9 @@ def main() -> int:
         topo.devices[:chips], ("fsdp",), axis_types=(kind,)
       )
       params = place(make(), mesh)
-      # What "auto" picks on TPU: the kernels, per shard under explicit
-      # axes; under several chips with auto axes, the loops.
-      per_shard = chips == 1 or args.axes == "explicit"
-      table = updates("pallas" if per_shard else "xla")
+      # "auto", traced as for TPU: the kernels on one chip, per shard under
+      # explicit axes; under several chips with auto axes, the loops.
+      table = updates("auto")
       where = "1 chip" if chips == 1 else f"FSDP over {chips} chips"
       where += f", {args.axes} axes" if chips > 1 else ""
       print(f"\n{label}, {where} (B/param over all chips)")

@@ -446,9 +446,10 @@ def prepare_call(
   if _objectives.decay_enabled(weight_decay) and params is None:
     raise ValueError("`params` must be passed to update when weight_decay > 0.")
   flags = _objectives.decay_mask(mask, reference if params is None else params)
-  # On one TPU device the check is a kernel: XLA's reductions there make
-  # the step markedly slower to compile (benchmarks/tpu_aot.py).
-  check = _kernel.all_finite if _kernel.on_one_tpu() else _objectives.all_finite
+  # On TPU the check is a kernel (per shard under explicit mesh axes; XLA's
+  # sum where a leaf is sharded otherwise): XLA's reductions there make the
+  # step markedly slower to compile (benchmarks/tpu_aot.py).
+  check = _kernel.all_finite if _kernel.on_tpu() else _objectives.all_finite
   finite = check(list(present.values())) if skip_nonfinite else None
   return present, flags, finite
 

@@ -78,17 +78,10 @@ _encode = jax.jit(
 
 
 def on_tpu() -> bool:
-  """Whether the update is being traced for TPU (where ``kernel="auto"``
-  runs the kernels)."""
+  """Whether the update is being traced for TPU, where ``kernel="auto"``
+  runs the kernels and the non-finite guards check with one (per shard, or
+  not at all where a leaf is sharded without its sharding in its type)."""
   return jax.default_backend() == "tpu"
-
-
-def on_one_tpu() -> bool:
-  """Whether the update is being traced for a single TPU device (where the
-  float32 steps' non-finite guards check with a kernel). Under several
-  devices a kernel, a custom call, would gather sharded operands, where
-  XLA's own operations keep the sharding."""
-  return on_tpu() and jax.device_count() == 1
 
 
 def tile_rows(

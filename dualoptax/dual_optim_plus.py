@@ -301,7 +301,8 @@ def _skip_nonfinite(
     present = _objectives.present_gradients(
       grads, objectives, quantized_state.shape_tree(state.base_mu)
     )
-    fused = quantized_state.use_kernel(kernel)
+    first = jax.tree.leaves(next(iter(present.values())))
+    fused = quantized_state.use_kernel(kernel, next(iter(first), None))
     # With the kernels, the check is a kernel too (see _kernel.all_finite).
     check = _kernel.all_finite if fused else _objectives.all_finite
     finite = check(list(present.values()))

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dualoptax import _chunked, _engine, _kernel
+from dualoptax import _chunked, _engine, _kernel, _sharding
 from dualoptax import quantization as _q
 from dualoptax.quantization import QuantizedArray
 
@@ -570,7 +570,9 @@ def quantize_state(
       chunk_size=chunk_size,
       describe=describe,
       reusable=frozenset(range(n_u) if reuse_gradient_buffers else ()),
-      kernel=kernel if use_kernel(kernel) else "xla",
+      kernel=kernel
+      if use_kernel(kernel, next(iter(u_leaves), None))
+      else "xla",
       keep=keep,
     )
     return out_def[0].unflatten(results[n_s:]), st_def.unflatten(results[:n_s])
@@ -586,12 +588,19 @@ KERNELS = ("auto", "pallas", "xla")
 KEEP_IF = "_dualoptax_keep_if"
 
 
-def use_kernel(kernel: str) -> bool:
-  """Whether the chunked step may run fused Pallas kernels: ``"pallas"``
-  always, ``"auto"`` on TPU (decided when the update is traced; which
-  leaves do under several devices, see ``_chunked._run_kernels``)."""
+def use_kernel(kernel: str, like: Any = None) -> bool:
+  """Whether the chunked step may run fused Pallas kernels (decided when the
+  update is traced): ``"pallas"`` always; ``"auto"`` on TPU, where ``like``
+  (a gradient leaf) lives on one device or carries its sharding in its type
+  (explicit mesh axes: a kernel per shard). Under several devices with auto
+  axes the step keeps the loops (a kernel would gather sharded operands).
+  Which leaves take a kernel: ``_chunked._run_kernels``."""
   if kernel == "auto":
-    return _kernel.on_tpu()
+    return _kernel.on_tpu() and (
+      like is None
+      or _sharding.explicit(like) is not None
+      or not _sharding.several_devices(like)
+    )
   return kernel == "pallas"
 
 

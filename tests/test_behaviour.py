@@ -161,12 +161,12 @@ def test_weight_decay_needs_params():
 @pytest.mark.parametrize(
   "make", [dualoptax.dual_optim_plus, dualoptax.dual_optim]
 )
-def test_nonfinite_check_is_a_kernel_on_one_tpu(make, monkeypatch):
-  # Traced for one TPU device, the guard checks a lane-aligned leaf with a
+def test_nonfinite_check_is_a_kernel_on_tpu(make, monkeypatch):
+  # Traced for a TPU device, the guard checks a lane-aligned leaf with a
   # kernel (interpreted here) and the rest with XLA: the same skips.
   from dualoptax import _kernel
 
-  monkeypatch.setattr(_kernel, "on_one_tpu", lambda: True)
+  monkeypatch.setattr(_kernel, "on_tpu", lambda: True)
   params = {"v": jnp.arange(3.0), "m": jnp.ones((16, 128))}
   tx = make(1e-2)
   state = tx.init(params)

@@ -369,6 +369,36 @@ def _check_kernel_per_shard_with_blocks_narrower_than_lanes():
     )
 
 
+def _check_auto_kernels_when_traced_for_tpu(axes):
+  # Traced for TPU (patched: this backend is the CPU), kernel="auto" under 8
+  # devices: kernels per shard where the types carry the sharding (explicit
+  # axes); with auto axes no kernel at all (it would gather), the loops and
+  # XLA's finiteness check. The float32 guard's check alike.
+  from unittest import mock
+
+  from dualoptax import _kernel
+
+  mesh, sharding = _mesh("fsdp_rows", axes)
+  params = _params(sharding)
+
+  def jaxpr(tx):
+    with _within(mesh), mock.patch.object(_kernel, "on_tpu", lambda: True):
+      state = tx.init(params)
+      return str(jax.make_jaxpr(tx.update)({"forget": params}, state, params))
+
+  for tx in (
+    dualoptax.dual_optim_plus_8bit(1e-3),
+    dualoptax.dual_optim_plus(1e-3),
+  ):
+    text = jaxpr(tx)
+    kernels = "pallas_call" in text, "shard_map" in text
+    assert kernels == ((True, True) if axes == "explicit" else (False, False))
+  if axes == "auto":  # the very step "xla" traces (its guard a conditional)
+    assert jaxpr(dualoptax.dual_optim_plus_8bit(1e-3)) == jaxpr(
+      dualoptax.dual_optim_plus_8bit(1e-3, kernel="xla")
+    )
+
+
 # ---------------------------------------------------------------------------
 # Running the checks on 8 simulated devices.
 # ---------------------------------------------------------------------------
@@ -397,6 +427,7 @@ CHECKS = (
     for name in KERNEL_TXS
   ]
   + [("_check_kernel_per_shard_with_blocks_narrower_than_lanes", ())]
+  + [("_check_auto_kernels_when_traced_for_tpu", (axes,)) for axes in AXES]
   + [
     ("_check_state_scalars_replicated_over_the_params_mesh", (name, axes))
     for name in STATE_TXS
@@ -504,3 +535,10 @@ def test_kernel_per_shard_with_blocks_narrower_than_lanes(report):
   """Shards of 576 and 192 columns (blocks of 192): the kernel takes whole
   shard rows and agrees with the loops."""
   _outcome(report, "_check_kernel_per_shard_with_blocks_narrower_than_lanes")
+
+
+@pytest.mark.parametrize("axes", AXES)
+def test_auto_kernels_when_traced_for_tpu(axes, report):
+  """kernel="auto" for TPU under several devices: kernels per shard with
+  explicit axes, none with auto axes."""
+  _outcome(report, "_check_auto_kernels_when_traced_for_tpu", axes)
