@@ -646,10 +646,18 @@ def all_finite(trees: Sequence[Any]) -> jax.Array:
   one kernel, all the trees' arrays at that position together. Beside the
   step's kernels, XLA's reductions would make XLA prefetch every gradient
   into VMEM for the check and again for the kernels; a kernel reads each
-  gradient once (benchmarks/tpu_aot.py).
+  gradient once (benchmarks/tpu_aot.py). Under a mesh with explicit axes a
+  leaf is checked by a kernel per shard and one scalar ``psum``; under
+  several devices without them, by ``_objectives.all_finite`` alone.
   """
+  leaves = [jax.tree.leaves(t) for t in trees]
+  flat = [x for xs in leaves for x in xs]
+  if not any(_sharding.explicit(x) is not None for x in flat) and any(
+    _sharding.several_devices(x) for x in flat
+  ):
+    return _objectives.all_finite(trees)  # sharded: a kernel would gather
   total = jnp.zeros((), jnp.float32)
-  for xs in zip(*(jax.tree.leaves(t) for t in trees)):
+  for xs in zip(*leaves):
     sharding = _sharding.explicit(xs[0])
     if sharding is not None:  # a kernel per shard, then a scalar's psum
       specs = tuple(_sharding.explicit(x).spec for x in xs)
