@@ -187,53 +187,32 @@ def test_kernel_step_equals_loop_step(name):
 
 
 @pytest.mark.parametrize(
-  "shape, transposed",
+  "shape, block, transposed",
   [
-    ((600, 512), True),  # two row tiles, the last partial
-    ((8, 32768), False),  # 128 blocks per row: absmax kept rows-major
+    ((600, 512), 256, True),  # two row tiles, the last partial
+    ((8, 32768), 256, False),  # 128 blocks per row: absmax kept rows-major
+    # Blocks of 64 values (a shard's blocks of 192 behave alike): the tile
+    # is the whole last axis, its three blocks unrolled at static lane
+    # offsets; one tile of rows, or two, the last partial.
+    ((600, 192), 64, True),
+    ((1000, 192), 64, False),
   ],
 )
-def test_kernel_absmax_layouts(shape, transposed):
+def test_kernel_absmax_layouts(shape, block, transposed):
   # The kernel takes a leaf's [rows, blocks] absmax transposed where TPU
   # stores it so (fewer than 128 blocks per row), as it is otherwise.
   params = {"w": jax.random.normal(jax.random.key(1), shape)}
   make = lambda kernel: dualoptax.dual_optim_plus_8bit(
-    1e-2, chunk_size=4096, kernel=kernel
+    1e-2, block_size=block, chunk_size=4096, kernel=kernel
   )
   kernel = make("pallas")
   state = kernel.init(params)
-  nb = shape[-1] // state.base_mu["w"].block_size
+  assert state.base_mu["w"].block_size == block
+  nb = shape[-1] // block
   g = {"forget": params}
   jaxpr = str(jax.make_jaxpr(kernel.update)(g, state, params))
   assert "pallas_call" in jaxpr
   assert (f"f32[{nb},{shape[0]}]" in jaxpr) == transposed
-  _assert_steps_agree(
-    jax.jit(make("xla").update),
-    [jax.jit(kernel.update)],
-    state,
-    True,
-    params,
-  )
-
-
-@pytest.mark.parametrize(
-  "shape, transposed", [((600, 192), True), ((1000, 192), False)]
-)
-def test_kernel_blocks_narrower_than_lanes(shape, transposed):
-  # Blocks of 64 values (a shard's blocks of 192 behave alike): the tile is
-  # the whole last axis, its three blocks unrolled at static lane offsets;
-  # one tile of rows (absmax transposed), or two, the last partial.
-  params = {"w": jax.random.normal(jax.random.key(2), shape)}
-  make = lambda kernel: dualoptax.dual_optim_plus_8bit(
-    1e-2, block_size=64, chunk_size=4096, kernel=kernel
-  )
-  kernel = make("pallas")
-  state = kernel.init(params)
-  assert state.base_mu["w"].absmax.shape == (shape[0], 3)
-  g = {"forget": params}
-  jaxpr = str(jax.make_jaxpr(kernel.update)(g, state, params))
-  assert "pallas_call" in jaxpr
-  assert (f"f32[3,{shape[0]}]" in jaxpr) == transposed
   _assert_steps_agree(
     jax.jit(make("xla").update),
     [jax.jit(kernel.update)],
