@@ -271,6 +271,19 @@ def _check_state_scalars_replicated_over_the_params_mesh(name, axes="auto"):
   )
 
 
+def _check_init_under_jit_on_an_explicit_mesh():
+  # Inside jit the types carry the sharding under explicit axes: 128-column
+  # shards get 128-value blocks, as init outside jit gives them.
+  mesh, sharding = _mesh("fsdp_cols", "explicit")
+  params = _params(sharding, shape=(64, 1024))
+  tx = dualoptax.dual_optim_plus_8bit(1e-3)
+  with _within(mesh):
+    state = jax.jit(tx.init)(params)
+  q = state.base_mu["a"]
+  assert q.block_size == 128 and q.absmax.shape == (64, 8)
+  _check_state_sharding(state, sharding)
+
+
 def _check_accumulate_objectives_on_an_explicit_mesh():
   # The held call's zero update is created in the update's sharding.
   mesh, sharding = _mesh("fsdp_rows", "explicit")
@@ -420,6 +433,7 @@ CHECKS = (
     ("_check_shards_without_a_whole_block_stay_float32_with_a_warning", ()),
   ]
   + [("_check_blocks_spanning_unsharded_trailing_axes", ())]
+  + [("_check_init_under_jit_on_an_explicit_mesh", ())]
   + [("_check_accumulate_objectives_on_an_explicit_mesh", ())]
   + [
     ("_check_kernel_per_shard", (layout, name))
@@ -542,3 +556,8 @@ def test_auto_kernels_when_traced_for_tpu(axes, report):
   """kernel="auto" for TPU under several devices: kernels per shard with
   explicit axes, none with auto axes."""
   _outcome(report, "_check_auto_kernels_when_traced_for_tpu", axes)
+
+
+def test_init_under_jit_on_an_explicit_mesh(report):
+  """Under explicit axes, init inside jit sees the shards: their blocks."""
+  _outcome(report, "_check_init_under_jit_on_an_explicit_mesh")
