@@ -25,10 +25,12 @@ def explicit(x: Any) -> Optional[jax.sharding.NamedSharding]:
     sharding = jax.typeof(x).sharding
   except (TypeError, AttributeError):
     return None
-  return sharding if _on_explicit_mesh(sharding) else None
+  return sharding if on_explicit_mesh(sharding) else None
 
 
-def _on_explicit_mesh(sharding: Any) -> bool:
+def on_explicit_mesh(sharding: Any) -> bool:
+  """Whether ``sharding`` is a ``NamedSharding`` on a mesh with an explicit
+  axis."""
   mesh = getattr(sharding, "mesh", None)
   return (
     isinstance(sharding, jax.sharding.NamedSharding)
@@ -47,7 +49,7 @@ def zeros(s: jax.ShapeDtypeStruct) -> jax.Array:
   """Zeros of ``s``'s shape and dtype, in its sharding where that is an
   explicit mesh's (see :func:`struct`)."""
   sharding = getattr(s, "sharding", None)
-  if not _on_explicit_mesh(sharding):
+  if not on_explicit_mesh(sharding):
     return jnp.zeros(s.shape, s.dtype)
   return jnp.zeros(s.shape, s.dtype, out_sharding=sharding)
 

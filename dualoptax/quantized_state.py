@@ -207,9 +207,10 @@ def _place(q: QuantizedArray, sharding) -> QuantizedArray:
   if isinstance(q.codes, jax.core.Tracer):
     # Under explicit mesh axes the sharding is the arrays' type: resharded,
     # not constrained (which takes auto axes only).
-    explicit = jax.sharding.AxisType.Explicit in tuple(sharding.mesh.axis_types)
     place = (
-      jax.sharding.reshard if explicit else jax.lax.with_sharding_constraint
+      jax.sharding.reshard
+      if _sharding.on_explicit_mesh(sharding)
+      else jax.lax.with_sharding_constraint
     )
     codes = place(q.codes, codes_s)
     absmax = place(q.absmax, absmax_s)

@@ -82,6 +82,28 @@ def _collectives(compiled):
   return multidevice.collectives(compiled.as_text())
 
 
+def _assert_only_scalar_all_reduces(compiled, dtypes="f32|pred|s32"):
+  """Every collective is an all-reduce of scalars (or a tuple of them, such
+  as (f32[], f32[]) or pred[]) of ``dtypes``: no array is moved."""
+  colls = _collectives(compiled)
+  for result_type, op in colls:
+    assert op == "all-reduce", colls
+    assert re.fullmatch(
+      rf"\(?(({dtypes})\[\](\{{\}})?,?\s*)+\)?", result_type
+    ), colls
+  return colls
+
+
+def _random_params(sharding, shapes, seed):
+  """Normal values (as in test_chunked, whose tolerances are set for them)
+  for leaves "a" and "b" of ``shapes``, placed with ``sharding``."""
+  keys = jax.random.split(jax.random.key(seed), 2)
+  return jax.device_put(
+    {n: jax.random.normal(k, shapes[n]) for n, k in zip("ab", keys)},
+    sharding,
+  )
+
+
 def _check_state_sharding(state, param_sharding):
   is_q = lambda x: isinstance(x, QuantizedArray)
   qs = [
@@ -153,14 +175,10 @@ def _dual_optim_plus_8bit_sharded(sharding):
   # finiteness flag.
   tx = dualoptax.dual_optim_plus_8bit(1e-3)
   state = tx.init(params)
-  colls = _collectives(_compiled_step(tx, params, state, multi=True))
+  colls = _assert_only_scalar_all_reduces(
+    _compiled_step(tx, params, state, multi=True)
+  )
   assert colls, "the finiteness flag of a sharded gradient needs one reduction"
-  for result_type, op in colls:
-    assert op == "all-reduce", colls
-    # Tuples of scalars such as (f32[], f32[]) or pred[]: no array is moved.
-    assert re.fullmatch(
-      r"\(?((f32|pred|s32)\[\](\{\})?,?\s*)+\)?", result_type
-    ), colls
 
 
 def _check_shards_smaller_than_a_block_use_a_shard_sized_block():
@@ -315,12 +333,7 @@ def _check_kernel_per_shard(layout, name):
   from tests import test_chunked
 
   mesh, sharding = _mesh(layout, "explicit")
-  # Random values, as in test_chunked, whose tolerances are set for them.
-  keys = jax.random.split(jax.random.key(0), 2)
-  params = jax.device_put(
-    {n: jax.random.normal(k, (64, 2048)) for n, k in zip("ab", keys)},
-    sharding,
-  )
+  params = _random_params(sharding, {"a": (64, 2048), "b": (64, 2048)}, 0)
   multi = name == "dual_optim_plus_8bit"
   loop, kernel = KERNEL_TXS[name]("xla"), KERNEL_TXS[name]("pallas")
   with _within(mesh):
@@ -336,9 +349,7 @@ def _check_kernel_per_shard(layout, name):
       jax.jit(loop.update), [jax.jit(kernel.update)], state, multi, params
     )
     compiled = _compiled_step(kernel, params, state, multi)
-    for result_type, op in _collectives(compiled):
-      assert op == "all-reduce", op
-      assert re.fullmatch(r"\(?((f32|pred)\[\](\{\})?,?\s*)+\)?", result_type)
+    _assert_only_scalar_all_reduces(compiled, "f32|pred")
     new_p, new_s = compiled(params, state, params)
     _check_state_sharding(new_s, sharding)
     assert new_p["a"].sharding.is_equivalent_to(sharding, 2)
@@ -361,12 +372,7 @@ def _check_kernel_per_shard_with_blocks_narrower_than_lanes():
   from tests import test_chunked
 
   mesh, sharding = _mesh("fsdp_cols", "explicit")
-  keys = jax.random.split(jax.random.key(1), 2)
-  shapes = {"a": (32, 8 * 576), "b": (32, 8 * 192)}
-  params = jax.device_put(
-    {n: jax.random.normal(k, shapes[n]) for n, k in zip("ab", keys)},
-    sharding,
-  )
+  params = _random_params(sharding, {"a": (32, 8 * 576), "b": (32, 8 * 192)}, 1)
   loop, kernel = (
     KERNEL_TXS["dual_optim_plus_8bit"](k) for k in ("xla", "pallas")
   )
