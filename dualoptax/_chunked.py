@@ -392,6 +392,7 @@ def apply_in_chunks(
   reusable: frozenset = frozenset(),
   kernel: str = "xla",
   keep: Optional[jax.Array] = None,
+  reread: frozenset = frozenset(),
 ) -> list:
   """Evaluates ``fn`` on decoded ``inputs``, group by group, chunk by chunk.
 
@@ -426,6 +427,9 @@ def apply_in_chunks(
       output is its input as it was (8-bit codes and absmax bit for bit) and
       every other output is zeros: a skipped step without a conditional. A
       kernel selects in VMEM, before it writes; other outputs select after.
+    reread: inputs the step reads again after this update (the parameters,
+      read by ``optax.apply_updates``): a kernel leaves them for XLA to
+      place, and pins its other operands in HBM (``_kernel.group_kernel``).
 
   Returns:
     ``fn``'s outputs, quantized where their slot is.
@@ -584,6 +588,7 @@ def apply_in_chunks(
       kernel,
       keep,
       fused,
+      reread,
     )
   if keep is not None:
     for o in range(n_out):
@@ -625,6 +630,7 @@ def _run_bucket(
   kernel="xla",
   keep=None,
   fused=None,
+  reread=frozenset(),
 ):
   """Runs groups of one signature: a loop over ``k`` chunks, each iteration
   evaluating the first group's equations once on the stacked chunks of all."""
@@ -657,6 +663,7 @@ def _run_bucket(
     keep,
     fused,
     kernel,
+    reread,
   ):
     return
   cshape = _chunk_shape(shape, k)
@@ -822,6 +829,7 @@ def _run_kernels(
   keep,
   fused,
   kernel: str,
+  reread: frozenset = frozenset(),
 ) -> bool:
   """Runs each group of a bucket as one fused kernel (the template's
   equations on the member's inputs); False, with nothing written, where the
@@ -887,6 +895,7 @@ def _run_kernels(
         _eval_equations,
         keep,
         shared=len(groups) > 1,
+        reread=[p for p, i in enumerate(template.inputs) if i in reread],
       )
     if built[key] is None:
       return False

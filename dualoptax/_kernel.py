@@ -112,7 +112,11 @@ def tile_rows(
     if n % b or (b % _LANES and n // b > _WIDE_BLOCKS):
       return None
   rows = math.prod(int(s) for s in shape[:-1])
-  width = b if b % _LANES == 0 else n  # see group_kernel's ``wide``
+  width = b
+  if b % _LANES:  # group_kernel's ``wide``: a tile spans the last axis
+    # In VMEM its rows are padded to whole lanes, and its absmax column
+    # takes a lane tile of its own.
+    width = -(-n // _LANES) * _LANES + _LANES
   tr = max(_TILE_VALUES // width // _ROW_ALIGN, 1) * _ROW_ALIGN
   return rows if rows <= tr else tr
 
@@ -155,6 +159,21 @@ def _with_row_part(row, start, column):
   part = jnp.sum(spread, axis=0, keepdims=True)
   lane = jax.lax.broadcasted_iota(jnp.int32, row.shape, 1)
   return jnp.where((lane >= start) & (lane < start + sub), part, row)
+
+
+def _in_hbm(operands: Sequence[jax.Array], pinned: Sequence[bool]) -> list:
+  """``operands``, those where ``pinned`` constrained to stay in HBM.
+
+  A kernel streams its operands tile by tile from HBM itself. Left free,
+  XLA's TPU compiler prefetches many of them into VMEM ahead of the kernel
+  (asynchronous copies and slices), which moves no byte less from HBM but
+  adds copies that cost analysis counts, HBM temporaries and compile time
+  (benchmarks/tpu_aot.py). Interpreted kernels take their operands as
+  they are."""
+  return [
+    pltpu.with_memory_space_constraint(x, pltpu.HBM) if pin else x
+    for x, pin in zip(operands, pinned)
+  ]
 
 
 def _split_scalar_equations(jaxpr, eqn_ids):
@@ -206,6 +225,7 @@ def group_kernel(
   evaluate,
   keep: Optional[jax.Array] = None,
   shared: bool = True,
+  reread: Sequence[int] = (),
 ) -> Optional[GroupKernel]:
   """One group's equations as a fused kernel over tiles of rows.
 
@@ -232,6 +252,10 @@ def group_kernel(
       is zeros, selected in VMEM.
     shared: whether ``apply`` will serve several groups (then it reuses one
       trace of the kernel).
+    reread: positions of ``like_args`` that the step reads again after the
+      kernel (the parameters, which ``optax.apply_updates`` reads): left for
+      XLA to place, so that one prefetch into VMEM serves both. Every other
+      array operand is pinned in HBM (see :func:`_in_hbm`).
 
   Returns:
     A :class:`GroupKernel`, or None when a dtype keeps the group on the XLA
@@ -430,8 +454,16 @@ def group_kernel(
         0, rows // sub, functools.partial(rows_slice, j, cols), 0
       )
 
+  # Operands pinned in HBM: all arrays but the reread args'.
+  placed = {
+    arg_slots[p] + k for p in reread for k in range(len(_arrays(like_args[p])))
+  }
+  pinned = [k >= len(values) and k not in placed for k in range(len(in_specs))]
+
   def call(interpret: bool):
     def go(*operands):
+      if not interpret:
+        operands = _in_hbm(operands, pinned)
       return pl.pallas_call(
         kernel,
         grid=(pl.cdiv(total, rows), 1 if wide else nb),
@@ -602,6 +634,8 @@ def _nonfinite_sum(*xs: jax.Array) -> jax.Array:
 
   def call(interpret: bool):
     def go(*operands):
+      if not interpret:
+        operands = _in_hbm(operands, [True] * len(operands))
       return pl.pallas_call(
         kernel,
         grid=(pl.cdiv(total, rows), pl.cdiv(n, cols)),

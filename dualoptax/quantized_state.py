@@ -575,6 +575,7 @@ def quantize_state(
       if use_kernel(kernel, next(iter(u_leaves), None))
       else "xla",
       keep=keep,
+      reread=frozenset(range(n_u + n_s, n_u + n_s + n_p)),
     )
     return out_def[0].unflatten(results[n_s:]), st_def.unflatten(results[:n_s])
 

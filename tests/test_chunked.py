@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.extend import core as jex_core
 
 import dualoptax
 from benchmarks import memory
@@ -186,6 +187,59 @@ def test_kernel_step_equals_loop_step(name):
   _assert_steps_agree(loop, [jax.jit(kernel.update)], state, multi)
 
 
+def _kernel_operands(jaxpr, found):
+  """Per ``pallas_call`` in ``jaxpr`` (nested ones too): its ``interpret``
+  flag and, per operand, the primitive that made it (None: an input)."""
+  made = {}
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      operands = [
+        made.get(v) for v in eqn.invars if not isinstance(v, jex_core.Literal)
+      ]
+      found.append((eqn.params["interpret"], operands))
+    made.update((v, eqn.primitive.name) for v in eqn.outvars)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else [value]:
+        if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+          _kernel_operands(sub.jaxpr, found)
+  return found
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_kernel_operands_stay_in_hbm_but_the_params(multi):
+  # Compiled for TPU, a kernel pins its array operands in HBM, whence it
+  # streams them itself (XLA would otherwise copy many into VMEM first),
+  # except the parameters, which optax.apply_updates reads again: XLA may
+  # place those for both. Interpreted kernels take operands as they are.
+  params = {"w": jnp.ones((64, 512))}
+  if multi:  # the guard's check kernel too, its two gradients pinned
+    tx = dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.1, kernel="pallas")
+    grads = {"forget": params, "retain": params}
+  else:
+    tx = dualoptax.quantize_state(
+      optax.adamw(1e-3, weight_decay=0.1), kernel="pallas"
+    )
+    grads = params
+  state = tx.init(params)
+  jaxpr = jax.make_jaxpr(tx.update)(grads, state, params)
+  calls = _kernel_operands(jaxpr.jaxpr, [])
+  pin = "with_memory_space_constraint"
+  for interpret, operands in calls:
+    if interpret:
+      assert pin not in operands
+  compiled = [ops for interpret, ops in calls if not interpret]
+  # Operands: SMEM scalars, gradients, each moment's codes and absmax, the
+  # parameter.
+  moments = 6 if multi else 2
+  step = [ops for ops in compiled if len(ops) > 2]
+  assert len(step) == 1
+  arrays = 2 + 2 * moments + 1 if multi else 1 + 2 * moments + 1
+  assert step[0][-arrays:] == [pin] * (arrays - 1) + [None]
+  assert pin not in step[0][:-arrays]  # the scalars
+  checks = [ops for ops in compiled if len(ops) <= 2]
+  assert checks == ([[pin, pin]] if multi else [])
+
+
 @pytest.mark.parametrize(
   "shape, block, transposed",
   [
@@ -193,8 +247,8 @@ def test_kernel_step_equals_loop_step(name):
     ((8, 32768), 256, False),  # 128 blocks per row: absmax kept rows-major
     # Blocks of 64 values (a shard's blocks of 192 behave alike): the tile
     # is the whole last axis, its three blocks unrolled at static lane
-    # offsets; one tile of rows, or two, the last partial.
-    ((600, 192), 64, True),
+    # offsets; one tile of rows, or several, the last partial.
+    ((300, 192), 64, True),
     ((1000, 192), 64, False),
   ],
 )
@@ -233,6 +287,9 @@ def test_kernel_absmax_layouts(shape, block, transposed):
     ((5000,), 256, None),  # 1-d
     ((96, 96), 32, 96),  # blocks narrower than 128 lanes: whole rows
     ((96, 320), 64, None),  # ... but more than 4 such blocks a row
+    # A 192-wide leaf in blocks of 64 (a shard's blocks of 192 alike): in
+    # VMEM a row takes 256 lanes, and its absmax 128 more.
+    ((50257, 192), 64, 320),
     ((8, 299520), 512, 8),  # a long last axis is many tiles one block wide
   ],
 )
