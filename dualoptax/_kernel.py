@@ -454,11 +454,16 @@ def group_kernel(
         0, rows // sub, functools.partial(rows_slice, j, cols), 0
       )
 
-  # Operands pinned in HBM: all arrays but the reread args'.
+  # Operands pinned in HBM: all arrays but the reread args'. Not in a wide
+  # tile's kernel: TPU keeps such narrow arrays column-major, XLA copies
+  # them to rows for the kernel, and pinned, those copies go through HBM.
   placed = {
     arg_slots[p] + k for p in reread for k in range(len(_arrays(like_args[p])))
   }
-  pinned = [k >= len(values) and k not in placed for k in range(len(in_specs))]
+  pinned = [
+    not wide and k >= len(values) and k not in placed
+    for k in range(len(in_specs))
+  ]
 
   def call(interpret: bool):
     def go(*operands):
