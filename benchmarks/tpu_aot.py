@@ -31,6 +31,7 @@ chips (each leaf sharded along its largest axis divisible by 4).
     python benchmarks/tpu_aot.py [--trees gpt2,gpt2_scan,square,llama1b,mlp1,mlp12]
       [--mesh 1,4] [--grads input|step]
       [--updates adamw,q_adamw,...] [--topology v5e:2x2]
+    python benchmarks/tpu_aot.py --check-donation
 
 Gradients, one tree per objective present: arguments of the step that the
 caller keeps (``--grads input``, the default), or computed in the step and
@@ -399,6 +400,80 @@ def measure(tx, objectives, params, grads: str = "input") -> dict:
   }
 
 
+def check_donation(topo) -> int:
+  """Compiles each 8-bit update's kernels for TPU under every usual way of
+  returning and donating (``(u, s)``, ``(s, u)``, ``s``, ``(p + u, s)``,
+  ``(s, p + u)``; state, state and params, or all donated) and returns the
+  number XLA rejects. Kernels pin operands aliased to their outputs in HBM,
+  and XLA's verifier rejects some such kernels when the aliased output is
+  returned and its operand donated (see benchmarks/RESULTS.md); this says
+  whether the library's kernels do, for the libtpu installed."""
+  import itertools  # pylint: disable=import-outside-toplevel
+
+  mesh = jax.sharding.Mesh(topo.devices[:1], ("fsdp",))
+  params = place(
+    {
+      "w": jax.ShapeDtypeStruct((768, 768), jnp.float32),
+      "v": jax.ShapeDtypeStruct((256, 1024), jnp.float32),
+      "b": jax.ShapeDtypeStruct((2048,), jnp.float32),
+    },
+    mesh,
+  )
+  adam, adamw = optax.adam(1e-3), optax.adamw(1e-3, weight_decay=0.01)
+  nu_f32 = dict(kernel="pallas", select=lambda key, leaf: "nu" not in key)
+  txs = {
+    "quantize_state(adam)": (
+      dualoptax.quantize_state(adam, kernel="pallas"),
+      None,
+    ),
+    "quantize_state(adamw)": (
+      dualoptax.quantize_state(adamw, kernel="pallas"),
+      None,
+    ),
+    "quantize_state(adam), nu float32": (
+      dualoptax.quantize_state(adam, **nu_f32),
+      None,
+    ),
+    "quantize_state(adamw), nu float32": (
+      dualoptax.quantize_state(adamw, **nu_f32),
+      None,
+    ),
+    "dual_optim_plus_8bit, one objective": (
+      dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.01, kernel="pallas"),
+      ("forget",),
+    ),
+    "dual_optim_plus_8bit, two objectives": (
+      dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.01, kernel="pallas"),
+      ("forget", "retain"),
+    ),
+  }
+  returns = {
+    "(u, s)": lambda p, u, s: (u, s),
+    "(s, u)": lambda p, u, s: (s, u),
+    "s": lambda p, u, s: s,
+    "(p + u, s)": lambda p, u, s: (optax.apply_updates(p, u), s),
+    "(s, p + u)": lambda p, u, s: (s, optax.apply_updates(p, u)),
+  }
+  rejected = 0
+  for (name, (tx, objectives)), (ret, out), donate in itertools.product(
+    txs.items(), returns.items(), [(1,), (0, 1), (0, 1, 2)]
+  ):
+    state = jax.eval_shape(tx.init, params)
+    grads = params if objectives is None else dict.fromkeys(objectives, params)
+
+    def step(p, s, g, tx=tx, out=out):
+      u, s = tx.update(g, s, p)
+      return out(p, u, s)
+
+    try:
+      jax.jit(step, donate_argnums=donate).lower(params, state, grads).compile()
+    except jax.errors.JaxRuntimeError as e:
+      rejected += 1
+      print(f"rejected: {name}, returns {ret}, donated {donate}: {e}"[:300])
+  print(f"{rejected} of {len(txs) * len(returns) * 3} compiles rejected")
+  return rejected
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--trees", default="gpt2,square")
@@ -420,6 +495,12 @@ def main() -> int:
     help="mesh axis types: auto (jax.sharding.Mesh's default) or explicit "
     "(jax.make_mesh's), under which the 8-bit kernels run per shard",
   )
+  parser.add_argument(
+    "--check-donation",
+    action="store_true",
+    help="only compile the 8-bit kernels under every usual return and "
+    "donation, and exit with status 1 where XLA rejects one",
+  )
   args = parser.parse_args()
   try:
     from jax.experimental import topologies
@@ -439,6 +520,11 @@ def main() -> int:
     f"{args.topology} ({topo.devices[0].device_kind}), compiled ahead of time; "
     "train step (update + apply_updates), params and state donated"
   )
+  if args.check_donation:
+    import warnings  # pylint: disable=import-outside-toplevel
+
+    warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+    return 1 if check_donation(topo) else 0
   warm_up(topo)
   for key in args.trees.split(","):
     label, make = TREES[key]
