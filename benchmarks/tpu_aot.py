@@ -419,6 +419,9 @@ def check_donation(topo) -> int:
     },
     mesh,
   )
+  # The measured updates' kernels, and Adam's and float32-nu variants (an
+  # aliased float32 state beside the codes).
+  table = updates("pallas")
   adam, adamw = optax.adam(1e-3), optax.adamw(1e-3, weight_decay=0.01)
   nu_f32 = dict(kernel="pallas", select=lambda key, leaf: "nu" not in key)
   txs = {
@@ -426,10 +429,7 @@ def check_donation(topo) -> int:
       dualoptax.quantize_state(adam, kernel="pallas"),
       None,
     ),
-    "quantize_state(adamw)": (
-      dualoptax.quantize_state(adamw, kernel="pallas"),
-      None,
-    ),
+    "quantize_state(adamw)": table["q_adamw"],
     "quantize_state(adam), nu float32": (
       dualoptax.quantize_state(adam, **nu_f32),
       None,
@@ -438,14 +438,8 @@ def check_donation(topo) -> int:
       dualoptax.quantize_state(adamw, **nu_f32),
       None,
     ),
-    "dual_optim_plus_8bit, one objective": (
-      dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.01, kernel="pallas"),
-      ("forget",),
-    ),
-    "dual_optim_plus_8bit, two objectives": (
-      dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.01, kernel="pallas"),
-      ("forget", "retain"),
-    ),
+    "dual_optim_plus_8bit, one objective": table["8bit_1obj"],
+    "dual_optim_plus_8bit, two objectives": table["8bit_2obj"],
   }
   returns = {
     "(u, s)": lambda p, u, s: (u, s),
