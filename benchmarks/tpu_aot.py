@@ -416,11 +416,15 @@ def check_donation(topo) -> int:
       "w": jax.ShapeDtypeStruct((768, 768), jnp.float32),
       "v": jax.ShapeDtypeStruct((256, 1024), jnp.float32),
       "b": jax.ShapeDtypeStruct((2048,), jnp.float32),
+      # Stored column-major on TPU (a stack of such too): in blocks of 64,
+      # their kernels take them transposed (blocks along sublanes).
+      "c": jax.ShapeDtypeStruct((300, 192), jnp.float32),
+      "s": jax.ShapeDtypeStruct((2, 300, 192), jnp.float32),
     },
     mesh,
   )
-  # The measured updates' kernels, and Adam's and float32-nu variants (an
-  # aliased float32 state beside the codes).
+  # The measured updates' kernels, Adam's and float32-nu variants (an
+  # aliased float32 state beside the codes), and blocks of 64.
   table = updates("pallas")
   adam, adamw = optax.adam(1e-3), optax.adamw(1e-3, weight_decay=0.01)
   nu_f32 = dict(kernel="pallas", select=lambda key, leaf: "nu" not in key)
@@ -440,6 +444,16 @@ def check_donation(topo) -> int:
     ),
     "dual_optim_plus_8bit, one objective": table["8bit_1obj"],
     "dual_optim_plus_8bit, two objectives": table["8bit_2obj"],
+    "quantize_state(adamw), blocks of 64": (
+      dualoptax.quantize_state(adamw, block_size=64, kernel="pallas"),
+      None,
+    ),
+    "dual_optim_plus_8bit, two objectives, blocks of 64": (
+      dualoptax.dual_optim_plus_8bit(
+        1e-3, weight_decay=0.01, block_size=64, kernel="pallas"
+      ),
+      ("forget", "retain"),
+    ),
   }
   returns = {
     "(u, s)": lambda p, u, s: (u, s),

@@ -19,6 +19,15 @@ signature (a model's layers: the same equations on leaves of one shape) share
 one traced and lowered kernel (:func:`group_kernel`), so tracing time grows
 with the number of distinct shapes, not of leaves.
 
+TPU stores some leaves whose last axis is not whole lanes column-major (a 192-
+or 576-wide FSDP shard of 768 rows; :func:`columns_major`). The kernel takes
+such a leaf transposed, a bitcast there: tiles ``n x rows``, rows whole
+lanes, each block a slice of sublanes.
+A block's step runs on pieces of 8 sublanes, keeping its new values and their
+running peak in VMEM, and a second pass encodes them with the block's scale
+(the codec's :func:`~dualoptax.quantization._block_peak`, ``_block_scale``
+and ``_encode_scaled``, the parts of the one encoder).
+
 The math is the same statement as the XLA path's: the group's equations from
 the one trace of the inner update (evaluated by ``_chunked._eval_equations``)
 and the codec of :mod:`dualoptax.quantization` (``_decode_normalized``,
@@ -75,6 +84,10 @@ _encode = jax.jit(
   functools.partial(_q._encode_blocks, refine=True),  # pylint: disable=protected-access
   static_argnums=1,
 )
+# The same encoder in parts, for blocks along sublanes (column-major tiles).
+_peak = jax.jit(functools.partial(_q._block_peak, axis=0))  # pylint: disable=protected-access
+_scale = jax.jit(functools.partial(_q._block_scale, refine=True))  # pylint: disable=protected-access
+_encode_scaled = jax.jit(_q._encode_scaled, static_argnums=3)  # pylint: disable=protected-access
 
 
 def on_tpu() -> bool:
@@ -82,6 +95,39 @@ def on_tpu() -> bool:
   runs the kernels and the non-finite guards check with one (per shard, or
   not at all where a leaf is sharded without its sharding in its type)."""
   return jax.default_backend() == "tpu"
+
+
+def _padded_tiles(rows: int, cols: int) -> int:
+  """Values a float32 ``[rows, cols]`` takes in TPU's (8, 128) tiles."""
+  return -(-rows // _SUBLANES) * _SUBLANES * -(-cols // _LANES) * _LANES
+
+
+def columns_major(shape: Sequence[int]) -> bool:
+  """Whether XLA's TPU compiler stores a 2-d float32 array of ``shape``
+  column-major (layout ``{0,1}``): where the last axis is not whole lanes
+  and the transposed array pads to fewer (8, 128) tiles (a tie stays
+  row-major). Read from the layouts it gives such arrays as arguments; its
+  uint8 arrays of these shapes follow it."""
+  if len(shape) != 2:
+    return False
+  r, n = (int(s) for s in shape)
+  return _padded_tiles(n, r) < _padded_tiles(r, n)
+
+
+def _columns(shape: Sequence[int], b: int) -> bool:
+  """Whether a leaf of ``shape`` in blocks of ``b`` runs column-major: TPU
+  stores it so (:func:`columns_major`; with one leading axis, a stack of
+  layers, it stores each ``shape[1:]`` so), its blocks are not whole lanes
+  but whole uint8 sublane tiles, and a tile a lane wide fits VMEM. The
+  kernel then takes the leaf transposed (a bitcast there), its blocks along
+  sublanes, rather than have XLA copy the leaf to rows and back."""
+  return (
+    len(shape) in (2, 3)
+    and columns_major(shape[-2:])
+    and b % _LANES != 0
+    and b % _ROW_ALIGN == 0
+    and int(shape[-1]) * _LANES <= _TILE_VALUES
+  )
 
 
 def tile_rows(
@@ -94,24 +140,31 @@ def tile_rows(
   of ``rows x b``, ``b`` the block length. It needs one block length for
   every 8-bit operand, blocks along the last axis alone (not spanning
   trailing axes), ``n`` a whole number of blocks (no padding), and a block a
-  whole number of 128-value lanes, or else at most ``_WIDE_BLOCKS`` blocks
-  per row (a shard 576 or 192 wide, say, in blocks of 192: Mosaic takes a
-  tile as wide as its array, whose blocks the kernel unrolls); leading axes
-  merge into rows only
+  whole number of 128-value lanes; or else the leaf stored column-major
+  (:func:`_columns`: a shard 576 or 192 wide, say, in blocks of 192), whose
+  tile is then all ``n`` by rows a whole number of lanes (the rows of one
+  layer, for a stack of layers); or else at most
+  ``_WIDE_BLOCKS`` blocks per row (Mosaic takes a tile as wide as its array,
+  whose blocks the kernel unrolls). Leading axes merge into rows only
   where that is free on TPU (the second-to-last axis a multiple of 32).
   """
   if len(shape) < 2 or any(int(s) == 0 for s in shape) or not layouts:
     return None
   n = int(shape[-1])
-  if len(shape) > 2 and int(shape[-2]) % _ROW_ALIGN:
-    return None
   b = layouts[0].block_size
   for like in layouts:
-    if like.block_size != b or like.pad or like.rows != 1:
+    if like.block_size != b or like.pad or like.rows != 1 or n % b:
       return None  # one block length; blocks along the last axis alone
-    if n % b or (b % _LANES and n // b > _WIDE_BLOCKS):
-      return None
+  if _columns(shape, b):
+    # Rows are lanes here (of one layer): a tile whole lanes, the last one
+    # partial.
+    lanes = max(_TILE_VALUES // n // _LANES, 1) * _LANES
+    return min(lanes, -(-int(shape[-2]) // _LANES) * _LANES)
+  if len(shape) > 2 and int(shape[-2]) % _ROW_ALIGN:
+    return None
   rows = math.prod(int(s) for s in shape[:-1])
+  if b % _LANES and n // b > _WIDE_BLOCKS:
+    return None
   width = b
   if b % _LANES:  # group_kernel's ``wide``: a tile spans the last axis
     # In VMEM its rows are padded to whole lanes, and its absmax column
@@ -131,6 +184,18 @@ def _column(tile, j):
 def _with_column(tile, j, column):
   lanes = jax.lax.broadcasted_iota(jnp.int32, tile.shape, 1)
   return jnp.where(lanes == j, column, tile)
+
+
+def _row(tile, k):
+  """Row ``k`` (traced) of a ``[nb, w]`` tile, as ``[1, w]``: a masked
+  sublane reduction (a dynamic single-sublane load is not aligned)."""
+  rows = jax.lax.broadcasted_iota(jnp.int32, tile.shape, 0)
+  return jnp.sum(jnp.where(rows == k, tile, 0.0), axis=0, keepdims=True)
+
+
+def _with_row(tile, k, row):
+  rows = jax.lax.broadcasted_iota(jnp.int32, tile.shape, 0)
+  return jnp.where(rows == k, row, tile)
 
 
 def _row_lanes(sub, width, start):
@@ -286,10 +351,16 @@ def group_kernel(
     if isinstance(like, QuantizedArray)
   )
   nb = n // b
-  # A block that is not whole lanes (a 576-wide shard's 192-value blocks)
-  # cannot be a tile of its own: the tile is then the whole last axis, and
-  # the kernel works through its blocks at static lane offsets.
-  wide = b % _LANES != 0
+  # A leaf TPU stores column-major (a 576-wide shard in blocks of 192, or a
+  # stack of them; see _columns) is taken transposed, [lead, n, r] in tiles
+  # n x rows (rows whole lanes of its r rows), each block a slice of
+  # sublanes: the transpose is a bitcast there, where rows would cost XLA a
+  # relayout copy in and out.
+  columns = _columns(shape, b)
+  # Otherwise a block that is not whole lanes cannot be a tile of its own:
+  # the tile is then the whole last axis, and the kernel works through its
+  # blocks at static lane offsets.
+  wide = b % _LANES != 0 and not columns
   width = n if wide else b
   scalar_in = [
     jnp.reshape(v.astype(jnp.int32) if v.dtype == jnp.bool_ else v, (1,))
@@ -297,19 +368,44 @@ def group_kernel(
   ]
   in_specs = [pl.BlockSpec(memory_space=pltpu.SMEM)] * len(values)
   arg_slots = []
-  block = pl.BlockSpec((rows, width), lambda i, j: (i, j))
   # TPU stores a [rows, nb] absmax with few blocks per row (nb < 128) rows
   # minor, i.e. as [nb, rows]: the kernel takes it transposed (a bitcast
   # there, not a relayout copy in and out of every kernel), where the row
   # tile is a whole number of lanes.
-  transposed = nb < _LANES and (rows % _LANES == 0 or rows == total)
-  # [total, nb] <-> the kernel's absmax (its own inverse)
-  orient = (lambda x: x.T) if transposed else (lambda x: x)
-  if transposed:
-    row_of_absmax = pl.BlockSpec((nb, rows), lambda i, j: (0, i))
+  transposed = columns or (
+    nb < _LANES and (rows % _LANES == 0 or rows == total)
+  )
+  if columns:
+    lead, r = math.prod(shape[:-2]), int(shape[-2])
+    block = pl.BlockSpec((None, n, rows), lambda i, j: (j, 0, i))
+    row_of_absmax = pl.BlockSpec((None, nb, rows), lambda i, j: (j, 0, i))
+    leaf_view, absmax_shape = (lead, n, r), (lead, nb, r)
+    grid = (pl.cdiv(r, rows), lead)
+
+    def to_kernel(x, m):  # [..., r, m] -> [lead, m, r]
+      return jnp.swapaxes(x.reshape(lead, r, m), 1, 2)
+
+    def from_kernel(y, like_shape, m):  # and back
+      del m
+      return jnp.swapaxes(y, 1, 2).reshape(like_shape)
+
   else:
-    row_of_absmax = pl.BlockSpec((rows, nb), lambda i, j: (i, 0))
-  absmax_shape = (nb, total) if transposed else (total, nb)
+    block = pl.BlockSpec((rows, width), lambda i, j: (i, j))
+    if transposed:
+      row_of_absmax = pl.BlockSpec((nb, rows), lambda i, j: (0, i))
+    else:
+      row_of_absmax = pl.BlockSpec((rows, nb), lambda i, j: (i, 0))
+    leaf_view = (total, n)
+    absmax_shape = (nb, total) if transposed else (total, nb)
+    grid = (pl.cdiv(total, rows), 1 if wide else nb)
+
+    def to_kernel(x, m):  # [..., m] -> [total, m], an absmax as TPU keeps it
+      x = x.reshape(total, m)
+      return x.T if transposed and m == nb else x
+
+    def from_kernel(y, like_shape, m):  # and back
+      return (y.T if transposed and m == nb else y).reshape(like_shape)
+
   for a in like_args:
     arg_slots.append(len(in_specs))
     if isinstance(a, QuantizedArray):
@@ -321,20 +417,20 @@ def group_kernel(
     flat = list(scalar_values)
     for a in group_args:
       if isinstance(a, QuantizedArray):
-        flat += [a.codes.reshape(total, n), orient(a.absmax.reshape(total, nb))]
+        flat += [to_kernel(a.codes, n), to_kernel(a.absmax, nb)]
       else:
-        flat.append(a.reshape(total, n))
+        flat.append(to_kernel(a, n))
     return flat
 
   out_shapes, out_specs, out_slots = [], [], []
   for like in out_like:
     out_slots.append(len(out_shapes))
     if like is None:
-      out_shapes.append(jax.ShapeDtypeStruct((total, n), jnp.float32))
+      out_shapes.append(jax.ShapeDtypeStruct(leaf_view, jnp.float32))
       out_specs.append(block)
     else:
       out_shapes += [
-        jax.ShapeDtypeStruct((total, n), jnp.uint8),
+        jax.ShapeDtypeStruct(leaf_view, jnp.uint8),
         jax.ShapeDtypeStruct(absmax_shape, jnp.float32),
       ]
       out_specs += [block, row_of_absmax]
@@ -360,7 +456,104 @@ def group_kernel(
   piece = _SUBLANES if sub % _SUBLANES == 0 else sub
   q_in = [p for p, a in enumerate(like_args) if isinstance(a, QuantizedArray)]
   q_out = [q for q, like in enumerate(out_like) if like is not None]
-  scratch_shapes = [pltpu.VMEM((sub, b), jnp.int32)] * (len(q_in) + len(q_out))
+  if columns:
+    # Per 8-bit input and output a block of one lane tile's codes (int32),
+    # and per output its new values, held while the block's absmax is taken.
+    scratch_shapes = [pltpu.VMEM((b, _LANES), jnp.int32)] * (
+      len(q_in) + len(q_out)
+    ) + [pltpu.VMEM((b, _LANES), jnp.float32)] * len(q_out)
+  else:
+    scratch_shapes = [pltpu.VMEM((sub, b), jnp.int32)] * (
+      len(q_in) + len(q_out)
+    )
+
+  def column_major(ins, outs, env0, kept, codes_in, codes_out, new_values):
+    """The tile [n, rows] in lane tiles of 128 and blocks of b sublanes.
+    A block's step runs on pieces of 8 sublanes (one float32 vreg), keeping
+    its new values and the running peak of each 8-bit output; the peak is
+    then the block's absmax, and a second pass over the pieces encodes."""
+
+    def block_step(lanes, old_absmax, k, new_absmax):
+      first = pl.multiple_of(k * b, _ROW_ALIGN)
+      for p in q_in:
+        codes_in[p][...] = ins[arg_slots[p]][pl.ds(first, b), lanes].astype(
+          jnp.int32
+        )
+      old_scale = {p: _row(old_absmax[p], k) for p in q_in}
+
+      def piece_step(t, peaks):
+        local_at = pl.ds(pl.multiple_of(t * _SUBLANES, _SUBLANES), _SUBLANES)
+        at = pl.ds(pl.multiple_of(first + t * _SUBLANES, _SUBLANES), _SUBLANES)
+        env = dict(env0)
+        for p, (var, a, s) in enumerate(zip(local, like_args, arg_slots)):
+          if isinstance(a, QuantizedArray):
+            codes = codes_in[p][local_at, :]
+            env[var] = _decode(codes, a.signed) * old_scale[p]
+          else:
+            env[var] = ins[s][at, lanes]
+        new = evaluate(
+          jaxpr, consts, env, array_ids, outvars, (_SUBLANES, _LANES)
+        )
+        peaks = list(peaks)
+        for q, (x, like, t_out) in enumerate(zip(new, out_like, out_slots)):
+          x = x.astype(jnp.float32)
+          if like is None:
+            if kept is not None:
+              p = source.get(q)
+              old = 0.0 if p is None else ins[arg_slots[p]][at, lanes]
+              x = jnp.where(kept, x, old)
+            outs[t_out][at, lanes] = x
+            continue
+          new_values[q][local_at, :] = x
+          i = q_out.index(q)
+          peaks[i] = jnp.maximum(peaks[i], _peak(x))
+        return tuple(peaks)
+
+      zero = jnp.zeros((1, _LANES), jnp.float32)
+      peaks = jax.lax.fori_loop(
+        0, b // _SUBLANES, piece_step, tuple(zero for _ in q_out)
+      )
+      new_absmax = list(new_absmax)
+      for i, (q, peak) in enumerate(zip(q_out, peaks)):
+        like, t_out, p = out_like[q], out_slots[q], source.get(q)
+        absmax, inv, finite = _scale(peak)
+
+        def encode_piece(t, c, q=q, like=like, p=p, inv=inv, finite=finite):
+          local_at = pl.ds(pl.multiple_of(t * _SUBLANES, _SUBLANES), _SUBLANES)
+          codes = _encode_scaled(
+            new_values[q][local_at, :], inv, finite, like.signed
+          ).astype(jnp.int32)
+          if kept is not None:  # a skipped step: codes as they were
+            codes = jnp.where(kept, codes, codes_in[p][local_at, :])
+          codes_out[q][local_at, :] = codes
+          return c
+
+        jax.lax.fori_loop(0, b // _SUBLANES, encode_piece, 0)
+        if kept is not None:
+          absmax = jnp.where(kept, absmax, old_scale[p])
+        outs[t_out][pl.ds(first, b), lanes] = codes_out[q][...].astype(
+          jnp.uint8
+        )
+        new_absmax[i] = _with_row(new_absmax[i], k, absmax)
+      return tuple(new_absmax)
+
+    def lane_tile(c, carry):
+      lanes = pl.ds(pl.multiple_of(c * _LANES, _LANES), _LANES)
+      # The lane tile's absmax rows, all blocks ([nb, 128]), read and
+      # written whole; a block's row is picked and set with masks.
+      old = {p: ins[arg_slots[p] + 1][:, lanes] for p in q_in}
+      zero = jnp.zeros((nb, _LANES), jnp.float32)
+      new = jax.lax.fori_loop(
+        0,
+        nb,
+        functools.partial(block_step, lanes, old),
+        tuple(zero for _ in q_out),
+      )
+      for q, tile in zip(q_out, new):
+        outs[out_slots[q] + 1][:, lanes] = tile
+      return carry
+
+    jax.lax.fori_loop(0, rows // _LANES, lane_tile, 0)
 
   def kernel(*refs):
     ins = refs[: len(in_specs)]
@@ -368,11 +561,16 @@ def group_kernel(
     scratch = refs[len(in_specs) + len(out_specs) :]
     codes_in = dict(zip(q_in, scratch))
     codes_out = dict(zip(q_out, scratch[len(q_in) :]))
+    new_values = dict(zip(q_out, scratch[len(q_in) + len(q_out) :]))
     env0 = {
       var: (ref[0] != 0 if is_bool else ref[0])
       for var, ref, is_bool in zip(reads, ins[:n_scalars], bools)
     }
     kept = None if keep is None else ins[n_scalars - 1][0] != 0
+
+    if columns:
+      column_major(ins, outs, env0, kept, codes_in, codes_out, new_values)
+      return
 
     @pl.when(pl.program_id(1) == 0)
     def _():
@@ -471,7 +669,7 @@ def group_kernel(
         operands = _in_hbm(operands, pinned)
       return pl.pallas_call(
         kernel,
-        grid=(pl.cdiv(total, rows), 1 if wide else nb),
+        grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shapes,
@@ -501,13 +699,13 @@ def group_kernel(
     results = []
     for like, t in zip(out_like, out_slots):
       if like is None:
-        results.append(flat_out[t].reshape(shape))
+        results.append(from_kernel(flat_out[t], shape, n))
       else:
         results.append(
           dataclasses.replace(
             like,
-            codes=flat_out[t].reshape(like.codes.shape),
-            absmax=orient(flat_out[t + 1]).reshape(like.absmax.shape),
+            codes=from_kernel(flat_out[t], like.codes.shape, n),
+            absmax=from_kernel(flat_out[t + 1], like.absmax.shape, nb),
           )
         )
     return results

@@ -526,31 +526,29 @@ def _refined_reciprocal(m: jax.Array, r: jax.Array) -> jax.Array:
   return jnp.where(normal, best, r)
 
 
-def _encode_blocks(
-  blocks: jax.Array, signed: bool, refine: Optional[bool] = None
-):
-  """Codes and absmax of float32 ``blocks`` whose last axis is one block.
-
-  Returns ``(codes, absmax)``: uint8 codes of ``blocks``' shape and the
-  float32 absmax with the last axis kept (length 1). Both the whole-array
-  encoder and the fused TPU kernel (on one block-wide slice of a tile) call it.
-  ``refine``: whether the block scale's division is refined to the nearest
-  float32 (:func:`_refined_reciprocal`); None: everywhere but where lowered
-  for the CPU, whose division is exact (there the refinement cost the
-  8-bit step's fused loops about a tenth of their time, measured).
-  """
-  # A NaN or Inf counts as +inf, so the block's max is +inf exactly when the
-  # block holds one (a vectorized max may drop a NaN, never an inf).
-  m = jnp.max(
+def _block_peak(blocks: jax.Array, axis: int = -1) -> jax.Array:
+  """The largest ``|value|`` of each block (``axis`` kept, length 1), with a
+  NaN or Inf counting as +inf, so the peak is +inf exactly when the block
+  holds one (a vectorized max may drop a NaN, never an inf). The max is
+  exact in any order: peaks of a block's parts, maxed, are its peak."""
+  return jnp.max(
     jnp.where(jnp.isfinite(blocks), jnp.abs(blocks), jnp.inf),
-    axis=-1,
+    axis=axis,
     keepdims=True,
   )
-  finite = m < jnp.inf
-  absmax = jnp.where(finite, m, jnp.float32(jnp.nan))
+
+
+def _block_scale(peak: jax.Array, refine: Optional[bool] = None):
+  """``(absmax, inv, finite)`` of blocks of ``peak`` (:func:`_block_peak`):
+  the stored absmax (NaN for a block with a NaN or Inf), the reciprocal
+  the values are scaled by (0 for a zero or non-finite block, whose codes
+  are then the zero code) and whether the block is finite. ``refine`` as
+  in :func:`_encode_blocks`."""
+  finite = peak < jnp.inf
+  absmax = jnp.where(finite, peak, jnp.float32(jnp.nan))
   # One reciprocal per block, then a multiply per value (as the bitsandbytes
-  # kernel); a zero or non-finite block gets 0, so its codes are the zero code.
-  safe = jnp.where(finite & (m > 0), m, 1.0)
+  # kernel).
+  safe = jnp.where(finite & (peak > 0), peak, 1.0)
   refined = lambda m: _refined_reciprocal(m, 1.0 / m)
   if refine is None:
     inv = jax.lax.platform_dependent(
@@ -558,11 +556,39 @@ def _encode_blocks(
     )
   else:
     inv = refined(safe) if refine else 1.0 / safe
-  inv = jnp.where(finite & (m > 0), inv, 0.0)
+  inv = jnp.where(finite & (peak > 0), inv, 0.0)
+  return absmax, inv, finite
+
+
+def _encode_scaled(
+  blocks: jax.Array, inv: jax.Array, finite: jax.Array, signed: bool
+) -> jax.Array:
+  """The codes of ``blocks`` given their blocks' ``inv`` and ``finite``
+  (:func:`_block_scale`, broadcast against ``blocks``)."""
   xn = jnp.where(finite, blocks, 0.0) * inv
   if not signed:
     xn = jnp.maximum(xn, 0.0)
-  return _encode_normalized(xn, signed), absmax
+  return _encode_normalized(xn, signed)
+
+
+def _encode_blocks(
+  blocks: jax.Array, signed: bool, refine: Optional[bool] = None
+):
+  """Codes and absmax of float32 ``blocks`` whose last axis is one block.
+
+  Returns ``(codes, absmax)``: uint8 codes of ``blocks``' shape and the
+  float32 absmax with the last axis kept (length 1). Both the whole-array
+  encoder and the fused TPU kernel (on one block-wide slice of a tile) call
+  it; the kernel's column-major form runs its three parts
+  (:func:`_block_peak`, :func:`_block_scale`, :func:`_encode_scaled`) on a
+  block's pieces.
+  ``refine``: whether the block scale's division is refined to the nearest
+  float32 (:func:`_refined_reciprocal`); None: everywhere but where lowered
+  for the CPU, whose division is exact (there the refinement cost the
+  8-bit step's fused loops about a tenth of their time, measured).
+  """
+  absmax, inv, finite = _block_scale(_block_peak(blocks), refine)
+  return _encode_scaled(blocks, inv, finite, signed), absmax
 
 
 def _padded(x: jax.Array, pad: int) -> jax.Array:

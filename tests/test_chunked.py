@@ -1,5 +1,6 @@
 """The chunked 8-bit step: same codes as a whole-state step, bounded memory."""
 
+import math
 import warnings
 
 import jax
@@ -241,20 +242,31 @@ def test_kernel_operands_stay_in_hbm_but_the_params(multi):
 
 
 @pytest.mark.parametrize(
-  "shape, block, transposed",
+  "shape, block, transposed, columns",
   [
-    ((600, 512), 256, True),  # two row tiles, the last partial
-    ((8, 32768), 256, False),  # 128 blocks per row: absmax kept rows-major
-    # Blocks of 64 values (a shard's blocks of 192 behave alike): the tile
-    # is the whole last axis, its three blocks unrolled at static lane
-    # offsets; one tile of rows, or several, the last partial.
-    ((300, 192), 64, True),
-    ((700, 192), 64, False),
+    ((600, 512), 256, True, False),  # two row tiles, the last partial
+    # 128 blocks per row: absmax kept rows-major
+    ((8, 32768), 256, False, False),
+    # Blocks narrower than lanes, of leaves TPU stores column-major: the
+    # kernel takes the leaf transposed, blocks along sublanes, in tiles of
+    # 192 x 384 lanes (one, partial) or 192 x 640 (two, the last partial);
+    # and a block the whole row (as a 192-wide shard's blocks of 192).
+    ((300, 192), 64, True, True),
+    ((700, 192), 64, True, True),
+    ((300, 64), 64, True, True),
+    ((3, 300, 192), 64, True, True),  # a stack of them: a tile per layer
+    # ... and of a leaf stored row-major: the tile is the whole last axis,
+    # its blocks unrolled at static lane offsets.
+    ((264, 192), 64, True, False),
   ],
 )
-def test_kernel_absmax_layouts(shape, block, transposed):
+def test_kernel_absmax_layouts(shape, block, transposed, columns):
   # The kernel takes a leaf's [rows, blocks] absmax transposed where TPU
-  # stores it so (fewer than 128 blocks per row), as it is otherwise.
+  # stores it so (fewer than 128 blocks per row), as it is otherwise; and
+  # the leaf itself transposed where TPU stores that so.
+  from dualoptax import _kernel
+
+  assert _kernel.columns_major(shape[-2:]) == columns
   params = {"w": jax.random.normal(jax.random.key(1), shape)}
   make = lambda kernel: dualoptax.dual_optim_plus_8bit(
     1e-2, block_size=block, chunk_size=4096, kernel=kernel
@@ -266,7 +278,12 @@ def test_kernel_absmax_layouts(shape, block, transposed):
   g = {"forget": params}
   jaxpr = str(jax.make_jaxpr(kernel.update)(g, state, params))
   assert "pallas_call" in jaxpr
-  assert (f"f32[{nb},{shape[0]}]" in jaxpr) == transposed
+  if columns:  # [lead, n, r]: a leaf's, and its absmax's ([lead, nb, r])
+    lead, r = math.prod(shape[:-2]), shape[-2]
+    assert f"u8[{lead},{shape[-1]},{r}]" in jaxpr
+    assert f"f32[{lead},{nb},{r}]" in jaxpr
+  else:
+    assert (f"f32[{nb},{shape[0]}]" in jaxpr) == transposed
   _assert_steps_agree(
     jax.jit(make("xla").update),
     [jax.jit(kernel.update)],
@@ -287,9 +304,14 @@ def test_kernel_absmax_layouts(shape, block, transposed):
     ((5000,), 256, None),  # 1-d
     ((96, 96), 32, 96),  # blocks narrower than 128 lanes: whole rows
     ((96, 320), 64, None),  # ... but more than 4 such blocks a row
-    # A 192-wide leaf in blocks of 64 (a shard's blocks of 192 alike): in
-    # VMEM a row takes 256 lanes, and its absmax 128 more.
-    ((50257, 192), 64, 320),
+    # A 192-wide leaf in blocks of 64 (a shard's blocks of 192 alike), which
+    # TPU stores column-major: its tile is 192 x 640 lanes (rows) ...
+    ((50257, 192), 64, 640),
+    ((300, 192), 64, 384),  # ... rows rounded up to whole lanes
+    ((3, 300, 192), 64, 384),  # ... of one layer, in a stack of them
+    # ... and one stored row-major: in VMEM a row takes 256 lanes, and its
+    # absmax 128 more (320 rows a tile, here all 264).
+    ((264, 192), 64, 264),
     ((8, 299520), 512, 8),  # a long last axis is many tiles one block wide
   ],
 )

@@ -96,10 +96,10 @@ def _assert_only_scalar_all_reduces(compiled, dtypes="f32|pred|s32"):
 
 def _random_params(sharding, shapes, seed):
   """Normal values (as in test_chunked, whose tolerances are set for them)
-  for leaves "a" and "b" of ``shapes``, placed with ``sharding``."""
-  keys = jax.random.split(jax.random.key(seed), 2)
+  for the leaves of ``shapes``, placed with ``sharding``."""
+  keys = jax.random.split(jax.random.key(seed), len(shapes))
   return jax.device_put(
-    {n: jax.random.normal(k, shapes[n]) for n, k in zip("ab", keys)},
+    {n: jax.random.normal(k, shapes[n]) for n, k in zip(shapes, keys)},
     sharding,
   )
 
@@ -368,21 +368,32 @@ def _check_kernel_per_shard(layout, name):
 
 def _check_kernel_per_shard_with_blocks_narrower_than_lanes():
   # Column shards 576 and 192 wide hold blocks of 192 (three and one per
-  # row), which a kernel tile cannot hold alone: it spans the shard's row.
+  # row), which a kernel tile cannot hold alone: it spans the shard's row;
+  # or, where TPU stores the shard column-major ("c"), the kernel takes it
+  # transposed, the block along sublanes.
+  from dualoptax import _kernel
   from tests import test_chunked
 
   mesh, sharding = _mesh("fsdp_cols", "explicit")
-  params = _random_params(sharding, {"a": (32, 8 * 576), "b": (32, 8 * 192)}, 1)
+  shapes = {"a": (32, 8 * 576), "b": (32, 8 * 192), "c": (300, 8 * 192)}
+  assert [_kernel.columns_major((r, c // 8)) for r, c in shapes.values()] == [
+    False,
+    False,
+    True,
+  ]
+  params = _random_params(sharding, shapes, 1)
   loop, kernel = (
     KERNEL_TXS["dual_optim_plus_8bit"](k) for k in ("xla", "pallas")
   )
   with _within(mesh):
     state = kernel.init(params)
-    assert state.base_mu["a"].block_size == state.base_mu["b"].block_size == 192
+    assert {x.block_size for x in state.base_mu.values()} == {192}
     jaxpr = str(
       jax.make_jaxpr(kernel.update)({"forget": params}, state, params)
     )
-    assert jaxpr.count("shard_map") == 4 and "pallas_call" in jaxpr
+    # Per leaf, the check's and the step's.
+    assert jaxpr.count("shard_map") == 6 and "pallas_call" in jaxpr
+    assert "u8[1,192,300]" in jaxpr  # "c"'s shard, transposed
     test_chunked._assert_steps_agree(
       jax.jit(loop.update), [jax.jit(kernel.update)], state, True, params
     )
