@@ -174,28 +174,19 @@ def tile_rows(
   return rows if rows <= tr else tr
 
 
-def _column(tile, j):
-  """Column ``j`` (traced) of a ``[tr, nb]`` tile, as ``[tr, 1]``: a masked
-  lane reduction (a dynamic lane slice is not a TPU vector operation)."""
-  lanes = jax.lax.broadcasted_iota(jnp.int32, tile.shape, 1)
-  return jnp.sum(jnp.where(lanes == j, tile, 0.0), axis=-1, keepdims=True)
+def _pick(tile, k, axis: int):
+  """Index ``k`` (traced) of ``tile`` along ``axis``, the axis kept (a
+  ``[tr, 1]`` column, a ``[1, w]`` row): a masked reduction. Neither a
+  dynamic lane slice nor a single-sublane load at a dynamic, unaligned
+  index is a TPU vector operation."""
+  at = jax.lax.broadcasted_iota(jnp.int32, tile.shape, axis)
+  return jnp.sum(jnp.where(at == k, tile, 0.0), axis=axis, keepdims=True)
 
 
-def _with_column(tile, j, column):
-  lanes = jax.lax.broadcasted_iota(jnp.int32, tile.shape, 1)
-  return jnp.where(lanes == j, column, tile)
-
-
-def _row(tile, k):
-  """Row ``k`` (traced) of a ``[nb, w]`` tile, as ``[1, w]``: a masked
-  sublane reduction (a dynamic single-sublane load is not aligned)."""
-  rows = jax.lax.broadcasted_iota(jnp.int32, tile.shape, 0)
-  return jnp.sum(jnp.where(rows == k, tile, 0.0), axis=0, keepdims=True)
-
-
-def _with_row(tile, k, row):
-  rows = jax.lax.broadcasted_iota(jnp.int32, tile.shape, 0)
-  return jnp.where(rows == k, row, tile)
+def _with_picked(tile, k, part, axis: int):
+  """``tile`` with index ``k`` along ``axis`` set to ``part``."""
+  at = jax.lax.broadcasted_iota(jnp.int32, tile.shape, axis)
+  return jnp.where(at == k, part, tile)
 
 
 def _row_lanes(sub, width, start):
@@ -479,7 +470,7 @@ def group_kernel(
         codes_in[p][...] = ins[arg_slots[p]][pl.ds(first, b), lanes].astype(
           jnp.int32
         )
-      old_scale = {p: _row(old_absmax[p], k) for p in q_in}
+      old_scale = {p: _pick(old_absmax[p], k, 0) for p in q_in}
 
       def piece_step(t, peaks):
         local_at = pl.ds(pl.multiple_of(t * _SUBLANES, _SUBLANES), _SUBLANES)
@@ -534,7 +525,7 @@ def group_kernel(
         outs[t_out][pl.ds(first, b), lanes] = codes_out[q][...].astype(
           jnp.uint8
         )
-        new_absmax[i] = _with_row(new_absmax[i], k, absmax)
+        new_absmax[i] = _with_picked(new_absmax[i], k, absmax, 0)
       return tuple(new_absmax)
 
     def lane_tile(c, carry):
@@ -582,13 +573,13 @@ def group_kernel(
       """This piece's block absmax, ``[piece, 1]``."""
       if transposed:
         return _row_to_column(ref[pl.ds(j, 1), :], start, piece)
-      return _column(ref[at, :], j)
+      return _pick(ref[at, :], j, 1)
 
     def set_scales(ref, at, start, column, j):
       if transposed:
         ref[pl.ds(j, 1), :] = _with_row_part(ref[pl.ds(j, 1), :], start, column)
       else:
-        ref[at, :] = _with_column(ref[at, :], j, column)
+        ref[at, :] = _with_picked(ref[at, :], j, column, 1)
 
     def rows_slice(j, cols, r, carry):
       """Rows ``r * sub ..`` of block ``j``, lanes ``cols`` of the tile."""
