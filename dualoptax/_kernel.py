@@ -458,6 +458,32 @@ def group_kernel(
       len(q_in) + len(q_out)
     )
 
+  def step_piece(ins, outs, env0, kept, codes_in, local_at, at, cols, scale):
+    """One piece's step, the same in either tile form: its inputs (8-bit
+    ones decoded from their int32 codes in ``codes_in`` with their block
+    absmax, ``scale(p)``), the group's equations, and the float32 outputs
+    written (where ``kept`` is False, the old value or zero). Returns the
+    new values; the caller encodes the 8-bit ones."""
+    env = dict(env0)
+    for p, (var, a, s) in enumerate(zip(local, like_args, arg_slots)):
+      if isinstance(a, QuantizedArray):
+        # TPU's forms of the codec: no division in the decoder, the block
+        # scale's refined (the interpreter that tests this runs them too).
+        env[var] = _decode(codes_in[p][local_at, :], a.signed) * scale(p)
+      else:
+        env[var] = ins[s][at, cols]
+    shape = (_SUBLANES, _LANES) if columns else (piece, b)
+    new = evaluate(jaxpr, consts, env, array_ids, outvars, shape)
+    for q, (x, like, t) in enumerate(zip(new, out_like, out_slots)):
+      if like is None:
+        x = x.astype(jnp.float32)
+        if kept is not None:
+          p = source.get(q)
+          old = 0.0 if p is None else ins[arg_slots[p]][at, cols]
+          x = jnp.where(kept, x, old)
+        outs[t][at, cols] = x
+    return new
+
   def column_major(ins, outs, env0, kept, codes_in, codes_out, new_values):
     """The tile [n, rows] in lane tiles of 128 and blocks of b sublanes.
     A block's step runs on pieces of 8 sublanes (one float32 vreg), keeping
@@ -475,28 +501,13 @@ def group_kernel(
       def piece_step(t, peaks):
         local_at = pl.ds(pl.multiple_of(t * _SUBLANES, _SUBLANES), _SUBLANES)
         at = pl.ds(pl.multiple_of(first + t * _SUBLANES, _SUBLANES), _SUBLANES)
-        env = dict(env0)
-        for p, (var, a, s) in enumerate(zip(local, like_args, arg_slots)):
-          if isinstance(a, QuantizedArray):
-            codes = codes_in[p][local_at, :]
-            env[var] = _decode(codes, a.signed) * old_scale[p]
-          else:
-            env[var] = ins[s][at, lanes]
-        new = evaluate(
-          jaxpr, consts, env, array_ids, outvars, (_SUBLANES, _LANES)
+        new = step_piece(
+          ins, outs, env0, kept, codes_in, local_at, at, lanes, old_scale.get
         )
         peaks = list(peaks)
-        for q, (x, like, t_out) in enumerate(zip(new, out_like, out_slots)):
-          x = x.astype(jnp.float32)
-          if like is None:
-            if kept is not None:
-              p = source.get(q)
-              old = 0.0 if p is None else ins[arg_slots[p]][at, lanes]
-              x = jnp.where(kept, x, old)
-            outs[t_out][at, lanes] = x
-            continue
+        for i, q in enumerate(q_out):
+          x = new[q].astype(jnp.float32)
           new_values[q][local_at, :] = x
-          i = q_out.index(q)
           peaks[i] = jnp.maximum(peaks[i], _peak(x))
         return tuple(peaks)
 
@@ -593,27 +604,19 @@ def group_kernel(
         local_at = pl.ds(pl.multiple_of(k * piece, piece), piece)
         start = pl.multiple_of(first + k * piece, piece)
         at = pl.ds(start, piece)
-        env = dict(env0)
-        for p, (var, a, s) in enumerate(zip(local, like_args, arg_slots)):
-          if isinstance(a, QuantizedArray):
-            scale = scales(ins[s + 1], at, start, j)
-            # TPU's forms of the codec: no division in the decoder, the block
-            # scale's refined (the interpreter that tests this runs them too).
-            codes = codes_in[p][local_at, :]
-            value = _decode(codes, a.signed)
-            env[var] = value * scale
-          else:
-            env[var] = ins[s][at, cols]
-        new = evaluate(jaxpr, consts, env, array_ids, outvars, (piece, b))
-        for q, (x, like, t) in enumerate(zip(new, out_like, out_slots)):
-          p = source.get(q)
-          if like is None:
-            x = x.astype(outs[t].dtype)
-            if kept is not None:
-              old = 0.0 if p is None else ins[arg_slots[p]][at, cols]
-              x = jnp.where(kept, x, old)
-            outs[t][at, cols] = x
-            continue
+        new = step_piece(
+          ins,
+          outs,
+          env0,
+          kept,
+          codes_in,
+          local_at,
+          at,
+          cols,
+          lambda p: scales(ins[arg_slots[p] + 1], at, start, j),
+        )
+        for q in q_out:
+          x, like, t, p = new[q], out_like[q], out_slots[q], source.get(q)
           codes, absmax = _encode(x.astype(jnp.float32), like.signed)
           codes = codes.astype(jnp.int32)
           if kept is not None:  # a skipped step: codes and absmax as they were
