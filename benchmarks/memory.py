@@ -14,10 +14,12 @@ Trees: GPT-2-small shapes (124M params, 148 leaves) and 200 leaves of 64x64..70.
 ``--step train`` measures a train step instead: ``update`` and
 ``optax.apply_updates`` in one jit, params and state donated (the update is then
 a temporary unless it fuses into the parameter write); ``--step train-grad``
-also computes the gradients inside, of ``0.5 * sum((θ - x)**2)``.
+also computes the gradients inside, of ``0.5 * sum((θ - x)**2)``;
+``--step train-fused`` is ``--step train`` as ``dualoptax.update_and_apply``
+(the 8-bit steps write the params themselves).
 
     python benchmarks/memory.py [--trees gpt2,many] [--repeat 1]
-      [--step update|train|train-grad]
+      [--step update|train|train-grad|train-fused]
 """
 
 from __future__ import annotations
@@ -114,6 +116,9 @@ def measure(tx, wrap, params, step: str = "update") -> dict:
     updates, s = tx.update(wrap(g), s, p)
     return optax.apply_updates(p, updates), s
 
+  def train_fused_step(p, s, g):
+    return dualoptax.update_and_apply(tx, wrap(g), s, p)
+
   def train_grad_step(p, s, x):
     loss = lambda q: sum(
       0.5 * jnp.sum((a - x) ** 2) for a in jax.tree.leaves(q)
@@ -124,6 +129,8 @@ def measure(tx, wrap, params, step: str = "update") -> dict:
     jitted, third = jax.jit(update, donate_argnums=1), params
   elif step == "train":
     jitted, third = jax.jit(train_step, donate_argnums=(0, 1)), params
+  elif step == "train-fused":
+    jitted, third = jax.jit(train_fused_step, donate_argnums=(0, 1)), params
   else:
     jitted = jax.jit(train_grad_step, donate_argnums=(0, 1))
     third = jax.ShapeDtypeStruct((), jnp.float32)
@@ -150,7 +157,7 @@ def main() -> None:
   )
   parser.add_argument(
     "--step",
-    choices=("update", "train", "train-grad"),
+    choices=("update", "train", "train-grad", "train-fused"),
     default="update",
     help="jit update alone (state donated) or a train step (params and "
     "state donated; train-grad: gradients computed inside)",
@@ -178,6 +185,8 @@ def main() -> None:
       "train": "train step (update + apply_updates), params and state donated",
       "train-grad": "train step with its gradients computed inside, params "
       "and state donated",
+      "train-fused": "train step (dualoptax.update_and_apply), params and "
+      "state donated",
     }[args.step]
     print(f"\n{label}: {what}")
     print(

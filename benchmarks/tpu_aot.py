@@ -350,12 +350,17 @@ def warm_up(topo) -> None:
     measure(*updates("pallas")[name], params)
 
 
-def measure(tx, objectives, params, grads: str = "input") -> dict:
+def measure(
+  tx, objectives, params, grads: str = "input", apply: str = "separate"
+) -> dict:
   """One train step's figures. ``grads="input"``: the gradients (one tree
   per objective present) are arguments of the step, which the caller keeps;
   ``"step"``: the step computes them, ``p - x_k`` (the gradient of
   ``0.5 * |p - x_k|^2``, materialized behind an optimization barrier as a
-  network's are), from arguments ``x_k``, so they are dead after the update."""
+  network's are), from arguments ``x_k``, so they are dead after the update.
+  ``apply="separate"``: ``tx.update`` then ``optax.apply_updates``;
+  ``"fused"``: ``dualoptax.update_and_apply`` (the same for optax's own
+  transformations)."""
   state = jax.eval_shape(tx.init, params)
   count = 1 if objectives is None else len(objectives)
 
@@ -368,6 +373,8 @@ def measure(tx, objectives, params, grads: str = "input") -> dict:
         jax.lax.optimization_barrier(jax.tree.map(jnp.subtract, p, x))
         for x in xs
       ]
+    if apply == "fused":
+      return dualoptax.update_and_apply(tx, present(xs), s, p)
     u, s = tx.update(present(xs), s, p)
     return optax.apply_updates(p, u), s
 
@@ -504,6 +511,13 @@ def main() -> int:
     "(jax.make_mesh's), under which the 8-bit kernels run per shard",
   )
   parser.add_argument(
+    "--apply",
+    choices=("separate", "fused"),
+    default="separate",
+    help="the step as tx.update then optax.apply_updates, or as "
+    "dualoptax.update_and_apply (params written by the 8-bit kernels)",
+  )
+  parser.add_argument(
     "--check-donation",
     action="store_true",
     help="only compile the 8-bit kernels under every usual return and "
@@ -526,7 +540,13 @@ def main() -> int:
   print(
     f"jax {jax.__version__}, optax {optax.__version__}, TPU topology "
     f"{args.topology} ({topo.devices[0].device_kind}), compiled ahead of time; "
-    "train step (update + apply_updates), params and state donated"
+    "train step ("
+    + (
+      "update + apply_updates"
+      if args.apply == "separate"
+      else "dualoptax.update_and_apply"
+    )
+    + "), params and state donated"
   )
   if args.check_donation:
     import warnings  # pylint: disable=import-outside-toplevel
@@ -557,7 +577,7 @@ def main() -> int:
         tx, objectives = table[name]
         try:
           with jax.set_mesh(mesh):
-            r = measure(tx, objectives, params, args.grads)
+            r = measure(tx, objectives, params, args.grads, args.apply)
         except jax.errors.JaxRuntimeError as e:  # e.g. more HBM than a chip has
           print(f"{name:17s} does not compile: {str(e).splitlines()[0][:100]}")
           continue

@@ -21,7 +21,11 @@ from dualoptax.quantization import (
   dynamic_code_map,
   quantize_blockwise,
 )
-from dualoptax.quantized_state import quantize_state, state_nbytes
+from dualoptax.quantized_state import (
+  quantize_state,
+  state_nbytes,
+  update_and_apply,
+)
 from dualoptax.schedules import alternating_index, switch_objective
 from dualoptax.wrappers import (
   AccumulateState,

@@ -467,10 +467,12 @@ def guarded(
   update_shapes,
   *,
   select_on: tuple = (),
+  kept: Any = None,
 ):
   """Runs ``step()`` -> ``(updates, changed)``; where ``finite`` is False, skips
-  it: a zero update (of ``update_shapes``) and ``unchanged`` (the pre-call
-  values of what ``step`` changes).
+  it: a zero update (of ``update_shapes``), or ``kept`` where given (the
+  params, for a step that returns the new params), and ``unchanged`` (the
+  pre-call values of what ``step`` changes).
 
   One ``lax.cond`` guards the call (an element-wise select instead compiled
   slower, with more temporaries, on XLA:CPU). Only the state that the step
@@ -485,6 +487,8 @@ def guarded(
     return step()
 
   def skip():
+    if kept is not None:
+      return kept, unchanged
     zeros = jax.tree.map(_sharding.zeros, update_shapes)
     return zeros, unchanged
 

@@ -298,6 +298,7 @@ def _skip_nonfinite(
   """
 
   def update_fn(grads, state, params=None, **extra_args):
+    apply = extra_args.pop(quantized_state.APPLY, False)
     present = _objectives.present_gradients(
       grads, objectives, quantized_state.shape_tree(state.base_mu)
     )
@@ -317,20 +318,29 @@ def _skip_nonfinite(
         state,
         params,
         **extra_args,
-        **{quantized_state.KEEP_IF: finite},
+        **{quantized_state.KEEP_IF: finite, quantized_state.APPLY: apply},
       )
       return updates, new_state._replace(skipped=skipped)
 
     def step():
-      return tx.update(grads, state, params, **extra_args)
+      return tx.update(
+        grads, state, params, **extra_args, **{quantized_state.APPLY: apply}
+      )
 
-    # Skipped: zero update, the state as it was, one more skipped call.
+    # Skipped: zero update (or the params as they were), the state as it was,
+    # one more skipped call.
     unchanged = state._replace(skipped=skipped)
     return _engine.guarded(
-      finite, step, unchanged, _engine.update_shapes(present, params)
+      finite,
+      step,
+      unchanged,
+      _engine.update_shapes(present, params),
+      kept=params if apply else None,
     )
 
-  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+  return optax.GradientTransformationExtraArgs(
+    tx.init, quantized_state.applies(update_fn)
+  )
 
 
 STATIC_8BIT_ARGS = ("block_size", "min_size", "chunk_size")

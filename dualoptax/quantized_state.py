@@ -33,7 +33,7 @@ from dualoptax import _chunked, _engine, _kernel, _sharding
 from dualoptax import quantization as _q
 from dualoptax.quantization import QuantizedArray
 
-__all__ = ["quantize_state", "state_nbytes"]
+__all__ = ["quantize_state", "state_nbytes", "update_and_apply"]
 
 SignedOverride = Union[None, bool, Callable[[str, Any], Optional[bool]]]
 Exclude = Union[Sequence[str], Callable[[Any], Any], None]
@@ -529,15 +529,19 @@ def quantize_state(
 
   def update_fn(updates, state, params=None, **extra_args):
     keep = extra_args.pop(KEEP_IF, None)
+    apply = extra_args.pop(APPLY, False)
     st_leaves, st_def = jax.tree.flatten(state, is_leaf=_is_q)
     if chunk_size is None or not any(_is_q(x) for x in st_leaves):
       new_u, new_s = whole_update(updates, state, params, extra_args)
+      if apply:
+        new_u = optax.apply_updates(params, new_u)
       if keep is None:
         return new_u, new_s
       new_leaves = st_def.flatten_up_to(new_s)
       return jax.tree.map(
-        lambda u: _chunked._kept(keep, u, None),  # pylint: disable=protected-access
+        lambda u, p: _chunked._kept(keep, u, p if apply else None),  # pylint: disable=protected-access
         new_u,
+        params if apply else new_u,
       ), st_def.unflatten(
         [
           _chunked._kept(keep, new, old)  # pylint: disable=protected-access
@@ -556,6 +560,8 @@ def quantize_state(
       prm = p_def.unflatten(xs[n_u + n_s : n_u + n_s + n_p])
       ext = e_def.unflatten(xs[n_u + n_s + n_p :])
       new_u, new_s = inner.update(upd, st, prm, **ext)
+      if apply:  # the new params, which then replace the params in place
+        new_u = optax.apply_updates(prm, new_u)
       new_u_leaves, u_out_def = jax.tree.flatten(new_u)
       out_def[:] = [u_out_def]
       return _state_leaves(new_s, st_def) + new_u_leaves
@@ -564,22 +570,28 @@ def quantize_state(
       flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_q)[0]
       return "state" + jax.tree_util.keystr(flat[i - n_u][0])
 
+    params_in = range(n_u + n_s, n_u + n_s + n_p)
+    slots = {s: n_u + s for s in range(n_s)}
+    if apply:  # each new param is the new value of its param, as state is
+      slots.update({n_s + k: i for k, i in enumerate(params_in)})
     results = _chunked.apply_in_chunks(
       flat_update,
       u_leaves + st_leaves + p_leaves + e_leaves,
-      {s: n_u + s for s in range(n_s)},
+      slots,
       chunk_size=chunk_size,
       describe=describe,
-      reusable=frozenset(range(n_u) if reuse_gradient_buffers else ()),
+      reusable=frozenset(
+        range(n_u) if reuse_gradient_buffers and not apply else ()
+      ),
       kernel=kernel
       if use_kernel(kernel, next(iter(u_leaves), None))
       else "xla",
       keep=keep,
-      reread=frozenset(range(n_u + n_s, n_u + n_s + n_p)),
+      reread=frozenset(() if apply else params_in),
     )
     return out_def[0].unflatten(results[n_s:]), st_def.unflatten(results[:n_s])
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, applies(update_fn))
 
 
 KERNELS = ("auto", "pallas", "xla")
@@ -588,6 +600,65 @@ KERNELS = ("auto", "pallas", "xla")
 # leaf as it was, 8-bit codes bit for bit), without a conditional. Not passed
 # to the inner transformation.
 KEEP_IF = "_dualoptax_keep_if"
+# An extra argument of an update marked by :func:`applies`: True asks it for
+# the new params instead of the update (see :func:`update_and_apply`).
+APPLY = "_dualoptax_apply"
+_APPLIES = "dualoptax_applies_updates"
+
+
+def applies(update_fn: Callable) -> Callable:
+  """Marks ``update_fn`` as taking the :data:`APPLY` extra argument."""
+  setattr(update_fn, _APPLIES, True)
+  return update_fn
+
+
+def update_and_apply(
+  tx: optax.GradientTransformation,
+  updates: Any,
+  state: Any,
+  params: Any,
+  **extra_args: Any,
+) -> tuple[Any, Any]:
+  r"""One optimizer step: the new params and state.
+
+  .. math::
+
+    (u, s') = \mathrm{tx.update}(g, s, \theta), \quad \theta' = \theta + u
+
+  The same as ``tx.update`` followed by ``optax.apply_updates`` for any
+  transformation. Where ``tx`` is :func:`quantize_state` or
+  :func:`~dualoptax.dual_optim_plus_8bit` itself (not wrapped or chained),
+  the addition joins the update: each leaf's fused kernel (or loop) writes
+  :math:`\theta'` over :math:`\theta` in place, and the update is never an
+  array of its own. With params and state donated to the ``jit``, the step
+  then needs no params-sized temporary and reads the params once.
+
+  Args:
+    tx: an optax transformation.
+    updates: its gradients (a mapping of them for DualOptim+).
+    state: its state.
+    params: the params, which the step replaces.
+    **extra_args: passed to ``tx.update``.
+
+  Returns:
+    ``(new_params, new_state)``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, dualoptax
+    >>> tx = dualoptax.quantize_state(optax.adam(1e-3))
+    >>> params = {"w": jnp.ones((64, 256))}
+    >>> state = tx.init(params)
+    >>> grads = {"w": jnp.ones((64, 256))}
+    >>> params, state = dualoptax.update_and_apply(tx, grads, state, params)
+    >>> round(float(params["w"][0, 0]), 4)
+    0.999
+  """
+  if params is None:
+    raise ValueError("update_and_apply: params are required (it returns them)")
+  if getattr(tx.update, _APPLIES, False):
+    return tx.update(updates, state, params, **extra_args, **{APPLY: True})
+  new_updates, new_state = tx.update(updates, state, params, **extra_args)
+  return optax.apply_updates(params, new_updates), new_state
 
 
 def use_kernel(kernel: str, like: Any = None) -> bool:

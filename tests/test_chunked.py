@@ -1,5 +1,6 @@
 """The chunked 8-bit step: same codes as a whole-state step, bounded memory."""
 
+import functools
 import math
 import warnings
 
@@ -160,6 +161,98 @@ def _assert_steps_agree(reference, others, state, multi, params=None):
         np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-5)
     params = optax.apply_updates(params, u1)
     state = s1
+
+
+def _assert_fused_steps_agree(reference, fused, state, multi, params=None):
+  """Four steps along ``reference``'s trajectory (an ``update``); from the
+  same state at each, ``fused`` (an ``update_and_apply``) gives the state
+  and the params plus the update to float32 rounding."""
+  params = _params() if params is None else params
+  for t in range(4):
+    g = _grads(t, params)
+    g = {("forget", "retain")[t % 2]: g} if multi else g
+    u1, s1 = reference(g, state, params)
+    p1 = optax.apply_updates(params, u1)
+    p2, s2 = fused(g, state, params)
+    _assert_states_close(s1, s2)
+    # The update's tolerance (see _assert_steps_agree), plus the sum's
+    # rounding: an ulp of |p| < 8.
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+      np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-5)
+    params, state = p1, s1
+
+
+@pytest.mark.parametrize(
+  "name, chunk_size, kernel",
+  [(name, 4096, "xla") for name in CASES]
+  + [(name, None, "xla") for name in ("adamw", "dual_optim_plus_8bit")]
+  + [
+    (name, 4096, "pallas")
+    for name in (
+      "adamw",
+      "dual_optim_plus_8bit",
+      "dual_optim_plus_8bit_unguarded",
+      "dual_optim_plus_8bit_base_only",
+    )
+  ],
+)
+def test_update_and_apply_equals_update_then_apply(name, chunk_size, kernel):
+  # The loops or kernels write the new params themselves (the whole-state
+  # step adds the update after): the same state and params as update, then
+  # optax.apply_updates.
+  make, multi = CASES[name]
+  tx = make(chunk_size, kernel=kernel)
+  state = tx.init(_params())
+  _assert_fused_steps_agree(
+    jax.jit(tx.update),
+    jax.jit(lambda g, s, p: dualoptax.update_and_apply(tx, g, s, p)),
+    state,
+    multi,
+  )
+
+
+def _kernel_aliases(jaxpr, found):
+  """Per step kernel in ``jaxpr`` (a ``pallas_call``, nested ones too, of
+  more than the check's two operands): its operands' count and its
+  input-output aliases."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call" and len(eqn.invars) > 2:
+      found.append((len(eqn.invars), dict(eqn.params["input_output_aliases"])))
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else [value]:
+        if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+          _kernel_aliases(sub.jaxpr, found)
+  return found
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_update_and_apply_kernel_writes_the_params_in_place(multi):
+  # update_and_apply: the kernel's last operand, the parameter, is aliased to
+  # an output (the new params), besides each moment's codes and absmax; in
+  # update, only the moments are.
+  params = {"w": jnp.ones((64, 512))}
+  if multi:
+    tx = dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.1, kernel="pallas")
+    grads = {"forget": params, "retain": params}
+  else:
+    tx = dualoptax.quantize_state(
+      optax.adamw(1e-3, weight_decay=0.1), kernel="pallas"
+    )
+    grads = params
+  state = tx.init(params)
+  moments = 6 if multi else 2
+  for step, aliased in (
+    (tx.update, 2 * moments),
+    (functools.partial(dualoptax.update_and_apply, tx), 2 * moments + 1),
+  ):
+    jaxpr = jax.make_jaxpr(step)(grads, state, params)
+    calls = _kernel_aliases(jaxpr.jaxpr, [])
+    assert len(calls) == 2  # the compiled and the interpreted kernel
+    for n_operands, aliases in calls:
+      assert len(aliases) == aliased, aliases
+      assert ((n_operands - 1) in aliases) == (aliased > 2 * moments)
+  new_params, _ = dualoptax.update_and_apply(tx, grads, state, params)
+  assert jax.tree.structure(new_params) == jax.tree.structure(params)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -587,6 +680,14 @@ def test_idle_objective_and_skipped_call_keep_every_code(chunk_size, kernel):
     jax.tree.leaves(after._replace(skipped=0)),
     jax.tree.leaves(skipped._replace(skipped=0)),
   ):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Written by the step itself, the params are as they were, bit for bit.
+  kept, also_skipped = jax.jit(
+    lambda g, s, p: dualoptax.update_and_apply(tx, g, s, p)
+  )(g_bad, after, params)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(kept)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(jax.tree.leaves(skipped), jax.tree.leaves(also_skipped)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

@@ -378,3 +378,48 @@ def test_orbax_checkpoint_restores_exactly_and_resumes(tmp_path):
     {"retain": grads(99)}, restored["opt_state"], restored["params"]
   )
   jax.tree.map(np.testing.assert_array_equal, u1, u2)
+
+
+@pytest.mark.parametrize(
+  "make, multi",
+  [
+    (lambda: optax.adamw(1e-2, weight_decay=0.1), False),
+    (lambda: dualoptax.dual_optim_plus(1e-2), True),
+    # Our 8-bit step wrapped or chained: it returns an update, added after.
+    (
+      lambda: optax.inject_hyperparams(
+        dualoptax.dual_optim_plus_8bit,
+        static_args=dualoptax.STATIC_8BIT_ARGS,
+      )(learning_rate=1e-2, min_size=4),
+      True,
+    ),
+    (
+      lambda: optax.chain(
+        dualoptax.quantize_state(optax.adam(1e-2), min_size=4),
+        optax.scale(0.5),
+      ),
+      False,
+    ),
+  ],
+)
+def test_update_and_apply_is_update_then_apply_elsewhere(make, multi):
+  # For a transformation that does not write the params itself (any but
+  # quantize_state and dual_optim_plus_8bit, outermost), update_and_apply
+  # is tx.update then optax.apply_updates: the same arrays, bit for bit.
+  tx = make()
+  state = tx.init(PARAMS)
+  g = {"forget": grads(0), "retain": grads(1)} if multi else grads(0)
+  u, s1 = jax.jit(tx.update)(g, state, PARAMS)
+  p1 = optax.apply_updates(PARAMS, u)
+  p2, s2 = jax.jit(lambda g, s, p: dualoptax.update_and_apply(tx, g, s, p))(
+    g, state, PARAMS
+  )
+  assert jax.tree.structure(p2) == jax.tree.structure(PARAMS)
+  for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_update_and_apply_needs_params():
+  tx = dualoptax.quantize_state(optax.adam(1e-2))
+  with pytest.raises(ValueError, match="params are required"):
+    dualoptax.update_and_apply(tx, grads(0), tx.init(PARAMS), None)

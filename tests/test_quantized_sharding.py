@@ -69,9 +69,12 @@ def _params(sharding, shape=(64, 2048)):
   return jax.device_put(ps, sharding)
 
 
-def _compiled_step(tx, params, state, multi):
+def _compiled_step(tx, params, state, multi, fused=False):
   def step(p, s, g):
-    u, s = tx.update({"forget": g} if multi else g, s, p)
+    g = {"forget": g} if multi else g
+    if fused:
+      return dualoptax.update_and_apply(tx, g, s, p)
+    u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s
 
   lowered = jax.jit(step).lower(params, state, params)
@@ -348,11 +351,20 @@ def _check_kernel_per_shard(layout, name):
     test_chunked._assert_steps_agree(
       jax.jit(loop.update), [jax.jit(kernel.update)], state, multi, params
     )
-    compiled = _compiled_step(kernel, params, state, multi)
-    _assert_only_scalar_all_reduces(compiled, "f32|pred")
-    new_p, new_s = compiled(params, state, params)
-    _check_state_sharding(new_s, sharding)
-    assert new_p["a"].sharding.is_equivalent_to(sharding, 2)
+    # The kernels writing the params themselves: the same, per shard too.
+    test_chunked._assert_fused_steps_agree(
+      jax.jit(loop.update),
+      jax.jit(lambda g, s, p: dualoptax.update_and_apply(kernel, g, s, p)),
+      state,
+      multi,
+      params,
+    )
+    for fused in (False, True):
+      compiled = _compiled_step(kernel, params, state, multi, fused)
+      _assert_only_scalar_all_reduces(compiled, "f32|pred")
+      new_p, new_s = compiled(params, state, params)
+      _check_state_sharding(new_s, sharding)
+      assert new_p["a"].sharding.is_equivalent_to(sharding, 2)
     if multi:  # a NaN in one shard: nothing written on any shard
       bad = params["b"].at[3, 5].set(jnp.nan, out_sharding=sharding)
       u, skipped = jax.jit(kernel.update)(
