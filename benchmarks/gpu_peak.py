@@ -7,7 +7,12 @@ init, and after one jitted, state-donated step), then the median step time of
 ``--reps`` interleaved steps in one process. Meant for a GPU/TPU
 (``benchmarks/gpu.sh``); a CPU reports no memory stats (printed as nan).
 
+``--apply fused`` takes the step as ``dualoptax.update_and_apply`` (the 8-bit
+updates write the params themselves) instead of ``tx.update`` then
+``optax.apply_updates``.
+
     python -m benchmarks.gpu_peak [--reps 20] [--tree gpt2|small]
+      [--apply separate|fused]
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import dualoptax
 from benchmarks import memory
 
 
@@ -36,21 +42,23 @@ def _shapes(tree: str) -> dict:
   return memory.many_leaves_shapes(8)  # a smoke test of the script itself
 
 
-def _make(name, tree):
+def _make(name, tree, apply="separate"):
   tx, wrap = memory.cases()[name]
   shapes = _shapes(tree)
   params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
 
   def step(p, s, g):
+    if apply == "fused":
+      return dualoptax.update_and_apply(tx, wrap(g), s, p)
     u, s = tx.update(wrap(g), s, p)
     return optax.apply_updates(p, u), s
 
   return jax.jit(step, donate_argnums=(0, 1)), params, tx.init(params), grads
 
 
-def _one_peak(name, tree) -> None:
-  f, params, state, grads = _make(name, tree)
+def _one_peak(name, tree, apply) -> None:
+  f, params, state, grads = _make(name, tree, apply)
   jax.block_until_ready(state)
   before = _peak()
   params, state = f(params, state, grads)
@@ -62,26 +70,44 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--reps", type=int, default=20)
   parser.add_argument("--tree", choices=("gpt2", "small"), default="gpt2")
+  parser.add_argument(
+    "--apply", choices=("separate", "fused"), default="separate"
+  )
   parser.add_argument("--peak-of", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.peak_of:
-    return _one_peak(args.peak_of, args.tree)
+    return _one_peak(args.peak_of, args.tree, args.apply)
   n = sum(x.size for x in jax.tree.leaves(_shapes(args.tree)))
   print(
     f"jax {jax.__version__}, {jax.devices()[0].device_kind}, "
-    f"{n / 1e6:.1f}M params"
+    f"{n / 1e6:.1f}M params, step: "
+    + (
+      "update + apply_updates"
+      if args.apply == "separate"
+      else "dualoptax.update_and_apply"
+    )
   )
   peaks, runs = {}, {}
   for name in memory.cases():
     out = subprocess.run(
-      [sys.executable, "-m", "benchmarks.gpu_peak", "--peak-of", name],
+      [
+        sys.executable,
+        "-m",
+        "benchmarks.gpu_peak",
+        "--peak-of",
+        name,
+        "--tree",
+        args.tree,
+        "--apply",
+        args.apply,
+      ],
       capture_output=True,
       text=True,
       check=True,
     ).stdout.split()
     peaks[name] = (float(out[-2]), float(out[-1]))
   for name in memory.cases():
-    f, params, state, grads = _make(name, args.tree)
+    f, params, state, grads = _make(name, args.tree, args.apply)
     params, state = f(params, state, grads)
     runs[name] = [f, params, state, grads, []]
   for _ in range(args.reps):

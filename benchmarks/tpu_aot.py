@@ -410,7 +410,8 @@ def measure(
 def check_donation(topo) -> int:
   """Compiles each 8-bit update's kernels for TPU under every usual way of
   returning and donating (``(u, s)``, ``(s, u)``, ``s``, ``(p + u, s)``,
-  ``(s, p + u)``; state, state and params, or all donated) and returns the
+  ``(s, p + u)``, and ``update_and_apply``'s ``(p', s)`` and ``(s, p')``;
+  state, state and params, or all donated) and returns the
   number XLA rejects. Kernels pin operands aliased to their outputs in HBM,
   and XLA's verifier rejects some such kernels when the aliased output is
   returned and its operand donated (see benchmarks/RESULTS.md); this says
@@ -462,12 +463,21 @@ def check_donation(topo) -> int:
       ("forget", "retain"),
     ),
   }
+
+  def separate(out):  # tx.update, then ``out`` of (p, u, s)
+    return lambda tx, p, s, g: out(p, *tx.update(g, s, p))
+
+  def fused(out):  # dualoptax.update_and_apply, then ``out`` of (p', s)
+    return lambda tx, p, s, g: out(*dualoptax.update_and_apply(tx, g, s, p))
+
   returns = {
-    "(u, s)": lambda p, u, s: (u, s),
-    "(s, u)": lambda p, u, s: (s, u),
-    "s": lambda p, u, s: s,
-    "(p + u, s)": lambda p, u, s: (optax.apply_updates(p, u), s),
-    "(s, p + u)": lambda p, u, s: (s, optax.apply_updates(p, u)),
+    "(u, s)": separate(lambda p, u, s: (u, s)),
+    "(s, u)": separate(lambda p, u, s: (s, u)),
+    "s": separate(lambda p, u, s: s),
+    "(p + u, s)": separate(lambda p, u, s: (optax.apply_updates(p, u), s)),
+    "(s, p + u)": separate(lambda p, u, s: (s, optax.apply_updates(p, u))),
+    "update_and_apply: (p', s)": fused(lambda p, s: (p, s)),
+    "update_and_apply: (s, p')": fused(lambda p, s: (s, p)),
   }
   rejected = 0
   for (name, (tx, objectives)), (ret, out), donate in itertools.product(
@@ -477,8 +487,7 @@ def check_donation(topo) -> int:
     grads = params if objectives is None else dict.fromkeys(objectives, params)
 
     def step(p, s, g, tx=tx, out=out):
-      u, s = tx.update(g, s, p)
-      return out(p, u, s)
+      return out(tx, p, s, g)
 
     try:
       jax.jit(step, donate_argnums=donate).lower(params, state, grads).compile()

@@ -523,6 +523,25 @@ def test_update_takes_the_gradient_buffer(reusing, copying):
   assert reused <= copied - 0.75 * gradient, (reused, copied)
 
 
+@pytest.mark.parametrize("name", ["adamw", "dual_optim_plus_8bit"])
+def test_update_and_apply_needs_no_update_buffer(name):
+  # A train step whose loops write the params themselves holds no
+  # params-sized update: one float32 tree fewer than update, then
+  # optax.apply_updates (gradients passed in, params and state donated).
+  # Measured as benchmarks/memory.py --step train / train-fused do.
+  params = {
+    f"w{i}": jax.ShapeDtypeStruct((512, 1024), jnp.float32) for i in range(4)
+  }
+  make, multi = CASES[name]
+  wrap = (lambda g: {"forget": g}) if multi else (lambda g: g)
+  separate, fused = (
+    memory.measure(make(2**16), wrap, params, step)["temp"]
+    for step in ("train", "train-fused")
+  )
+  update = 4.0  # B/param: a float32 update tree
+  assert fused <= separate - 0.75 * update, (fused, separate)
+
+
 def test_reuse_gradient_buffers_is_validated():
   with pytest.raises(ValueError, match="reuse_gradient_buffers"):
     dualoptax.quantize_state(optax.adam(1e-3), reuse_gradient_buffers=1)
