@@ -323,6 +323,10 @@ def quantize_state(
   Leaves the inner update returns unchanged (the moments of an objective absent
   from a DualOptim+ call) keep their codes as they are.
 
+  A train step that calls :func:`update_and_apply` instead of ``update`` then
+  ``optax.apply_updates`` gets the new params from the same loops or kernels,
+  written in place: the update is never a params-sized array of its own.
+
   What stays as it is: integer and boolean leaves (counters), 0-d leaves,
   leaves with fewer than ``min_size`` elements, the state of parameters named
   in ``exclude``, leaves ``select`` rejects, and leaves whose shards cannot hold

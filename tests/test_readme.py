@@ -5,6 +5,7 @@ then checks the results the surrounding text claims.
 """
 
 import ast
+import functools
 import pathlib
 import re
 import tempfile
@@ -16,6 +17,7 @@ import optax
 import pytest
 
 import dualoptax
+from tests import test_chunked
 
 README = pathlib.Path(__file__).parent.parent / "README.md"
 
@@ -114,6 +116,31 @@ def quantized_paths(tx, params):
   ]
   n = sum(x.size for x in jax.tree.leaves(params))
   return paths, dualoptax.state_nbytes(state) / n
+
+
+def test_update_and_apply_block():
+  found = blocks("**A step that writes the params", "Same tree, chips")
+  assert len(found) == 1
+  scope = dict(dualoptax=dualoptax, functools=functools, jax=jax)
+  run(found[0], scope, "update_and_apply block")
+  tx, step = scope["tx"], scope["step"]
+  keys = jax.random.split(jax.random.key(0), 3)
+  params = {"w": jax.random.normal(keys[0], (64, 512))}
+  grads = {
+    name: {"w": jax.random.normal(k, (64, 512))}
+    for name, k in zip(("forget", "retain"), keys[1:])
+  }
+  state = tx.init(params)
+  updates, expected_state = jax.jit(tx.update)(grads, state, params)
+  expected = optax.apply_updates(params, updates)
+  # The step donates params and state: give it copies.
+  new_params, new_state = step(
+    jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, state), grads
+  )
+  # One float32 addition of the same update (an ulp of |w| < 8).
+  np.testing.assert_allclose(new_params["w"], expected["w"], rtol=0, atol=1e-6)
+  assert not np.allclose(new_params["w"], params["w"])
+  test_chunked._assert_states_close(new_state, expected_state)
 
 
 def test_8bit_block():
