@@ -542,10 +542,13 @@ def quantize_state(
       if keep is None:
         return new_u, new_s
       new_leaves = st_def.flatten_up_to(new_s)
+      # Skipped: the params as they were, or a zero update.
+      old = params if apply else jax.tree.map(lambda _: None, new_u)
       return jax.tree.map(
-        lambda u, p: _chunked._kept(keep, u, p if apply else None),  # pylint: disable=protected-access
+        lambda u, o: _chunked._kept(keep, u, o),  # pylint: disable=protected-access
         new_u,
-        params if apply else new_u,
+        old,
+        is_leaf=lambda x: x is None,
       ), st_def.unflatten(
         [
           _chunked._kept(keep, new, old)  # pylint: disable=protected-access

@@ -211,50 +211,6 @@ def test_update_and_apply_equals_update_then_apply(name, chunk_size, kernel):
   )
 
 
-def _kernel_aliases(jaxpr, found):
-  """Per step kernel in ``jaxpr`` (a ``pallas_call``, nested ones too, of
-  more than the check's two operands): its operands' count and its
-  input-output aliases."""
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "pallas_call" and len(eqn.invars) > 2:
-      found.append((len(eqn.invars), dict(eqn.params["input_output_aliases"])))
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else [value]:
-        if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
-          _kernel_aliases(sub.jaxpr, found)
-  return found
-
-
-@pytest.mark.parametrize("multi", [False, True])
-def test_update_and_apply_kernel_writes_the_params_in_place(multi):
-  # update_and_apply: the kernel's last operand, the parameter, is aliased to
-  # an output (the new params), besides each moment's codes and absmax; in
-  # update, only the moments are.
-  params = {"w": jnp.ones((64, 512))}
-  if multi:
-    tx = dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.1, kernel="pallas")
-    grads = {"forget": params, "retain": params}
-  else:
-    tx = dualoptax.quantize_state(
-      optax.adamw(1e-3, weight_decay=0.1), kernel="pallas"
-    )
-    grads = params
-  state = tx.init(params)
-  moments = 6 if multi else 2
-  for step, aliased in (
-    (tx.update, 2 * moments),
-    (functools.partial(dualoptax.update_and_apply, tx), 2 * moments + 1),
-  ):
-    jaxpr = jax.make_jaxpr(step)(grads, state, params)
-    calls = _kernel_aliases(jaxpr.jaxpr, [])
-    assert len(calls) == 2  # the compiled and the interpreted kernel
-    for n_operands, aliases in calls:
-      assert len(aliases) == aliased, aliases
-      assert ((n_operands - 1) in aliases) == (aliased > 2 * moments)
-  new_params, _ = dualoptax.update_and_apply(tx, grads, state, params)
-  assert jax.tree.structure(new_params) == jax.tree.structure(params)
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_kernel_step_equals_loop_step(name):
   # The fused Pallas kernel (interpreted here; compiled on TPU) against the
@@ -281,22 +237,35 @@ def test_kernel_step_equals_loop_step(name):
   _assert_steps_agree(loop, [jax.jit(kernel.update)], state, multi)
 
 
-def _kernel_operands(jaxpr, found):
-  """Per ``pallas_call`` in ``jaxpr`` (nested ones too): its ``interpret``
-  flag and, per operand, the primitive that made it (None: an input)."""
+def _kernel_calls(jaxpr, found):
+  """Each ``pallas_call`` in ``jaxpr`` (nested ones too): the equation and,
+  per operand, the primitive that made it (None: an input)."""
   made = {}
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "pallas_call":
       operands = [
         made.get(v) for v in eqn.invars if not isinstance(v, jex_core.Literal)
       ]
-      found.append((eqn.params["interpret"], operands))
+      found.append((eqn, operands))
     made.update((v, eqn.primitive.name) for v in eqn.outvars)
     for value in eqn.params.values():
       for sub in value if isinstance(value, (tuple, list)) else [value]:
         if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
-          _kernel_operands(sub.jaxpr, found)
+          _kernel_calls(sub.jaxpr, found)
   return found
+
+
+def _one_leaf_kernel_case(multi):
+  """A leaf's kernels: ``(tx, grads, params)``, quantize_state(adamw) or,
+  ``multi``, dual_optim_plus_8bit with two objectives (and its check)."""
+  params = {"w": jnp.ones((64, 512))}
+  if multi:
+    tx = dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.1, kernel="pallas")
+    return tx, {"forget": params, "retain": params}, params
+  tx = dualoptax.quantize_state(
+    optax.adamw(1e-3, weight_decay=0.1), kernel="pallas"
+  )
+  return tx, params, params
 
 
 @pytest.mark.parametrize("multi", [False, True])
@@ -305,18 +274,14 @@ def test_kernel_operands_stay_in_hbm_but_the_params(multi):
   # streams them itself (XLA would otherwise copy many into VMEM first),
   # except the parameters, which optax.apply_updates reads again: XLA may
   # place those for both. Interpreted kernels take operands as they are.
-  params = {"w": jnp.ones((64, 512))}
-  if multi:  # the guard's check kernel too, its two gradients pinned
-    tx = dualoptax.dual_optim_plus_8bit(1e-3, weight_decay=0.1, kernel="pallas")
-    grads = {"forget": params, "retain": params}
-  else:
-    tx = dualoptax.quantize_state(
-      optax.adamw(1e-3, weight_decay=0.1), kernel="pallas"
-    )
-    grads = params
+  # With multi, the guard's check kernel too, its two gradients pinned.
+  tx, grads, params = _one_leaf_kernel_case(multi)
   state = tx.init(params)
   jaxpr = jax.make_jaxpr(tx.update)(grads, state, params)
-  calls = _kernel_operands(jaxpr.jaxpr, [])
+  calls = [
+    (eqn.params["interpret"], operands)
+    for eqn, operands in _kernel_calls(jaxpr.jaxpr, [])
+  ]
   pin = "with_memory_space_constraint"
   for interpret, operands in calls:
     if interpret:
@@ -332,6 +297,33 @@ def test_kernel_operands_stay_in_hbm_but_the_params(multi):
   assert pin not in step[0][:-arrays]  # the scalars
   checks = [ops for ops in compiled if len(ops) <= 2]
   assert checks == ([[pin, pin]] if multi else [])
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_update_and_apply_kernel_writes_the_params_in_place(multi):
+  # update_and_apply: the step kernel's last operand, the parameter, is
+  # aliased to an output (the new params), besides each moment's codes and
+  # absmax, and pinned in HBM like them; in update, only the moments are.
+  tx, grads, params = _one_leaf_kernel_case(multi)
+  state = tx.init(params)
+  moments = 6 if multi else 2
+  pin = "with_memory_space_constraint"
+  for step, applied in (
+    (tx.update, False),
+    (functools.partial(dualoptax.update_and_apply, tx), True),
+  ):
+    jaxpr = jax.make_jaxpr(step)(grads, state, params)
+    # The step's kernel, compiled and interpreted (not the check's).
+    calls = [c for c in _kernel_calls(jaxpr.jaxpr, []) if len(c[1]) > 2]
+    assert len(calls) == 2
+    for eqn, operands in calls:
+      aliases = dict(eqn.params["input_output_aliases"])
+      assert len(aliases) == 2 * moments + applied, aliases
+      assert (len(eqn.invars) - 1 in aliases) == applied
+      if not eqn.params["interpret"]:
+        assert (operands[-1] == pin) == applied
+  new_params, _ = dualoptax.update_and_apply(tx, grads, state, params)
+  assert jax.tree.structure(new_params) == jax.tree.structure(params)
 
 
 @pytest.mark.parametrize(
