@@ -401,6 +401,7 @@ def test_orbax_checkpoint_restores_exactly_and_resumes(tmp_path):
       False,
     ),
   ],
+  ids=["adamw", "dual_optim_plus", "inject_8bit", "chain_quantized"],
 )
 def test_update_and_apply_is_update_then_apply_elsewhere(make, multi):
   # For a transformation that does not write the params itself (any but
