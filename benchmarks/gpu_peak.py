@@ -25,9 +25,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
 
-import dualoptax
 from benchmarks import memory
 
 
@@ -48,12 +46,7 @@ def _make(name, tree, apply="separate"):
   params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
 
-  def step(p, s, g):
-    if apply == "fused":
-      return dualoptax.update_and_apply(tx, wrap(g), s, p)
-    u, s = tx.update(wrap(g), s, p)
-    return optax.apply_updates(p, u), s
-
+  step = memory.train_step(tx, wrap, apply == "fused")
   return jax.jit(step, donate_argnums=(0, 1)), params, tx.init(params), grads
 
 

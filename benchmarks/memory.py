@@ -106,31 +106,38 @@ def variants() -> dict:
   }
 
 
+def train_step(tx, wrap, fused: bool = False):
+  """``(params, state, grads) -> (params, state)``: ``tx.update`` then
+  ``optax.apply_updates``, or ``dualoptax.update_and_apply`` where
+  ``fused``."""
+
+  def step(p, s, g):
+    if fused:
+      return dualoptax.update_and_apply(tx, wrap(g), s, p)
+    updates, s = tx.update(wrap(g), s, p)
+    return optax.apply_updates(p, updates), s
+
+  return step
+
+
 def measure(tx, wrap, params, step: str = "update") -> dict:
   state = jax.eval_shape(tx.init, params)
 
   def update(p, s, g):
     return tx.update(wrap(g), s, p)
 
-  def train_step(p, s, g):
-    updates, s = tx.update(wrap(g), s, p)
-    return optax.apply_updates(p, updates), s
-
-  def train_fused_step(p, s, g):
-    return dualoptax.update_and_apply(tx, wrap(g), s, p)
-
   def train_grad_step(p, s, x):
     loss = lambda q: sum(
       0.5 * jnp.sum((a - x) ** 2) for a in jax.tree.leaves(q)
     )
-    return train_step(p, s, jax.grad(loss)(p))
+    return train_step(tx, wrap)(p, s, jax.grad(loss)(p))
 
   if step == "update":
     jitted, third = jax.jit(update, donate_argnums=1), params
-  elif step == "train":
-    jitted, third = jax.jit(train_step, donate_argnums=(0, 1)), params
-  elif step == "train-fused":
-    jitted, third = jax.jit(train_fused_step, donate_argnums=(0, 1)), params
+  elif step in ("train", "train-fused"):
+    fused = step == "train-fused"
+    jitted = jax.jit(train_step(tx, wrap, fused), donate_argnums=(0, 1))
+    third = params
   else:
     jitted = jax.jit(train_grad_step, donate_argnums=(0, 1))
     third = jax.ShapeDtypeStruct((), jnp.float32)

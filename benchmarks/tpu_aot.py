@@ -66,7 +66,7 @@ import jax.numpy as jnp
 import optax
 
 import dualoptax
-from benchmarks.memory import gpt2_small_shapes
+from benchmarks.memory import gpt2_small_shapes, train_step
 from dualoptax import _kernel
 
 _SHAPE = re.compile(
@@ -367,23 +367,20 @@ def measure(
   def present(gs):
     return gs[0] if objectives is None else dict(zip(objectives, gs))
 
-  def train_step(p, s, xs):
+  def step(p, s, xs):
     if grads == "step":
       xs = [
         jax.lax.optimization_barrier(jax.tree.map(jnp.subtract, p, x))
         for x in xs
       ]
-    if apply == "fused":
-      return dualoptax.update_and_apply(tx, present(xs), s, p)
-    u, s = tx.update(present(xs), s, p)
-    return optax.apply_updates(p, u), s
+    return train_step(tx, present, apply == "fused")(p, s, xs)
 
   # Each update's compile from cold: no trace or lowering (of a kernel or a
   # codec function shared with an update measured before) served from cache.
   jax.clear_caches()
   ndev = max(len(x.sharding.device_set) for x in jax.tree.leaves(params))
   t0 = time.perf_counter()
-  jitted = jax.jit(train_step, donate_argnums=(0, 1))
+  jitted = jax.jit(step, donate_argnums=(0, 1))
   with mock.patch.object(_kernel, "on_tpu", lambda: True):
     compiled = jitted.lower(params, state, [params] * count).compile()
   seconds = time.perf_counter() - t0
