@@ -348,8 +348,10 @@ def _check_kernel_per_shard(layout, name):
     assert jaxpr.count("name=fused_step") == 2
     assert jaxpr.count("shard_map") == 2 + 2 * multi
     assert jaxpr.count("name=_nonfinite_sum") == 2 * multi
+    # Two steps (each objective once): the kernels' math is checked over
+    # more in test_chunked; here, that each shard runs it.
     test_chunked._assert_steps_agree(
-      jax.jit(loop.update), [jax.jit(kernel.update)], state, multi, params
+      jax.jit(loop.update), [jax.jit(kernel.update)], state, multi, params, 2
     )
     if layout == "mesh_2d":  # the kernels writing the params: the same
       test_chunked._assert_fused_steps_agree(
@@ -407,7 +409,7 @@ def _check_kernel_per_shard_with_blocks_narrower_than_lanes():
     assert jaxpr.count("shard_map") == 6 and "pallas_call" in jaxpr
     assert "u8[1,192,300]" in jaxpr  # "c"'s shard, transposed
     test_chunked._assert_steps_agree(
-      jax.jit(loop.update), [jax.jit(kernel.update)], state, True, params
+      jax.jit(loop.update), [jax.jit(kernel.update)], state, True, params, 2
     )
 
 
