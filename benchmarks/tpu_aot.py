@@ -18,7 +18,10 @@ compiled for TPU, and read back:
 * HBM traffic per parameter read from the compiled HLO (``HBM``, see
   :func:`hbm_traffic`): what cost analysis counts, less what XLA moves through
   VMEM;
-* lowering + compile time;
+* lowering + compile time (one cold compile each; ``--compile-rounds N``
+  compiles every update N more times, the updates in turn, and prints each
+  one's median and its median ratio to the first update's, paired by round:
+  the machine's speed drifts by tens of percent within minutes);
 * the number of ``gather``, ``transpose`` and ``copy`` instructions in the
   compiled HLO (all three move data through HBM on TPU).
 
@@ -30,7 +33,7 @@ chips (each leaf sharded along its largest axis divisible by 4).
 
     python benchmarks/tpu_aot.py [--trees gpt2,gpt2_scan,square,llama1b,mlp1,mlp12]
       [--mesh 1,4] [--grads input|step]
-      [--updates adamw,q_adamw,...] [--topology v5e:2x2]
+      [--updates adamw,q_adamw,...] [--topology v5e:2x2] [--compile-rounds N]
     python benchmarks/tpu_aot.py --check-donation
 
 Gradients, one tree per objective present: arguments of the step that the
@@ -56,6 +59,7 @@ import argparse
 import collections
 import math
 import re
+import statistics
 import sys
 import time
 from typing import Optional
@@ -524,6 +528,13 @@ def main() -> int:
     "dualoptax.update_and_apply (params written by the 8-bit kernels)",
   )
   parser.add_argument(
+    "--compile-rounds",
+    type=int,
+    default=0,
+    help="then compile every update this many more times, in turn, and "
+    "print median seconds and median paired ratios to the first update",
+  )
+  parser.add_argument(
     "--check-donation",
     action="store_true",
     help="only compile the 8-bit kernels under every usual return and "
@@ -595,7 +606,45 @@ def main() -> int:
           f"{r['gather']:6d} {r['transpose']:6d} {r['copy']:5d}",
           flush=True,
         )
+      if args.compile_rounds > 0:
+        with jax.set_mesh(mesh):
+          compile_rounds(
+            {n: table[n] for n in args.updates.split(",")},
+            params,
+            args.compile_rounds,
+            args.grads,
+            args.apply,
+          )
   return 0
+
+
+def compile_rounds(
+  txs: dict, params, rounds: int, grads: str, apply: str
+) -> dict:
+  """Compiles each update ``rounds`` times, the updates in turn (each from
+  cold, as :func:`measure`), and prints each one's median seconds and the
+  median of its ratios to the first update's time in the same round. Returns
+  ``{name: [seconds per round]}``."""
+  times: dict = {name: [] for name in txs}
+  for r in range(rounds):
+    for name, (tx, objectives) in txs.items():
+      times[name].append(
+        measure(tx, objectives, params, grads, apply)["compile"]
+      )
+    print(
+      f"compile round {r + 1}: "
+      + ", ".join(f"{n} {t[-1]:.1f} s" for n, t in times.items()),
+      flush=True,
+    )
+  first = next(iter(times.values()))
+  for name, t in times.items():
+    ratios = [a / b for a, b in zip(t, first)]
+    print(
+      f"{name:17s} compile median {statistics.median(t):5.1f} s, "
+      f"{statistics.median(ratios):.2f}x the first "
+      f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})"
+    )
+  return times
 
 
 if __name__ == "__main__":

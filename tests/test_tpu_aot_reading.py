@@ -1,4 +1,5 @@
-"""How benchmarks/tpu_aot.py reads HBM traffic off a compiled TPU HLO.
+"""How benchmarks/tpu_aot.py reads HBM traffic off a compiled TPU HLO, and how
+it pairs compile times.
 
 The TPU figures in README.md and benchmarks/RESULTS.md come from this reading;
 these tests pin it on small hand-written HLO modules in the TPU compiler's
@@ -64,3 +65,21 @@ def test_a_conditional_over_scalars_counts_them_and_over_arrays_is_unknown():
     "  %c = (f32[64,128]{1,0}) conditional(%p, %a), branch_computations={%t}",
   )
   assert tpu_aot.hbm_traffic(array) is None
+
+
+def test_compile_rounds_pair_each_ratio_with_its_round(capsys):
+  """The ratio is the median over rounds of (update / first update in the same
+  round), not a ratio of medians: a slow round slows both."""
+  from unittest import mock
+
+  seconds = iter([1.0, 3.0, 2.0, 5.0, 4.0, 12.0])  # rounds: (a, b) in turn
+  fake = lambda *args: {"compile": next(seconds)}
+  with mock.patch.object(tpu_aot, "measure", fake):
+    times = tpu_aot.compile_rounds(
+      {"a": (None, None), "b": (None, None)}, None, 3, "input", "separate"
+    )
+  assert times == {"a": [1.0, 2.0, 4.0], "b": [3.0, 5.0, 12.0]}
+  out = capsys.readouterr().out
+  # ratios 3.0, 2.5, 3.0: median 3.00 (medians 2.0 and 5.0 would give 2.50)
+  assert "b                 compile median   5.0 s, 3.00x the first" in out
+  assert "(rounds: 3.00, 2.50, 3.00)" in out
