@@ -877,9 +877,11 @@ def all_finite(trees: Sequence[Any]) -> jax.Array:
   one kernel, all the trees' arrays at that position together. Beside the
   step's kernels, XLA's reductions would make XLA prefetch every gradient
   into VMEM for the check and again for the kernels; a kernel reads each
-  gradient once (benchmarks/tpu_aot.py). Under a mesh with explicit axes a
-  leaf is checked by a kernel per shard and one scalar ``psum``; under
-  several devices without them, by ``_objectives.all_finite`` alone.
+  gradient once (benchmarks/tpu_aot.py). Under a mesh with explicit axes the
+  leaves are checked by kernels per shard, all in one ``shard_map`` with one
+  scalar ``psum`` (a region and a collective per leaf are work for XLA's
+  partitioner); under several devices without them, by
+  ``_objectives.all_finite`` alone.
   """
   leaves = [jax.tree.leaves(t) for t in trees]
   flat = [x for xs in leaves for x in xs]
@@ -888,23 +890,44 @@ def all_finite(trees: Sequence[Any]) -> jax.Array:
   ):
     return _objectives.all_finite(trees)  # sharded: a kernel would gather
   total = jnp.zeros((), jnp.float32)
+  per_mesh: dict = {}  # mesh -> the leaves on it, each its arrays
   for xs in zip(*leaves):
     sharding = _sharding.explicit(xs[0])
-    if sharding is not None:  # a kernel per shard, then a scalar's psum
-      specs = tuple(_sharding.explicit(x).spec for x in xs)
-      names = _sharding.spec_axes(specs)
-      total += jax.shard_map(
-        lambda *local: jax.lax.psum(_leaf_nonfinite_sum(local), names),
-        mesh=sharding.mesh,
-        in_specs=specs,
-        out_specs=jax.sharding.PartitionSpec(),
-        check_vma=False,  # a pallas_call's results carry no varying axes
-      )(*xs)
+    if sharding is not None:
+      per_mesh.setdefault(sharding.mesh, []).append(xs)
     elif _sharding.several_devices(xs[0]):
       total += _objectives.nonfinite_sum(xs)  # a kernel would gather
     else:
       total += _leaf_nonfinite_sum(xs)
+  for mesh, groups in per_mesh.items():  # kernels per shard, one psum
+    total += _sharded_nonfinite_sum(mesh, groups)
   return jnp.isfinite(total)
+
+
+def _sharded_nonfinite_sum(mesh, groups: Sequence[Sequence[jax.Array]]):
+  """``sum(x - x)`` over leaves sharded on ``mesh`` (each a group of arrays
+  of one shape): each shard's sum by :func:`_leaf_nonfinite_sum`, then one
+  ``psum``. A replicated leaf is counted once per device; the sum of its
+  ``x - x`` is zero or NaN whatever the count."""
+  flat = [x for xs in groups for x in xs]
+  specs = tuple(_sharding.explicit(x).spec for x in flat)
+  names = _sharding.spec_axes(specs)
+  sizes = [len(xs) for xs in groups]
+
+  def local(*arrays):
+    total, start = jnp.zeros((), jnp.float32), 0
+    for n in sizes:
+      total += _leaf_nonfinite_sum(arrays[start : start + n])
+      start += n
+    return jax.lax.psum(total, names)
+
+  return jax.shard_map(
+    local,
+    mesh=mesh,
+    in_specs=specs,
+    out_specs=jax.sharding.PartitionSpec(),
+    check_vma=False,  # a pallas_call's results carry no varying axes
+  )(*flat)
 
 
 def _leaf_nonfinite_sum(xs: Sequence[jax.Array]) -> jax.Array:
