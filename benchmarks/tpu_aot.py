@@ -590,6 +590,7 @@ def main() -> int:
         f"{'kernel':>7s} {'k.all':>6s} {'HBM':>6s} {'compile s':>9s} {'gather':>6s} {'transp':>6s} "
         f"{'copy':>5s}"
       )
+      compiled = {}  # the updates that compile, for --compile-rounds
       for name in args.updates.split(","):
         tx, objectives = table[name]
         try:
@@ -598,6 +599,7 @@ def main() -> int:
         except jax.errors.JaxRuntimeError as e:  # e.g. more HBM than a chip has
           print(f"{name:17s} does not compile: {str(e).splitlines()[0][:100]}")
           continue
+        compiled[name] = table[name]
         print(
           f"{name:17s} {r['state']:6.2f} {r['temp']:7.2f} "
           f"{r['accessed']:9.1f} {r['kernel']:7.1f} {r['kernel_all']:6.1f} "
@@ -609,7 +611,7 @@ def main() -> int:
       if args.compile_rounds > 0:
         with jax.set_mesh(mesh):
           compile_rounds(
-            {n: table[n] for n in args.updates.split(",")},
+            compiled,
             params,
             args.compile_rounds,
             args.grads,
