@@ -686,9 +686,7 @@ def test_idle_objective_and_skipped_call_keep_every_code(chunk_size, kernel):
   ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # Written by the step itself, the params are as they were, bit for bit.
-  kept, also_skipped = jax.jit(
-    lambda g, s, p: dualoptax.update_and_apply(tx, g, s, p)
-  )(g_bad, after, params)
+  kept, also_skipped = _fused_step(tx)(g_bad, after, params)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(kept)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   for a, b in zip(jax.tree.leaves(skipped), jax.tree.leaves(also_skipped)):

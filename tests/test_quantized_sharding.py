@@ -22,6 +22,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import dualoptax
+from benchmarks import memory
 from dualoptax import QuantizedArray
 from tests import multidevice
 
@@ -70,15 +71,9 @@ def _params(sharding, shape=(64, 2048)):
 
 
 def _compiled_step(tx, params, state, multi, fused=False):
-  def step(p, s, g):
-    g = {"forget": g} if multi else g
-    if fused:
-      return dualoptax.update_and_apply(tx, g, s, p)
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-
-  lowered = jax.jit(step).lower(params, state, params)
-  return lowered.compile()
+  wrap = (lambda g: {"forget": g}) if multi else (lambda g: g)
+  step = memory.train_step(tx, wrap, fused)
+  return jax.jit(step).lower(params, state, params).compile()
 
 
 def _collectives(compiled):
@@ -356,7 +351,7 @@ def _check_kernel_per_shard(layout, name):
     if layout == "mesh_2d":  # the kernels writing the params: the same
       test_chunked._assert_fused_steps_agree(
         jax.jit(loop.update),
-        jax.jit(lambda g, s, p: dualoptax.update_and_apply(kernel, g, s, p)),
+        test_chunked._fused_step(kernel),
         state,
         multi,
         params,
