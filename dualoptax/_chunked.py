@@ -454,7 +454,17 @@ def apply_in_chunks(
   for nodes in members.values():
     ins = [x for x in nodes if x < n_in and tracked[x]]
     outs = [x - n_in for x in nodes if x >= n_in]
-    if outs and (any(is_q[i] for i in ins) or any(o in q_out for o in outs)):
+    quantized = any(is_q[i] for i in ins) or any(o in q_out for o in outs)
+    # A float32-only group (state the wrapper keeps in float32) joins the
+    # groups only to run as a kernel of its own (see _run_kernels).
+    if outs and (
+      quantized
+      or (
+        kernel != "xla"
+        and ins
+        and _whole_leaf_group([inputs[i] for i in ins], kernel)
+      )
+    ):
       shapes = {tuple(full[i].shape) for i in ins}
       shapes |= {tuple(out_avals[o].shape) for o in outs}
       candidates.append(
@@ -666,6 +676,18 @@ def _run_bucket(
     reread,
   ):
     return
+  if not any(is_q[i] for i in template.inputs) and not any(
+    o in q_out for o in carried[0]
+  ):
+    # Float32 state only, where no kernel took it: whole, as outside groups.
+    for grp, ids, outs in zip(groups, eqns, carried):
+      env = {**scalars, **{jaxpr.invars[i]: inputs[i] for i in grp.inputs}}
+      new = _eval_equations(
+        jaxpr, consts, env, ids, [jaxpr.outvars[o] for o in outs]
+      )
+      for o, x in zip(outs, new):
+        results[o] = x
+    return
   cshape = _chunk_shape(shape, k)
 
   # Carry buffers start as the state they replace, so XLA updates the donated
@@ -814,6 +836,37 @@ def _run_bucket(
         results[o] = final[at]
 
 
+def _kernel_view(arrays: Sequence[Any], kernel: str) -> Optional[Callable]:
+  """How a kernel sees ``arrays`` (a bucket's, 8-bit ones included):
+  ``_kernel.local_stand_in`` where they carry one sharding in their types (a
+  kernel per shard), the identity where they are whole; None where no
+  kernel runs: arrays sharded apart (the loops and JAX's checks decide), or
+  ``"auto"`` under several devices without the sharding in the types (a
+  custom call would gather sharded operands)."""
+  specs = {_sharding.explicit(getattr(x, "codes", x)) for x in arrays}
+  if specs != {None}:
+    return None if len(specs) > 1 or None in specs else _kernel.local_stand_in
+  if kernel == "auto" and _sharding.several_devices(arrays[0]):
+    return None
+  return lambda x: x
+
+
+def _whole_leaf_group(arrays: Sequence[Any], kernel: str) -> bool:
+  """Whether a group of float32 arrays (no 8-bit operand) runs as a
+  whole-leaf kernel: one shape, under a view a kernel takes, small enough
+  (``_kernel.whole_leaf_values``). Others stay outside the groups."""
+  view = _kernel_view(arrays, kernel)
+  return (
+    view is not None
+    and len({tuple(a.shape) for a in arrays}) == 1
+    and all(
+      not isinstance(a, QuantizedArray) and jnp.dtype(a.dtype) == jnp.float32
+      for a in arrays
+    )
+    and _kernel.whole_leaf_values(tuple(view(arrays[0]).shape))
+  )
+
+
 def _run_kernels(
   jaxpr,
   consts,
@@ -842,23 +895,24 @@ def _run_kernels(
   """
   template = groups[0]
   first = inputs[template.inputs[0]]
-  specs = {
-    _sharding.explicit(getattr(x, "codes", x))
-    for grp in groups
-    for x in [inputs[i] for i in grp.inputs]
-    + [q_out[o] for o in grp.outputs if o in q_out]
-  }
-  sharded = specs != {None}
-  if sharded and (len(specs) > 1 or None in specs):
-    return False  # arrays sharded apart: the loops (and JAX's checks) decide
-  if not sharded and kernel == "auto" and _sharding.several_devices(first):
+  shard = _kernel_view(
+    [
+      x
+      for grp in groups
+      for x in [inputs[i] for i in grp.inputs]
+      + [q_out[o] for o in grp.outputs if o in q_out]
+    ],
+    kernel,
+  )
+  if shard is None:
     return False
-  shard = _kernel.local_stand_in if sharded else (lambda x: x)
+  sharded = shard is _kernel.local_stand_in
   layouts = [shard(inputs[i]) for i in template.inputs if is_q[i]]
   layouts += [shard(q_out[o]) for o in carried[0] if o in q_out]
   shape = shard(first).shape if sharded else template.shape
-  rows = _kernel.tile_rows(shape, layouts)
-  if rows is None:
+  # No 8-bit operand: float32 state, one kernel over the whole leaf.
+  rows = _kernel.tile_rows(shape, layouts) if layouts else 0
+  if rows is None or (not layouts and not _kernel.whole_leaf_values(shape)):
     return False
   local = [jaxpr.invars[i] for i in template.inputs]
   outvars = [jaxpr.outvars[o] for o in carried[0]]
@@ -881,21 +935,41 @@ def _run_kernels(
     out_like = [q_out.get(o) for o in outs]
     key = tuple(sorted(aliases.items()))
     if key not in built:
-      built[key] = _kernel.group_kernel(
-        jaxpr,
-        consts,
-        eqn_ids,
-        local,
-        [shard(a) for a in args],
-        outvars,
-        [None if q is None else shard(q) for q in out_like],
-        scalars,
-        aliases,
-        rows,
-        _eval_equations,
-        keep,
+      shared = dict(
         shared=len(groups) > 1,
         reread=[p for p, i in enumerate(template.inputs) if i in reread],
+      )
+      local_args = [shard(a) for a in args]
+      built[key] = (
+        _kernel.group_kernel(
+          jaxpr,
+          consts,
+          eqn_ids,
+          local,
+          local_args,
+          outvars,
+          [None if q is None else shard(q) for q in out_like],
+          scalars,
+          aliases,
+          rows,
+          _eval_equations,
+          keep,
+          **shared,
+        )
+        if layouts
+        else _kernel.whole_leaf_kernel(
+          jaxpr,
+          consts,
+          eqn_ids,
+          local,
+          local_args,
+          outvars,
+          scalars,
+          aliases,
+          _eval_equations,
+          keep,
+          **shared,
+        )
       )
     if built[key] is None:
       return False

@@ -72,6 +72,10 @@ _LANES = 128
 # the kernel body).
 _WIDE_BLOCKS = 4
 _SCALAR_DTYPES = ("float32", "int32", "uint32", "bool")
+# Most values of a float32 leaf whose step runs as one whole-leaf kernel
+# (every operand of DualOptim+'s two-objective step in VMEM at once, double
+# buffered: 16 arrays of 64 KiB).
+_WHOLE_VALUES = 1 << 14
 
 # The codec as the kernel runs it (no division in the decoder, the block
 # scale refined), jitted so that a kernel's several 8-bit arrays, and every
@@ -657,36 +661,23 @@ def group_kernel(
     for k in range(len(in_specs))
   ]
 
-  def call(interpret: bool):
-    def go(*operands):
-      if not interpret:
-        operands = _in_hbm(operands, pinned)
-      return pl.pallas_call(
-        kernel,
-        grid=grid,
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shapes,
-        input_output_aliases=io_aliases,
-        scratch_shapes=scratch_shapes,
-        compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "arbitrary")
-        ),
-        interpret=interpret,
-      )(*operands)
-
-    return go
-
-  def fused_step(*flat):
-    return jax.lax.platform_dependent(
-      *flat, tpu=call(False), default=call(True)
-    )
-
-  # One trace (and one lowering) of the kernel for every group it serves. A
-  # jit boundary for one group only changes XLA's TPU prefetch choices for
-  # nothing (GPT-2 with stacked layers: 47.3 against 47.1 B/param of HBM
-  # traffic; benchmarks/tpu_aot.py).
-  launch = jax.jit(fused_step) if shared else fused_step
+  launch = _launcher(
+    functools.partial(
+      pl.pallas_call,
+      kernel,
+      grid=grid,
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shapes,
+      input_output_aliases=io_aliases,
+      scratch_shapes=scratch_shapes,
+      compiler_params=pltpu.CompilerParams(
+        dimension_semantics=("parallel", "arbitrary")
+      ),
+    ),
+    pinned,
+    shared,
+  )
 
   def apply(scalar_values, group_args) -> list:
     flat_out = launch(*operands(scalar_values, group_args))
@@ -703,6 +694,136 @@ def group_kernel(
           )
         )
     return results
+
+  return GroupKernel(apply, scalar_in)
+
+
+def _launcher(pallas_call: Callable, pinned: Sequence[bool], shared: bool):
+  """``pallas_call(interpret=...)`` applied to a kernel's operands: compiled
+  for TPU (operands where ``pinned`` kept in HBM), interpreted elsewhere;
+  ``jax.lax.platform_dependent`` picks when lowering, also ahead of time."""
+
+  def call(interpret: bool):
+    def go(*operands):
+      if not interpret:
+        operands = _in_hbm(operands, pinned)
+      return pallas_call(interpret=interpret)(*operands)
+
+    return go
+
+  def fused_step(*flat):
+    return jax.lax.platform_dependent(
+      *flat, tpu=call(False), default=call(True)
+    )
+
+  # One trace (and one lowering) of the kernel for every group it serves. A
+  # jit boundary for one group only changes XLA's TPU prefetch choices for
+  # nothing (GPT-2 with stacked layers: 47.3 against 47.1 B/param of HBM
+  # traffic; benchmarks/tpu_aot.py).
+  return jax.jit(fused_step) if shared else fused_step
+
+
+def whole_leaf_values(shape: Sequence[int]) -> bool:
+  """Whether a float32 leaf of ``shape`` (a shard's, under explicit axes)
+  runs as one :func:`whole_leaf_kernel`: 1-d or 2-d, not stored
+  column-major, at most ``_WHOLE_VALUES`` values (every operand whole in
+  VMEM)."""
+  return (
+    len(shape) in (1, 2)
+    and 0 < math.prod(shape) <= _WHOLE_VALUES
+    and not columns_major(shape)
+  )
+
+
+def whole_leaf_kernel(
+  jaxpr,
+  consts,
+  eqn_ids,
+  local: Sequence[Any],
+  like_args: Sequence[Any],
+  outvars: Sequence[Any],
+  scalars: dict,
+  aliases: dict,
+  evaluate,
+  keep: Optional[jax.Array] = None,
+  shared: bool = True,
+  reread: Sequence[int] = (),
+) -> Optional[GroupKernel]:
+  """A group of float32 arrays only (state an 8-bit wrapper keeps in float32:
+  biases, norm scales) as one kernel over the whole leaf.
+
+  XLA's TPU compiler gives each such leaf's step a fusion of its own, whose
+  compile time grows with the step's size (DualOptim+'s with two objectives
+  is about twice AdamW's), while the kernels of one signature share one
+  Mosaic lowering; the step's equations, the guard's select and the in-place
+  writes are :func:`group_kernel`'s. Arguments as :func:`group_kernel`'s
+  (no 8-bit operand, no ``out_like``).
+
+  Returns:
+    A :class:`GroupKernel`, or None when a dtype or shape keeps the group on
+    the XLA path.
+  """
+  shape = tuple(like_args[0].shape)
+  scalar_ids, array_ids = _split_scalar_equations(jaxpr, eqn_ids)
+  reads = _scalar_reads(jaxpr, array_ids, local)
+  values = evaluate(jaxpr, consts, dict(scalars), scalar_ids, reads)
+  if keep is not None:
+    values = [*values, jnp.asarray(keep, jnp.bool_)]
+  if (
+    not whole_leaf_values(shape)
+    or any(jnp.dtype(v.dtype).name not in _SCALAR_DTYPES for v in values)
+    or any(
+      isinstance(a, QuantizedArray)
+      or tuple(a.shape) != shape
+      or jnp.dtype(a.dtype) != jnp.float32
+      for a in like_args
+    )
+    or any(jnp.dtype(v.aval.dtype) != jnp.float32 for v in outvars)
+  ):
+    return None
+  n_scalars = len(values)
+  bools = [v.dtype == jnp.bool_ for v in values]
+  source = {o: p for p, o in aliases.items()}
+  whole = pl.BlockSpec(shape, lambda i: (0,) * len(shape))
+
+  def kernel(*refs):
+    ins = refs[n_scalars : n_scalars + len(like_args)]
+    outs = refs[n_scalars + len(like_args) :]
+    env = {
+      var: (ref[0] != 0 if is_bool else ref[0])
+      for var, ref, is_bool in zip(reads, refs[:n_scalars], bools)
+    }
+    env.update((var, ref[...]) for var, ref in zip(local, ins))
+    kept = None if keep is None else refs[n_scalars - 1][0] != 0
+    new = evaluate(jaxpr, consts, env, array_ids, outvars)
+    for q, (x, ref) in enumerate(zip(new, outs)):
+      x = x.astype(jnp.float32)
+      if kept is not None:
+        p = source.get(q)
+        x = jnp.where(kept, x, 0.0 if p is None else ins[p][...])
+      ref[...] = x
+
+  launch = _launcher(
+    functools.partial(
+      pl.pallas_call,
+      kernel,
+      grid=(1,),
+      in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM)] * n_scalars
+      + [whole] * len(like_args),
+      out_specs=[whole] * len(outvars),
+      out_shape=[jax.ShapeDtypeStruct(shape, jnp.float32)] * len(outvars),
+      input_output_aliases={n_scalars + p: o for p, o in aliases.items()},
+    ),
+    [p >= 0 and p not in reread for p in range(-n_scalars, len(like_args))],
+    shared,
+  )
+  scalar_in = [
+    jnp.reshape(v.astype(jnp.int32) if v.dtype == jnp.bool_ else v, (1,))
+    for v in values
+  ]
+
+  def apply(scalar_values, group_args) -> list:
+    return list(launch(*scalar_values, *group_args))
 
   return GroupKernel(apply, scalar_in)
 

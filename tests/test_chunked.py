@@ -215,17 +215,62 @@ def test_kernel_step_equals_loop_step(name):
   jaxpr = str(jax.make_jaxpr(kernel.update)(g0, state, params))
   # A kernel per 2-d quantized leaf ("a", "a2", "c"); the padded 1-d leaf
   # keeps its loop. "a" and "a2" (one shape) share one traced kernel, called
-  # twice through a jit; "c" calls its own. Each kernel sits in both
-  # platform branches. DualOptim+'s non-finite guard checks "a", "a2" and
-  # "c" with kernels too ("vec" is not a whole number of lanes): three
-  # calls, two traces, each in both branches.
+  # twice through a jit; "c" calls its own. The float32 state of "small"
+  # (below min_size) runs as a whole-leaf kernel of its own. Each kernel
+  # sits in both platform branches. DualOptim+'s non-finite guard checks
+  # "a", "a2" and "c" with kernels too ("vec" is not a whole number of
+  # lanes): three calls, two traces, each in both branches.
   guarded = multi and "unguarded" not in name
   assert jaxpr.count("name=fused_step") == 2, jaxpr
   assert jaxpr.count("name=_nonfinite_sum") == (3 if guarded else 0)
-  assert jaxpr.count("pallas_call") == (8 if guarded else 4)
+  assert jaxpr.count("pallas_call") == (10 if guarded else 6)
   _assert_steps_agree(loop, [jax.jit(kernel.update)], state, multi)
   if name in ("adamw", "dual_optim_plus_8bit"):  # the kernels write params
     _assert_fused_steps_agree(loop, _fused_step(kernel), state, multi)
+
+
+def test_float32_state_leaves_run_as_whole_leaf_kernels():
+  # Leaves below min_size keep float32 state. With kernels on, a leaf of at
+  # most _kernel._WHOLE_VALUES values, 1-d or 2-d and not stored column-major
+  # on TPU, runs as one kernel over the whole leaf (on TPU, a kernel call
+  # compiles faster than XLA's fusion of DualOptim+'s step); the others stay
+  # XLA ops. Leaves of one shape share one traced kernel.
+  params = {
+    "q": jnp.ones((64, 512)),  # quantized: the 8-bit kernel
+    "b1": jnp.linspace(-1.0, 1.0, 768),
+    "b2": jnp.linspace(1.0, 2.0, 768),
+    "n": jnp.full((8, 8), 0.5),
+    "col": jnp.ones((300, 8)),  # column-major on TPU
+    "big": jnp.ones((200, 128)),  # float32, over the whole-leaf size
+  }
+  kw = dict(weight_decay=0.1, min_size=1 << 15)
+  kernel = dualoptax.dual_optim_plus_8bit(1e-2, kernel="pallas", **kw)
+  loop = dualoptax.dual_optim_plus_8bit(1e-2, kernel="xla", **kw)
+  state = kernel.init(params)
+  grads = {
+    "forget": _grads(0, params),
+    "retain": jax.tree.map(lambda g: 0.5 - g, _grads(1, params)),
+  }
+  jaxpr = jax.make_jaxpr(kernel.update)(grads, state, params)
+  whole = {}
+  for eqn, _ in _kernel_calls(jaxpr.jaxpr, []):
+    arrays = [v.aval for v in eqn.invars if v.aval.shape != (1,)]
+    # Not the 8-bit kernel (uint8 operands) nor the guard's check (no
+    # state to write in place).
+    if (
+      not eqn.params["interpret"]
+      and eqn.params["input_output_aliases"]
+      and all(a.dtype == jnp.float32 for a in arrays)
+    ):
+      shape = arrays[0].shape
+      assert all(a.shape == shape for a in arrays)
+      whole[shape] = whole.get(shape, 0) + 1
+  assert whole == {(768,): 2, (8, 8): 1}, whole
+  u1, s1 = jax.jit(loop.update)(grads, state, params)
+  u2, s2 = jax.jit(kernel.update)(grads, state, params)
+  _assert_states_close(s1, s2)
+  for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+    np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-5)
 
 
 def _kernel_calls(jaxpr, found):

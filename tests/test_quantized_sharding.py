@@ -327,21 +327,25 @@ KERNEL_TXS = {
 def _check_kernel_per_shard(layout, name):
   # Under explicit axes each shard runs the fused kernel on its own blocks
   # (interpreted here): the loops' steps on the same mesh, and no collective
-  # but the finiteness flag's scalar.
+  # but the finiteness flag's scalar. "s" (below min_size) keeps float32
+  # state, whose step is a whole-leaf kernel per shard.
   from tests import test_chunked
 
   mesh, sharding = _mesh(layout, "explicit")
-  params = _random_params(sharding, {"a": (64, 2048), "b": (64, 2048)}, 0)
+  params = _random_params(
+    sharding, {"a": (64, 2048), "b": (64, 2048), "s": (8, 256)}, 0
+  )
   multi = name == "dual_optim_plus_8bit"
   loop, kernel = KERNEL_TXS[name]("xla"), KERNEL_TXS[name]("pallas")
   with _within(mesh):
     state = kernel.init(params)
     grads = {"forget": params} if multi else params
     jaxpr = str(jax.make_jaxpr(kernel.update)(grads, state, params))
-    # One traced kernel for "a" and "b", called on each in a shard_map; so
-    # is the finiteness check's (DualOptim+), both leaves in one shard_map.
+    # One traced kernel for "a" and "b", called on each in a shard_map, and
+    # "s"'s in a third; the finiteness check's (DualOptim+) is one shard_map
+    # for every leaf.
     assert jaxpr.count("name=fused_step") == 2
-    assert jaxpr.count("shard_map") == 2 + multi
+    assert jaxpr.count("shard_map") == 3 + multi
     assert jaxpr.count("name=_nonfinite_sum") == 2 * multi
     # Two steps (each objective once): the kernels' math is checked over
     # more in test_chunked; here, that each shard runs it.
@@ -365,7 +369,7 @@ def _check_kernel_per_shard(layout, name):
     if multi:  # a NaN in one shard: nothing written on any shard
       bad = params["b"].at[3, 5].set(jnp.nan, out_sharding=sharding)
       u, skipped = jax.jit(kernel.update)(
-        {"forget": {"a": params["a"], "b": bad}}, state, params
+        {"forget": {**params, "b": bad}}, state, params
       )
       assert int(skipped.skipped) == 1
       assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(u))
