@@ -491,7 +491,12 @@ def check_donation(topo) -> int:
       return out(tx, p, s, g)
 
     try:
-      jax.jit(step, donate_argnums=donate).lower(params, state, grads).compile()
+      # Under the mesh, as measure's compiles: Pallas reads the TPU
+      # generation of a kernel's 1-d blocks (the whole-leaf kernels of
+      # float32 state) from the context mesh when not on a TPU host.
+      with jax.set_mesh(mesh):
+        jitted = jax.jit(step, donate_argnums=donate)
+        jitted.lower(params, state, grads).compile()
     except jax.errors.JaxRuntimeError as e:
       rejected += 1
       print(f"rejected: {name}, returns {ret}, donated {donate}: {e}"[:300])

@@ -37,6 +37,13 @@ run outside the kernel, and their values enter through SMEM.
 The non-finite guard's check, which must read every gradient before any
 state is written, is a kernel too (:func:`all_finite`).
 
+State an 8-bit wrapper keeps in float32 (leaves below ``min_size``: biases,
+norm scales) runs as one kernel over the whole leaf
+(:func:`whole_leaf_kernel`): the same equations and guard select, the
+state written in place. XLA's TPU compiler gives each such leaf's step a
+fusion of its own, while kernels of one signature share one lowering, so
+a model's many small leaves no longer dominate the step's compile time.
+
 Off TPU the same kernel runs in Pallas' interpret mode (tests check it against
 the XLA path on the CPU); ``jax.lax.platform_dependent`` picks the compiled
 kernel when lowering for TPU, also ahead of time from another machine.
@@ -758,6 +765,11 @@ def whole_leaf_kernel(
   Mosaic lowering; the step's equations, the guard's select and the in-place
   writes are :func:`group_kernel`'s. Arguments as :func:`group_kernel`'s
   (no 8-bit operand, no ``out_like``).
+
+  A 1-d leaf is a 1-d block: viewed as ``[1, n]`` it would cost XLA a
+  relayout copy in and out. Lowering a 1-d block, Pallas reads the TPU
+  generation from the context mesh (or the default device): compiled for
+  TPU from another machine, lower under ``jax.set_mesh`` of TPU devices.
 
   Returns:
     A :class:`GroupKernel`, or None when a dtype or shape keeps the group on

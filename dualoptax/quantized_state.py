@@ -384,7 +384,11 @@ def quantize_state(
       absmax written in place), compiled on TPU and interpreted elsewhere
       (slow: for tests); leaves whose layout the kernel does not take (1-d,
       padded, blocks not a multiple of 128 values, non-float32) keep the
-      loops. ``"xla"``: ``lax.fori_loop`` over chunks, on every backend.
+      loops. A leaf whose state stays float32 (below ``min_size``,
+      excluded) runs as one kernel over the whole leaf where it has at most
+      16,384 values (per shard), 1-d or 2-d and not stored column-major
+      on TPU; others are XLA ops as with ``"xla"``. ``"xla"``: ``lax.fori_loop`` over chunks, on every
+      backend.
       ``"auto"`` (default): the kernels on TPU, the loops elsewhere. Under
       several devices a leaf whose arrays carry their sharding in their
       types (a mesh with explicit axes, ``jax.make_mesh``'s default) runs
