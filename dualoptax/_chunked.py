@@ -935,18 +935,15 @@ def _run_kernels(
     out_like = [q_out.get(o) for o in outs]
     key = tuple(sorted(aliases.items()))
     if key not in built:
-      shared = dict(
+      # The group's equations and operands, then what each kernel adds.
+      group = (jaxpr, consts, eqn_ids, local, [shard(a) for a in args])
+      once = dict(
         shared=len(groups) > 1,
         reread=[p for p, i in enumerate(template.inputs) if i in reread],
       )
-      local_args = [shard(a) for a in args]
       built[key] = (
         _kernel.group_kernel(
-          jaxpr,
-          consts,
-          eqn_ids,
-          local,
-          local_args,
+          *group,
           outvars,
           [None if q is None else shard(q) for q in out_like],
           scalars,
@@ -954,21 +951,11 @@ def _run_kernels(
           rows,
           _eval_equations,
           keep,
-          **shared,
+          **once,
         )
         if layouts
         else _kernel.whole_leaf_kernel(
-          jaxpr,
-          consts,
-          eqn_ids,
-          local,
-          local_args,
-          outvars,
-          scalars,
-          aliases,
-          _eval_equations,
-          keep,
-          **shared,
+          *group, outvars, scalars, aliases, _eval_equations, keep, **once
         )
       )
     if built[key] is None:

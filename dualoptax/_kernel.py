@@ -267,6 +267,42 @@ def _scalar_reads(jaxpr, array_ids, local) -> list:
   return reads
 
 
+class _Scalars(NamedTuple):
+  """A group's scalar equations, evaluated outside its kernel: the
+  equations left to the kernel, the 0-d variables they read and those
+  values (then ``keep``, where given), which enter through SMEM."""
+
+  array_ids: list
+  reads: list
+  values: list
+
+  @classmethod
+  def of(cls, jaxpr, consts, eqn_ids, local, scalars, keep, evaluate):
+    """None where a value's dtype is not one SMEM takes."""
+    scalar_ids, array_ids = _split_scalar_equations(jaxpr, eqn_ids)
+    reads = _scalar_reads(jaxpr, array_ids, local)
+    values = evaluate(jaxpr, consts, dict(scalars), scalar_ids, reads)
+    if keep is not None:
+      values = [*values, jnp.asarray(keep, jnp.bool_)]
+    if any(jnp.dtype(v.dtype).name not in _SCALAR_DTYPES for v in values):
+      return None
+    return cls(array_ids, reads, values)
+
+  def operands(self) -> list:
+    """The values as the kernel's SMEM operands, shape (1,) (bools int32)."""
+    return [
+      jnp.reshape(v.astype(jnp.int32) if v.dtype == jnp.bool_ else v, (1,))
+      for v in self.values
+    ]
+
+  def env(self, refs) -> dict:
+    """In the kernel: each read variable's value from its SMEM ref."""
+    return {
+      var: (ref[0] != 0 if v.dtype == jnp.bool_ else ref[0])
+      for var, ref, v in zip(self.reads, refs, self.values)
+    }
+
+
 class GroupKernel(NamedTuple):
   """A group's fused kernel. ``apply(scalars, args) -> outputs``
   (QuantizedArray where ``out_like`` is, in its layout) for ``args`` laid
@@ -331,13 +367,10 @@ def group_kernel(
   shape = tuple(like_args[0].shape)
   n = int(shape[-1])
   total = math.prod(shape[:-1])
-  scalar_ids, array_ids = _split_scalar_equations(jaxpr, eqn_ids)
-  reads = _scalar_reads(jaxpr, array_ids, local)
-  values = evaluate(jaxpr, consts, dict(scalars), scalar_ids, reads)
-  if keep is not None:
-    values = [*values, jnp.asarray(keep, jnp.bool_)]
-  if any(jnp.dtype(v.dtype).name not in _SCALAR_DTYPES for v in values):
+  found = _Scalars.of(jaxpr, consts, eqn_ids, local, scalars, keep, evaluate)
+  if found is None:
     return None
+  array_ids, values = found.array_ids, found.values
   if any(
     not isinstance(a, QuantizedArray) and jnp.dtype(a.dtype) != jnp.float32
     for a in like_args
@@ -364,10 +397,6 @@ def group_kernel(
   # blocks at static lane offsets.
   wide = b % _LANES != 0 and not columns
   width = n if wide else b
-  scalar_in = [
-    jnp.reshape(v.astype(jnp.int32) if v.dtype == jnp.bool_ else v, (1,))
-    for v in values
-  ]
   in_specs = [pl.BlockSpec(memory_space=pltpu.SMEM)] * len(values)
   arg_slots = []
   # TPU stores a [rows, nb] absmax with few blocks per row (nb < 128) rows
@@ -443,7 +472,6 @@ def group_kernel(
     if isinstance(a, QuantizedArray):
       io_aliases[s + 1] = t + 1
   n_scalars = len(values)
-  bools = [v.dtype == jnp.bool_ for v in values]
   # Per output, the position of the input it replaces (its old value).
   source = {o: p for p, o in aliases.items()}
 
@@ -575,10 +603,7 @@ def group_kernel(
     codes_in = dict(zip(q_in, scratch))
     codes_out = dict(zip(q_out, scratch[len(q_in) :]))
     new_values = dict(zip(q_out, scratch[len(q_in) + len(q_out) :]))
-    env0 = {
-      var: (ref[0] != 0 if is_bool else ref[0])
-      for var, ref, is_bool in zip(reads, ins[:n_scalars], bools)
-    }
+    env0 = found.env(ins[:n_scalars])
     kept = None if keep is None else ins[n_scalars - 1][0] != 0
 
     if columns:
@@ -702,7 +727,7 @@ def group_kernel(
         )
     return results
 
-  return GroupKernel(apply, scalar_in)
+  return GroupKernel(apply, found.operands())
 
 
 def _launcher(pallas_call: Callable, pinned: Sequence[bool], shared: bool):
@@ -776,14 +801,10 @@ def whole_leaf_kernel(
     the XLA path.
   """
   shape = tuple(like_args[0].shape)
-  scalar_ids, array_ids = _split_scalar_equations(jaxpr, eqn_ids)
-  reads = _scalar_reads(jaxpr, array_ids, local)
-  values = evaluate(jaxpr, consts, dict(scalars), scalar_ids, reads)
-  if keep is not None:
-    values = [*values, jnp.asarray(keep, jnp.bool_)]
+  found = _Scalars.of(jaxpr, consts, eqn_ids, local, scalars, keep, evaluate)
   if (
-    not whole_leaf_values(shape)
-    or any(jnp.dtype(v.dtype).name not in _SCALAR_DTYPES for v in values)
+    found is None
+    or not whole_leaf_values(shape)
     or any(
       isinstance(a, QuantizedArray)
       or tuple(a.shape) != shape
@@ -793,21 +814,17 @@ def whole_leaf_kernel(
     or any(jnp.dtype(v.aval.dtype) != jnp.float32 for v in outvars)
   ):
     return None
-  n_scalars = len(values)
-  bools = [v.dtype == jnp.bool_ for v in values]
+  n_scalars = len(found.values)
   source = {o: p for p, o in aliases.items()}
   whole = pl.BlockSpec(shape, lambda i: (0,) * len(shape))
 
   def kernel(*refs):
     ins = refs[n_scalars : n_scalars + len(like_args)]
     outs = refs[n_scalars + len(like_args) :]
-    env = {
-      var: (ref[0] != 0 if is_bool else ref[0])
-      for var, ref, is_bool in zip(reads, refs[:n_scalars], bools)
-    }
+    env = found.env(refs[:n_scalars])
     env.update((var, ref[...]) for var, ref in zip(local, ins))
     kept = None if keep is None else refs[n_scalars - 1][0] != 0
-    new = evaluate(jaxpr, consts, env, array_ids, outvars)
+    new = evaluate(jaxpr, consts, env, found.array_ids, outvars)
     for q, (x, ref) in enumerate(zip(new, outs)):
       x = x.astype(jnp.float32)
       if kept is not None:
@@ -829,15 +846,11 @@ def whole_leaf_kernel(
     [p >= 0 and p not in reread for p in range(-n_scalars, len(like_args))],
     shared,
   )
-  scalar_in = [
-    jnp.reshape(v.astype(jnp.int32) if v.dtype == jnp.bool_ else v, (1,))
-    for v in values
-  ]
 
   def apply(scalar_values, group_args) -> list:
     return list(launch(*scalar_values, *group_args))
 
-  return GroupKernel(apply, scalar_in)
+  return GroupKernel(apply, found.operands())
 
 
 # ---------------------------------------------------------------------------
