@@ -910,9 +910,10 @@ def _run_kernels(
   layouts = [shard(inputs[i]) for i in template.inputs if is_q[i]]
   layouts += [shard(q_out[o]) for o in carried[0] if o in q_out]
   shape = shard(first).shape if sharded else template.shape
-  # No 8-bit operand: float32 state, one kernel over the whole leaf.
+  # No 8-bit operand: float32 state, one kernel over the whole leaf (which
+  # whole_leaf_kernel declines, as None, where the leaf does not fit it).
   rows = _kernel.tile_rows(shape, layouts) if layouts else 0
-  if rows is None or (not layouts and not _kernel.whole_leaf_values(shape)):
+  if rows is None:
     return False
   local = [jaxpr.invars[i] for i in template.inputs]
   outvars = [jaxpr.outvars[o] for o in carried[0]]
