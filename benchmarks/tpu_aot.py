@@ -153,8 +153,9 @@ TREES = {
 def updates(kernel: str) -> dict:
   """name -> (transformation, objectives present in the step's gradients).
 
-  ``kernel`` for the 8-bit updates (``"auto"``: what a TPU process picks,
-  see :func:`measure`); the ``_xla`` rows always run the loops.
+  ``kernel`` for the kernel-capable updates (``"auto"``: what a TPU
+  process picks, see :func:`measure`); the ``_xla`` rows always run XLA's
+  ops (the 8-bit ones its loops).
   """
   two = ("forget", "retain")
   q = dict(kernel=kernel)
@@ -170,9 +171,17 @@ def updates(kernel: str) -> dict:
       ),
       None,
     ),
-    "dual_optim": (dualoptax.dual_optim(1e-3, weight_decay=0.01), two),
+    "dual_optim": (dualoptax.dual_optim(1e-3, weight_decay=0.01, **q), two),
+    "dual_optim_xla": (
+      dualoptax.dual_optim(1e-3, weight_decay=0.01, kernel="xla"),
+      two,
+    ),
     "dual_optim_plus": (
-      dualoptax.dual_optim_plus(1e-3, weight_decay=0.01),
+      dualoptax.dual_optim_plus(1e-3, weight_decay=0.01, **q),
+      two,
+    ),
+    "dual_optim_plus_xla": (
+      dualoptax.dual_optim_plus(1e-3, weight_decay=0.01, kernel="xla"),
       two,
     ),
     "8bit_1obj": (
@@ -451,6 +460,8 @@ def check_donation(topo) -> int:
       dualoptax.quantize_state(adamw, **nu_f32),
       None,
     ),
+    "dual_optim_plus, float32": table["dual_optim_plus"],
+    "dual_optim, float32": table["dual_optim"],
     "dual_optim_plus_8bit, one objective": table["8bit_1obj"],
     "dual_optim_plus_8bit, two objectives": table["8bit_2obj"],
     "quantize_state(adamw), blocks of 64": (

@@ -836,26 +836,11 @@ def _run_bucket(
         results[o] = final[at]
 
 
-def _kernel_view(arrays: Sequence[Any], kernel: str) -> Optional[Callable]:
-  """How a kernel sees ``arrays`` (a bucket's, 8-bit ones included):
-  ``_kernel.local_stand_in`` where they carry one sharding in their types (a
-  kernel per shard), the identity where they are whole; None where no
-  kernel runs: arrays sharded apart (the loops and JAX's checks decide), or
-  ``"auto"`` under several devices without the sharding in the types (a
-  custom call would gather sharded operands)."""
-  specs = {_sharding.explicit(getattr(x, "codes", x)) for x in arrays}
-  if specs != {None}:
-    return None if len(specs) > 1 or None in specs else _kernel.local_stand_in
-  if kernel == "auto" and _sharding.several_devices(arrays[0]):
-    return None
-  return lambda x: x
-
-
 def _whole_leaf_group(arrays: Sequence[Any], kernel: str) -> bool:
   """Whether a group of float32 arrays (no 8-bit operand) runs as a
   whole-leaf kernel: one shape, under a view a kernel takes, small enough
   (``_kernel.whole_leaf_values``). Others stay outside the groups."""
-  view = _kernel_view(arrays, kernel)
+  view = _kernel.shard_view(arrays, kernel)
   return (
     view is not None
     and len({tuple(a.shape) for a in arrays}) == 1
@@ -895,7 +880,7 @@ def _run_kernels(
   """
   template = groups[0]
   first = inputs[template.inputs[0]]
-  shard = _kernel_view(
+  shard = _kernel.shard_view(
     [
       x
       for grp in groups

@@ -317,6 +317,162 @@ _plus_leaf = _traced_once(dual_optim_plus_leaf)
 _adam_leaf = _traced_once(dual_optim_leaf)
 
 
+def _plus_state_step(
+  leaf: Callable, grads, state, param, numbers, hyper, out_dtype=jnp.float32
+) -> list:
+  """``leaf`` (:func:`dual_optim_plus_leaf`, or it traced once) on ``state =
+  [*mu, *nu, base_mu, base_nu]``: ``[update, *new state]``."""
+  k = len(grads)
+  scalars, base_r1, base_r2, weight_decay = numbers
+  s = leaf(
+    grads,
+    state[:k],
+    state[k : 2 * k],
+    state[2 * k],
+    state[2 * k + 1],
+    param,
+    scalars,
+    base_r1,
+    base_r2,
+    weight_decay,
+    hyper=hyper,
+    out_dtype=out_dtype,
+  )
+  return [s.update, *s.mu, *s.nu, s.base_mu, s.base_nu]
+
+
+def _adam_state_step(
+  leaf: Callable, grads, state, param, numbers, hyper, out_dtype=jnp.float32
+) -> list:
+  """``leaf`` (:func:`dual_optim_leaf`, or it traced once) on ``state =
+  [*mu, *nu]``: ``[update, *new state]``."""
+  k = len(grads)
+  scalars, weight_decay = numbers
+  s = leaf(
+    grads,
+    state[:k],
+    state[k:],
+    param,
+    scalars,
+    weight_decay,
+    hyper=hyper,
+    out_dtype=out_dtype,
+  )
+  return [s.update, *s.mu, *s.nu]
+
+
+# The leaf steps as kernel bodies (one object each: kernels are shared by
+# signature, the step included).
+_plus_kernel_step = functools.partial(_plus_state_step, dual_optim_plus_leaf)
+_adam_kernel_step = functools.partial(_adam_state_step, dual_optim_leaf)
+
+
+KERNELS = ("auto", "pallas", "xla")
+
+
+# An extra argument of an update: True where the update is traced to be run
+# element-wise by someone else (dualoptax.quantize_state's chunks and
+# kernels): the float32 optimizers then run no kernels of their own.
+ELEMENTWISE = "_dualoptax_elementwise"
+
+
+def check_kernel(kernel: str) -> str:
+  if kernel not in KERNELS:
+    raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+  return kernel
+
+
+def call_kernel(kernel: str, extra_args: Mapping[str, Any]) -> str:
+  """``kernel`` for one call, ``"xla"`` where the call is traced to be run
+  element-wise (:data:`ELEMENTWISE`)."""
+  return "xla" if extra_args.get(ELEMENTWISE, False) else kernel
+
+
+def use_kernels(kernel: str) -> bool:
+  """Whether a float32 step may run its leaves as kernels (decided when the
+  update is traced): ``"pallas"`` always, ``"auto"`` on TPU. Which leaves
+  do: :func:`_kernel_leaf`."""
+  return kernel == "pallas" or (kernel == "auto" and _kernel.on_tpu())
+
+
+def _kernel_leaf(
+  step: Callable,
+  grads: Sequence[jax.Array],
+  state: Sequence[jax.Array],
+  param: Optional[jax.Array],
+  numbers: Any,
+  hyper: Hyper,
+  keep: Optional[jax.Array],
+  kernel: str,
+  built: dict,
+  applied: Optional[jax.Array] = None,
+) -> Optional[list]:
+  """One leaf's step as a fused kernel (:func:`dualoptax._kernel.step_kernel`,
+  its body the leaf step itself); None where the leaf keeps XLA's step: not
+  float32, a shape no kernel tiles, or sharded without its sharding in its
+  type (:func:`dualoptax._kernel.shard_view`).
+
+  ``step(grads, state, param, numbers, hyper)`` returns the update and the
+  new ``state`` (in its order) as a list; ``param`` is the parameter where
+  weight decay applies, else None; ``numbers`` is a pytree of 0-d values
+  (bias corrections, coefficients). With ``applied`` (the parameter), the
+  kernel returns ``applied + update`` in place of the update, written over
+  ``applied``. Where ``keep`` is False it writes a zero update (the
+  parameter as it was) and the state as it was. Leaves of one signature
+  share one kernel, kept in ``built``."""
+  target = param if param is not None else applied
+  arrays = [*grads, *state] + ([] if target is None else [target])
+  if _kernel.step_view(jnp.shape(arrays[0])) is None or any(
+    jnp.dtype(x.dtype) != jnp.float32 for x in arrays
+  ):
+    return None
+  view = _kernel.shard_view(arrays, kernel)
+  if view is None:
+    return None
+  shape = tuple(view(arrays[0]).shape)
+  if _kernel.step_view(shape) is None:
+    return None
+  values, treedef = jax.tree.flatten((numbers, hyper._replace(stable=None)))
+  n_grads, n_state = len(grads), len(state)
+  at = n_grads + n_state  # the parameter's position, where it is an operand
+  decay, apply = param is not None, applied is not None
+  key = (step, shape, treedef, n_grads, n_state, decay, apply, hyper.stable)
+  if key not in built:
+
+    def fn(scalars, xs):
+      numbers, numeric = jax.tree.unflatten(treedef, scalars)
+      new = step(
+        xs[:n_grads],
+        xs[n_grads:at],
+        xs[at] if decay else None,
+        numbers,
+        numeric._replace(stable=hyper.stable),
+      )
+      return [xs[at] + new[0], *new[1:]] if apply else new
+
+    aliases = {n_grads + t: 1 + t for t in range(n_state)}
+    if apply:
+      aliases[at] = 0
+    built[key] = _kernel.step_kernel(
+      fn,
+      shape,
+      len(arrays),
+      1 + n_state,
+      len(values) + 1,
+      aliases,
+      keep=True,
+      # Read again by optax.apply_updates after the kernel.
+      reread=[at] if decay and not apply else [],
+    )
+  flag = jnp.ones((), jnp.bool_) if keep is None else keep
+  scalars = [jnp.reshape(jnp.asarray(v, jnp.float32), (1,)) for v in values]
+  scalars.append(jnp.reshape(flag.astype(jnp.int32), (1,)))
+  kernel_fn = built[key]._replace(scalars=scalars)
+  if view is _kernel.local_stand_in:
+    return _kernel.on_shards(kernel_fn, arrays, [None] * (1 + n_state))
+  return kernel_fn.apply(scalars, arrays)
+
+
 def multi_objective_step(
   grads: Mapping[str, Any],
   deltas: Mapping[str, Any],
@@ -326,6 +482,9 @@ def multi_objective_step(
   weight_decay: Any,
   decay_flags: Sequence[bool],
   hyper: Hyper,
+  kernel: str = "xla",
+  keep: Optional[jax.Array] = None,
+  apply: bool = False,
 ):
   """One call of the multi-objective rule, the leaf step mapped over leaves.
 
@@ -339,6 +498,12 @@ def multi_objective_step(
     weight_decay: decoupled decay strength, on leaves whose flag is True.
     decay_flags: one bool per leaf.
     hyper: betas, eps and the stability switch.
+    kernel: ``"auto"``, ``"pallas"`` or ``"xla"`` (see :func:`use_kernels`):
+      where kernels run, each float32 leaf they tile is one fused kernel.
+    keep: a traced bool or None: where False, a zero update and every
+      moment as it was (selected per leaf, in the kernels in VMEM).
+    apply: return ``params + updates`` in place of the updates (a kernel
+      writes it over the parameter).
 
   Returns:
     ``(updates, new_deltas, new_base_moments_or_None)``; ``new_deltas`` holds
@@ -381,6 +546,8 @@ def multi_objective_step(
 
   if base is not None:
     mB_leaves, vB_leaves = flat(base.mu), flat(base.nu)
+  kernels = use_kernels(kernel)
+  built: dict = {}  # one kernel per leaf signature
   steps = []
   for i in range(treedef.num_leaves):
     g = [c[i] for c in g_leaves]
@@ -391,34 +558,53 @@ def multi_objective_step(
     param = p if use_decay and decay_flags[i] else None
     if base is not None:
       mB, vB = mB_leaves[i], vB_leaves[i]
-      steps.append(
-        _plus_leaf(
-          g,
-          m,
-          v,
-          mB,
-          vB,
-          param,
-          scalars(mB.dtype, vB.dtype),
-          *base_scalars(mB.dtype, vB.dtype),
-          weight_decay,
-          hyper=hyper,
-          out_dtype=out_dtype,
-        )
+      state = [*m, *v, mB, vB]
+      numbers = (
+        scalars(mB.dtype, vB.dtype),
+        *base_scalars(mB.dtype, vB.dtype),
+        weight_decay,
+      )
+      on_state, fused_step = (
+        functools.partial(_plus_state_step, _plus_leaf),
+        _plus_kernel_step,
       )
     else:
-      steps.append(
-        _adam_leaf(
-          g,
-          m,
-          v,
-          param,
-          scalars(m[0].dtype, v[0].dtype),
-          weight_decay,
-          hyper=hyper,
-          out_dtype=out_dtype,
-        )
+      state = [*m, *v]
+      numbers = (scalars(m[0].dtype, v[0].dtype), weight_decay)
+      on_state, fused_step = (
+        functools.partial(_adam_state_step, _adam_leaf),
+        _adam_kernel_step,
       )
+    new = None
+    if kernels and jnp.dtype(out_dtype) == jnp.float32:
+      new = _kernel_leaf(
+        fused_step,
+        g,
+        state,
+        param,
+        numbers,
+        hyper,
+        keep,
+        kernel,
+        built,
+        p if apply else None,
+      )
+    if new is None:
+      new = on_state(g, state, param, numbers, hyper, out_dtype)
+      if apply:
+        new[0] = optax.apply_updates(p, new[0])
+      if keep is not None:  # skipped: a zero update (params kept), old state
+        old = [p if apply else jnp.zeros_like(new[0]), *state]
+        new = [jnp.where(keep, x, y) for x, y in zip(new, old)]
+    k = len(g)
+    steps.append(
+      LeafStep(
+        new[0],
+        tuple(new[1 : 1 + k]),
+        tuple(new[1 + k : 1 + 2 * k]),
+        *new[1 + 2 * k :],
+      )
+    )
 
   updates = treedef.unflatten([s.update for s in steps])
   new_deltas = {
@@ -439,7 +625,14 @@ def multi_objective_step(
 
 
 def prepare_call(
-  grads, objectives, reference, params, weight_decay, mask, skip_nonfinite
+  grads,
+  objectives,
+  reference,
+  params,
+  weight_decay,
+  mask,
+  skip_nonfinite,
+  kernel="xla",
 ):
   """Trace-time checks of one call; returns ``(present, decay_flags, finite)``."""
   present = _objectives.present_gradients(grads, objectives, reference)
@@ -449,7 +642,8 @@ def prepare_call(
   # On TPU the check is a kernel (per shard under explicit mesh axes; XLA's
   # sum where a leaf is sharded otherwise): XLA's reductions there make the
   # step markedly slower to compile (benchmarks/tpu_aot.py).
-  check = _kernel.all_finite if _kernel.on_tpu() else _objectives.all_finite
+  fused = _kernel.on_tpu() or use_kernels(kernel)
+  check = _kernel.all_finite if fused else _objectives.all_finite
   finite = check(list(present.values())) if skip_nonfinite else None
   return present, flags, finite
 
@@ -539,16 +733,21 @@ def run_step(
   decay_flags,
   hyper: Hyper,
   finite,
+  kernel: str = "xla",
+  apply: bool = False,
 ):
   """One guarded call: the step where ``finite`` (or the guard is off), else a
-  zero update with every moment and count unchanged.
+  zero update with every moment and count unchanged. Where kernels run
+  (:func:`use_kernels`), each leaf selects instead (a kernel's in VMEM).
+  With ``apply``, the new params in place of the update (the params where
+  skipped).
 
   Returns:
     ``(updates, new_deltas (present objectives), new_base_moments_or_None,
     new_count)``.
   """
 
-  def step():
+  def step(keep=None):
     updates, new_deltas, new_base = multi_objective_step(
       grads,
       deltas,
@@ -558,8 +757,21 @@ def run_step(
       weight_decay,
       decay_flags,
       hyper,
+      kernel,
+      keep,
+      apply,
     )
     return updates, (new_deltas, new_base, optax.safe_increment(count))
+
+  if use_kernels(kernel) and finite is not None:
+    # The kernels select in VMEM: a conditional around them would copy
+    # every state array in and out of its branches.
+    updates, (new_deltas, new_base, new_count) = step(finite)
+    new_deltas = {
+      k: d._replace(count=jnp.where(finite, d.count, deltas[k].count))
+      for k, d in new_deltas.items()
+    }
+    return updates, new_deltas, new_base, jnp.where(finite, new_count, count)
 
   unchanged = (
     {k: deltas[k] for k in grads},
@@ -572,5 +784,6 @@ def run_step(
     unchanged,
     update_shapes(grads, params),
     select_on=SELECT_GUARD_ON,
+    kept=params if apply else None,
   )
   return updates, new_deltas, new_base, new_count

@@ -853,6 +853,128 @@ def whole_leaf_kernel(
   return GroupKernel(apply, found.operands())
 
 
+# Values of one tile per operand of a float32 step kernel (step_kernel):
+# DualOptim+'s two-objective step has 16 operands, double buffered in VMEM.
+_STEP_TILE_VALUES = 1 << 16
+
+
+def step_view(shape: Sequence[int]) -> Optional[tuple[int, ...]]:
+  """The view a :func:`step_kernel` takes a float32 leaf of ``shape`` in:
+  ``[total, n]`` in tiles of rows (:func:`_tiled_view`), else the whole
+  leaf where :func:`whole_leaf_values`, else None (XLA's step)."""
+  tiled = _tiled_view(shape)
+  if tiled is not None:
+    return tiled
+  return tuple(int(s) for s in shape) if whole_leaf_values(shape) else None
+
+
+def step_kernel(
+  fn: Callable[[list, list], list],
+  shape: Sequence[int],
+  n_arrays: int,
+  n_outputs: int,
+  n_scalars: int,
+  aliases: dict,
+  keep: bool,
+  reread: Sequence[int] = (),
+) -> GroupKernel:
+  """An element-wise step on float32 leaves of ``shape`` as one kernel.
+
+  ``fn(scalars, arrays) -> outputs`` states the step (for the optimizers'
+  float32 state, :func:`dualoptax._engine.dual_optim_plus_leaf` itself):
+  the kernel applies it to tiles of every array in VMEM, rows of
+  ``[total, n]`` (:func:`step_view`) in pieces of 8 (one float32 vreg per
+  128 lanes), or to the whole leaf where it is small. Each array is read
+  once and each output written once; outputs in ``aliases`` take their
+  input's buffer. XLA's TPU compiler instead gives each leaf's step a
+  fusion of its own, whose compile time grows with the step's size, while
+  leaves of one shape share this kernel's one lowering.
+
+  Args:
+    fn: the step on values: 0-d scalars, arrays all of one shape.
+    shape: the leaf's shape (one shard's, see :func:`on_shards`).
+    n_arrays, n_outputs, n_scalars: how many of each ``fn`` takes and
+      returns; scalars are float32.
+    aliases: ``{array position: output position}``: state updated in place.
+    keep: whether the last scalar operand is a flag (int32, from
+      ``GroupKernel.scalars``' caller) where 0 skips the step: each aliased
+      output keeps its input's value, the others are zeros.
+    reread: array positions the step reads again after the kernel (the
+      parameters): left for XLA to place (see :func:`_in_hbm`).
+
+  Returns:
+    A :class:`GroupKernel` whose ``apply(scalar_operands, arrays)`` returns
+    the outputs (its ``scalars`` are empty: the caller passes them).
+  """
+  view = step_view(shape)
+  tiled = _tiled_view(shape)
+  source = {o: p for p, o in aliases.items()}
+
+  def body(refs, at):
+    scalars = [ref[0] for ref in refs[:n_scalars]]
+    ins = refs[n_scalars : n_scalars + n_arrays]
+    outs = refs[n_scalars + n_arrays :]
+    xs = [ref[at] for ref in ins]
+    if keep:
+      kept = scalars.pop() != 0
+    new = fn(scalars, xs)
+    for q, (x, ref) in enumerate(zip(new, outs)):
+      x = x.astype(jnp.float32)
+      if keep:
+        x = jnp.where(kept, x, xs[source[q]] if q in source else 0.0)
+      ref[at] = x
+
+  if tiled is None:  # the whole leaf, one grid step
+    block = pl.BlockSpec(view, lambda i: (0,) * len(view))
+    grid, semantics = (1,), ("arbitrary",)
+
+    def kernel(*refs):
+      body(refs, ...)
+
+  else:
+    total, n = tiled
+    width = next(w for w in (4 * _LANES, 2 * _LANES, _LANES) if n % w == 0)
+    rows = max(_STEP_TILE_VALUES // width // _SUBLANES, 1) * _SUBLANES
+    rows = total if rows >= total else rows
+    piece = _SUBLANES if rows % _SUBLANES == 0 else rows
+    block = pl.BlockSpec((rows, width), lambda i, j: (i, j))
+    grid = (pl.cdiv(total, rows), n // width)
+    semantics = ("parallel", "parallel")
+
+    def kernel(*refs):
+      # A loop over pieces, not unrolled: Mosaic emits the step's vector
+      # code once, whatever the tile's rows.
+      def at(k, carry):
+        body(
+          refs, (pl.ds(pl.multiple_of(k * piece, piece), piece), slice(None))
+        )
+        return carry
+
+      jax.lax.fori_loop(0, rows // piece, at, 0)
+
+  launch = _launcher(
+    functools.partial(
+      pl.pallas_call,
+      kernel,
+      grid=grid,
+      in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM)] * n_scalars
+      + [block] * n_arrays,
+      out_specs=[block] * n_outputs,
+      out_shape=[jax.ShapeDtypeStruct(view, jnp.float32)] * n_outputs,
+      input_output_aliases={n_scalars + p: o for p, o in aliases.items()},
+      compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
+    ),
+    [p >= 0 and p not in reread for p in range(-n_scalars, n_arrays)],
+    True,
+  )
+
+  def apply(scalar_values, arrays) -> list:
+    outs = launch(*scalar_values, *[x.reshape(view) for x in arrays])
+    return [y.reshape(shape) for y in outs]
+
+  return GroupKernel(apply, [])
+
+
 # ---------------------------------------------------------------------------
 # A kernel per shard, where arrays carry their sharding in their types.
 # ---------------------------------------------------------------------------
@@ -875,6 +997,21 @@ def local_stand_in(x):
   codes, absmax = local(x.codes), local(x.absmax)
   shape = (*codes.shape[:-1], codes.shape[-1] - x.pad)
   return dataclasses.replace(x, codes=codes, absmax=absmax, shape=shape)
+
+
+def shard_view(arrays: Sequence[Any], kernel: str) -> Optional[Callable]:
+  """How a kernel sees ``arrays`` (a bucket's, 8-bit ones included):
+  :func:`local_stand_in` where they carry one sharding in their types (a
+  kernel per shard), the identity where they are whole; None where no
+  kernel runs: arrays sharded apart (the loops and JAX's checks decide), or
+  ``"auto"`` under several devices without the sharding in the types (a
+  custom call would gather sharded operands)."""
+  specs = {_sharding.explicit(getattr(x, "codes", x)) for x in arrays}
+  if specs != {None}:
+    return None if len(specs) > 1 or None in specs else local_stand_in
+  if kernel == "auto" and _sharding.several_devices(arrays[0]):
+    return None
+  return lambda x: x
 
 
 def on_shards(
@@ -1001,9 +1138,15 @@ def _kernel_view(xs: Sequence[Any]) -> Optional[tuple[int, int]]:
   """``[total, n]``, the view of float32 leaves of one shape the finiteness
   kernel reads them in, free on TPU (their stored tiles), or None (they are
   summed by XLA)."""
-  shape = tuple(int(s) for s in xs[0].shape)
   if any(jnp.dtype(x.dtype) != jnp.float32 for x in xs):
     return None
+  return _tiled_view(xs[0].shape)
+
+
+def _tiled_view(shape: Sequence[int]) -> Optional[tuple[int, int]]:
+  """``[total, n]``, a view of a float32 leaf of ``shape`` in whole ``[8,
+  128]`` tiles, free on TPU (its stored tiles), or None."""
+  shape = tuple(int(s) for s in shape)
   if math.prod(shape) < _SUBLANES * _LANES:
     return None
   if len(shape) == 1:

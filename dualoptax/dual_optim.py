@@ -12,7 +12,7 @@ from typing import NamedTuple, Sequence
 import jax
 import optax
 
-from dualoptax import _engine, _objectives
+from dualoptax import _engine, _objectives, quantized_state
 from dualoptax._engine import AdamMoments
 from dualoptax.dual_optim_plus import DEFAULT_OBJECTIVES
 
@@ -41,6 +41,7 @@ def dual_optim(
   weight_decay: float = 0.0,
   mask: _objectives.MaskOrFn = None,
   skip_nonfinite: bool = True,
+  kernel: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""DualOptim: decoupled Adam states, one per objective.
 
@@ -64,6 +65,9 @@ def dual_optim(
     weight_decay: decoupled weight decay (>= 0), scaled by each objective's lr.
     mask: weight-decay mask as in ``optax.adamw``.
     skip_nonfinite: skip (and count) calls whose gradients hold NaN or Inf.
+    kernel: ``"auto"``, ``"pallas"`` or ``"xla"``, as
+      :func:`dualoptax.scale_by_dual_optim_plus`: on TPU each float32 leaf a
+      kernel tiles runs its step as one fused Pallas kernel.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with :class:`DualOptimState`.
@@ -84,6 +88,7 @@ def dual_optim(
   )
   lrs = _objectives.resolve_learning_rates(learning_rate, objectives)
   hyper = _engine.Hyper(b1, b2, None, None, eps, stable=False)
+  _engine.check_kernel(kernel)
 
   def init_fn(params):
     _engine.check_float_params(params, "dual_optim")
@@ -96,10 +101,19 @@ def dual_optim(
     )
 
   def update_fn(grads, state, params=None, **extra_args):
-    del extra_args
+    kernel_now = _engine.call_kernel(kernel, extra_args)
+    # From dualoptax.update_and_apply: the new params, not the update.
+    apply = extra_args.get(quantized_state.APPLY, False)
     reference = state.deltas[objectives[0]].mu
     present, flags, finite = _engine.prepare_call(
-      grads, objectives, reference, params, weight_decay, mask, skip_nonfinite
+      grads,
+      objectives,
+      reference,
+      params,
+      weight_decay,
+      mask,
+      skip_nonfinite,
+      kernel_now,
     )
     coefficients = {
       k: -_objectives.evaluate(lrs[k], state.count) for k in present
@@ -115,6 +129,8 @@ def dual_optim(
       flags,
       hyper,
       finite,
+      kernel_now,
+      apply,
     )
     return updates, DualOptimState(
       count,
@@ -122,4 +138,6 @@ def dual_optim(
       _engine.count_skipped(state.skipped, finite),
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+    init_fn, quantized_state.applies(update_fn)
+  )

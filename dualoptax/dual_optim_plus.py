@@ -57,8 +57,10 @@ def _dual_optim_plus_transform(
   mu_dtype,
   nu_dtype,
   skip_nonfinite,
+  kernel,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds the transformation ``Δθ = Σ_k c_k(T) (u_k + wd·θ)``."""
+  _engine.check_kernel(kernel)
   objectives = _objectives.check_hyperparameters(
     objectives,
     dict(b1=b1, b2=b2, base_b1=base_b1, base_b2=base_b2),
@@ -80,7 +82,9 @@ def _dual_optim_plus_transform(
     )
 
   def update_fn(grads, state, params=None, **extra_args):
-    del extra_args
+    kernel_now = _engine.call_kernel(kernel, extra_args)
+    # From dualoptax.update_and_apply: the new params, not the update.
+    apply = extra_args.get(quantized_state.APPLY, False)
     present, flags, finite = _engine.prepare_call(
       grads,
       objectives,
@@ -89,6 +93,7 @@ def _dual_optim_plus_transform(
       weight_decay,
       mask,
       skip_nonfinite,
+      kernel_now,
     )
     coefficients = coefficients_fn(present, state.count)
     updates, deltas, (base_mu, base_nu), count = _engine.run_step(
@@ -102,6 +107,8 @@ def _dual_optim_plus_transform(
       flags,
       hyper,
       finite,
+      kernel_now,
+      apply,
     )
     return updates, DualOptimPlusState(
       count,
@@ -111,7 +118,9 @@ def _dual_optim_plus_transform(
       _engine.count_skipped(state.skipped, finite),
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+    init_fn, quantized_state.applies(update_fn)
+  )
 
 
 def scale_by_dual_optim_plus(
@@ -126,6 +135,7 @@ def scale_by_dual_optim_plus(
   mu_dtype: Optional[chex.ArrayDType] = None,
   nu_dtype: Optional[chex.ArrayDType] = None,
   skip_nonfinite: bool = True,
+  kernel: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales per-objective gradients with DualOptim+'s base and delta moments.
 
@@ -168,6 +178,15 @@ def scale_by_dual_optim_plus(
     skip_nonfinite: when any present gradient holds NaN or Inf, skip the call
       (zero update, every moment and count unchanged) and count it in
       ``state.skipped``. On sharded params the check costs one scalar all-reduce.
+    kernel: ``"auto"`` (the default), ``"pallas"`` or ``"xla"``: with
+      ``"auto"`` on TPU (and ``"pallas"`` anywhere, interpreted off TPU),
+      each float32 leaf whose shape a kernel tiles (its last axis whole
+      128-value lanes, or at most 16,384 values, 1-d or 2-d) runs its step
+      as one fused Pallas kernel, the leaf step above its body, state
+      written in place; the others, and everything under ``"xla"`` or off
+      TPU, as XLA's element-wise ops. Under several devices a leaf takes a
+      kernel per shard where its sharding is in its type (explicit mesh
+      axes), else XLA's ops.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is
@@ -198,6 +217,7 @@ def scale_by_dual_optim_plus(
     mu_dtype,
     nu_dtype,
     skip_nonfinite,
+    kernel,
   )
 
 
@@ -216,6 +236,7 @@ def dual_optim_plus(
   mu_dtype: Optional[chex.ArrayDType] = None,
   nu_dtype: Optional[chex.ArrayDType] = None,
   skip_nonfinite: bool = True,
+  kernel: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""DualOptim+ with per-objective learning rates and decoupled weight decay.
 
@@ -245,6 +266,8 @@ def dual_optim_plus(
       reproduces the published rule exactly.
     mu_dtype, nu_dtype: storage dtypes of first/second moments (default: params').
     skip_nonfinite: skip (and count) calls whose gradients hold NaN or Inf.
+    kernel: ``"auto"``, ``"pallas"`` or ``"xla"``, as
+      :func:`scale_by_dual_optim_plus`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with :class:`DualOptimPlusState`.
@@ -282,6 +305,7 @@ def dual_optim_plus(
     mu_dtype,
     nu_dtype,
     skip_nonfinite,
+    kernel,
   )
 
 
@@ -467,6 +491,7 @@ def dual_optim_plus_8bit(
     mu_dtype=mu_dtype,
     nu_dtype=nu_dtype,
     skip_nonfinite=False,
+    kernel="xla",  # quantize_state runs the step (its own kernels)
   )
   groups = tuple(
     g for g, on in (("base", quantize_base), ("delta", quantize_delta)) if on

@@ -422,8 +422,7 @@ def quantize_state(
       f"reuse_gradient_buffers must be a bool, got {reuse_gradient_buffers!r}"
     )
   chunk_size = _check_chunk_size(chunk_size)
-  if kernel not in KERNELS:
-    raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+  _engine.check_kernel(kernel)
   if not (signed is None or isinstance(signed, bool) or callable(signed)):
     raise ValueError(
       f"signed must be None, a bool or a callable, got {signed!r}"
@@ -570,7 +569,11 @@ def quantize_state(
       st = st_def.unflatten(xs[n_u : n_u + n_s])
       prm = p_def.unflatten(xs[n_u + n_s : n_u + n_s + n_p])
       ext = e_def.unflatten(xs[n_u + n_s + n_p :])
-      new_u, new_s = inner.update(upd, st, prm, **ext)
+      # Traced to be run in chunks or kernels of this module's own: the
+      # inner step as element-wise operations.
+      new_u, new_s = inner.update(
+        upd, st, prm, **ext, **{_engine.ELEMENTWISE: True}
+      )
       if apply:  # the new params, which then replace the params in place
         new_u = optax.apply_updates(prm, new_u)
       new_u_leaves, u_out_def = jax.tree.flatten(new_u)
@@ -605,7 +608,7 @@ def quantize_state(
   return optax.GradientTransformationExtraArgs(init_fn, applies(update_fn))
 
 
-KERNELS = ("auto", "pallas", "xla")
+KERNELS = _engine.KERNELS
 # An extra argument of the update, for dualoptax's own non-finite guard: a
 # traced bool; where False the call changes nothing (zero update, every state
 # leaf as it was, 8-bit codes bit for bit), without a conditional. Not passed

@@ -110,11 +110,11 @@ CASES = {
 }
 
 
-def _assert_states_close(s1, s2):
+def _assert_states_close(s1, s2, quantized=True):
   q1 = jax.tree.leaves(s1, is_leaf=lambda x: isinstance(x, QuantizedArray))
   q2 = jax.tree.leaves(s2, is_leaf=lambda x: isinstance(x, QuantizedArray))
   assert [type(x) for x in q1] == [type(x) for x in q2]
-  assert any(isinstance(x, QuantizedArray) for x in q1)
+  assert any(isinstance(x, QuantizedArray) for x in q1) == quantized
   # The same float32 math in differently fused loops: XLA may contract a
   # multiply-add into an FMA in one and not the other, so a moment can differ
   # by an ulp, its block's absmax by an ulp and, rarely, a code by one step
@@ -127,9 +127,15 @@ def _assert_states_close(s1, s2):
       diff = np.abs(np.asarray(x.codes, int) - np.asarray(y.codes, int))
       assert diff.max() <= 1 and diff.mean() < 1e-3, diff.mean()
     else:
-      scale = float(np.max(np.abs(x), initial=0.0))
-      eps = float(np.finfo(np.float32).eps)
-      np.testing.assert_allclose(x, y, rtol=3e-7, atol=16 * eps * scale + 1e-30)
+      _assert_float32_close(x, y)
+
+
+def _assert_float32_close(x, y):
+  """The same float32 step in differently fused loops (an FMA here, not
+  there): ulps of the leaf's largest values (see above)."""
+  scale = float(np.max(np.abs(x), initial=0.0))
+  eps = float(np.finfo(np.float32).eps)
+  np.testing.assert_allclose(x, y, rtol=3e-7, atol=16 * eps * scale + 1e-30)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -158,7 +164,9 @@ def _fused_step(tx):
   return jax.jit(lambda g, s, p: dualoptax.update_and_apply(tx, g, s, p))
 
 
-def _assert_steps_agree(reference, others, state, multi, params=None, steps=4):
+def _assert_steps_agree(
+  reference, others, state, multi, params=None, steps=4, quantized=True
+):
   """``steps`` steps along ``reference``'s trajectory (the objectives in
   turn); from the same state at each, every update in ``others`` gives its
   state and update to float32 rounding."""
@@ -169,7 +177,7 @@ def _assert_steps_agree(reference, others, state, multi, params=None, steps=4):
     u1, s1 = reference(g, state, params)
     for update in others:
       u2, s2 = update(g, state, params)
-      _assert_states_close(s1, s2)
+      _assert_states_close(s1, s2, quantized)
       # Updates: the same rounding, amplified where DualOptim+'s v_k + v_B
       # cancels (an ulp of v over a small |v_k + v_B|); |u| <= 1 bounds the
       # direction, so the tolerance is a fraction of lr = 1e-2 (seen: 3.3e-6
@@ -180,7 +188,9 @@ def _assert_steps_agree(reference, others, state, multi, params=None, steps=4):
     state = s1
 
 
-def _assert_fused_steps_agree(reference, fused, state, multi, params=None):
+def _assert_fused_steps_agree(
+  reference, fused, state, multi, params=None, quantized=True
+):
   """Two steps along ``reference``'s trajectory (an ``update``; each
   objective once); from the same state at each, ``fused`` (an
   ``update_and_apply``) gives the state and the params plus the update to
@@ -192,7 +202,7 @@ def _assert_fused_steps_agree(reference, fused, state, multi, params=None):
     u1, s1 = reference(g, state, params)
     p1 = optax.apply_updates(params, u1)
     p2, s2 = fused(g, state, params)
-    _assert_states_close(s1, s2)
+    _assert_states_close(s1, s2, quantized)
     # The update's tolerance (see _assert_steps_agree), plus the sum's
     # rounding: an ulp of |p| < 8.
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
@@ -271,6 +281,102 @@ def test_float32_state_leaves_run_as_whole_leaf_kernels():
   _assert_states_close(s1, s2)
   for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
     np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-5)
+
+
+FLOAT32_KERNEL_TXS = {
+  "dual_optim_plus": lambda kernel: dualoptax.dual_optim_plus(
+    1e-2, weight_decay=0.1, kernel=kernel
+  ),
+  "dual_optim": lambda kernel: dualoptax.dual_optim(
+    1e-2, weight_decay=0.1, kernel=kernel
+  ),
+}
+
+
+@pytest.mark.parametrize("name", list(FLOAT32_KERNEL_TXS))
+def test_float32_steps_run_as_kernels(name):
+  # With kernels on (on TPU by default), each float32 leaf whose last axis
+  # is whole lanes runs its step as one kernel over tiles of rows (a last
+  # tile partial, "p"), a small 1-d or 2-d leaf as one over the whole leaf,
+  # and the rest as XLA ops; leaves of one shape share one traced kernel.
+  # Same values as XLA's step, a skipped call (NaN) included.
+  params = {
+    "a": jnp.linspace(-1.0, 1.0, 64 * 256).reshape(64, 256),
+    "a2": jnp.linspace(2.0, 1.0, 64 * 256).reshape(64, 256),
+    "stack": jnp.linspace(-2.0, 2.0, 2 * 16 * 128).reshape(2, 16, 128),
+    "vec": jnp.linspace(0.5, -0.5, 2048),
+    "p": jnp.linspace(-1.0, 3.0, 600 * 128).reshape(600, 128),
+    "bias": jnp.linspace(-1.0, 1.0, 300),
+    "norm": jnp.full((40, 100), 0.5),
+    "col": jnp.ones((300, 8)),  # column-major on TPU: XLA
+    "wide": jnp.ones((300, 130)),  # neither whole lanes nor small: XLA
+    "scalar": jnp.asarray(0.3),
+  }
+  kernel, xla = (FLOAT32_KERNEL_TXS[name](k) for k in ("pallas", "xla"))
+  state = kernel.init(params)
+  grads = {
+    "forget": _grads(0, params),
+    "retain": jax.tree.map(lambda g: 0.5 - g, _grads(1, params)),
+  }
+  jaxpr = jax.make_jaxpr(kernel.update)(grads, state, params)
+  shapes: dict = {}
+  for eqn, _ in _kernel_calls(jaxpr.jaxpr, []):
+    if not eqn.params["interpret"] and eqn.params["input_output_aliases"]:
+      shape = [v.aval.shape for v in eqn.invars if v.aval.shape != (1,)][0]
+      shapes[shape] = shapes.get(shape, 0) + 1
+  assert shapes == {
+    (64, 256): 2,
+    (32, 128): 1,  # "stack"'s rows
+    (16, 128): 1,  # "vec" in lanes
+    (600, 128): 1,
+    (300,): 1,
+    (40, 100): 1,
+  }, shapes
+  steps = [
+    grads,
+    {"retain": _grads(2, params)},
+    {"forget": {**_grads(3, params), "p": _grads(3, params)["p"] * jnp.nan}},
+    {"forget": _grads(4, params)},
+  ]
+  # XLA's step, then the kernels' through update + apply_updates and
+  # through update_and_apply (the kernels write the params in place), and
+  # XLA's through update_and_apply.
+  runs = []
+  for tx, fused in ((xla, False), (kernel, False), (kernel, True), (xla, True)):
+    p, s = params, tx.init(params)
+    update = jax.jit(tx.update)
+    for g in steps:
+      if fused:
+        p, s = _fused_step(tx)(g, s, p)
+      else:
+        u, s = update(g, s, p)
+        p = optax.apply_updates(p, u)
+    assert int(s.skipped) == 1 and int(s.count) == 3
+    runs.append((p, s))
+  for run in runs[1:]:
+    for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(run)):
+      _assert_float32_close(a, b)
+
+
+def test_quantize_state_runs_float32_kernels_steps_elementwise():
+  # quantize_state traces its inner update to run it in chunks or kernels
+  # of its own: a float32 optimizer's kernels stay out of that trace (the
+  # same jaxpr as with kernel="xla"), and out of the whole-state path not.
+  params = {"w": jnp.linspace(-1.0, 1.0, 64 * 512).reshape(64, 512)}
+  grads = {"forget": _grads(0, params)}
+
+  def jaxpr(kernel, chunk_size):
+    tx = dualoptax.quantize_state(
+      dualoptax.dual_optim_plus(1e-2, skip_nonfinite=False, kernel=kernel),
+      chunk_size=chunk_size,
+      kernel="xla",
+    )
+    state = tx.init(params)
+    return str(jax.make_jaxpr(tx.update)(grads, state, params))
+
+  assert jaxpr("pallas", 4096) == jaxpr("xla", 4096)
+  assert "pallas_call" in jaxpr("pallas", None)
+  assert "pallas_call" not in jaxpr("xla", None)
 
 
 def _kernel_calls(jaxpr, found):

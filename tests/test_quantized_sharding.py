@@ -321,6 +321,10 @@ KERNEL_TXS = {
   "quantize_state(adamw)": lambda kernel: dualoptax.quantize_state(
     optax.adamw(1e-2, weight_decay=0.1), chunk_size=4096, kernel=kernel
   ),
+  # Float32 state: a kernel per leaf (its step's own, not quantize_state's).
+  "dual_optim_plus": lambda kernel: dualoptax.dual_optim_plus(
+    1e-2, weight_decay=0.1, kernel=kernel
+  ),
 }
 
 
@@ -335,22 +339,29 @@ def _check_kernel_per_shard(layout, name):
   params = _random_params(
     sharding, {"a": (64, 2048), "b": (64, 2048), "s": (8, 256)}, 0
   )
-  multi = name == "dual_optim_plus_8bit"
+  multi = name != "quantize_state(adamw)"
   loop, kernel = KERNEL_TXS[name]("xla"), KERNEL_TXS[name]("pallas")
   with _within(mesh):
     state = kernel.init(params)
     grads = {"forget": params} if multi else params
     jaxpr = str(jax.make_jaxpr(kernel.update)(grads, state, params))
     # One traced kernel for "a" and "b", called on each in a shard_map, and
-    # "s"'s in a third; the finiteness check's (DualOptim+) is one shard_map
-    # for every leaf.
-    assert jaxpr.count("name=fused_step") == 2
+    # "s"'s in a third (the float32 step's a shared one too); the
+    # finiteness check's (DualOptim+) is one shard_map for every leaf.
+    assert jaxpr.count("name=fused_step") == 2 + (name == "dual_optim_plus")
     assert jaxpr.count("shard_map") == 3 + multi
     assert jaxpr.count("name=_nonfinite_sum") == 2 * multi
     # Two steps (each objective once): the kernels' math is checked over
     # more in test_chunked; here, that each shard runs it.
+    quantized = name != "dual_optim_plus"
     test_chunked._assert_steps_agree(
-      jax.jit(loop.update), [jax.jit(kernel.update)], state, multi, params, 2
+      jax.jit(loop.update),
+      [jax.jit(kernel.update)],
+      state,
+      multi,
+      params,
+      2,
+      quantized,
     )
     if layout == "mesh_2d":  # the kernels writing the params: the same
       test_chunked._assert_fused_steps_agree(
@@ -359,6 +370,7 @@ def _check_kernel_per_shard(layout, name):
         state,
         multi,
         params,
+        quantized,
       )
     for fused in (False, True):
       compiled = _compiled_step(kernel, params, state, multi, fused)
