@@ -460,7 +460,6 @@ def _kernel_leaf(
       1 + n_state,
       len(values) + 1,
       aliases,
-      keep=True,
       # Read again by optax.apply_updates after the kernel.
       reread=[at] if decay and not apply else [],
     )

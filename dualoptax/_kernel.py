@@ -43,6 +43,9 @@ norm scales) runs as one kernel over the whole leaf
 state written in place. XLA's TPU compiler gives each such leaf's step a
 fusion of its own, while kernels of one signature share one lowering, so
 a model's many small leaves no longer dominate the step's compile time.
+For the same reason the float32 optimizers (``dual_optim_plus``,
+``dual_optim``) run each leaf's step as a kernel (:func:`step_kernel`),
+its body their leaf step itself rather than equations from a trace.
 
 Off TPU the same kernel runs in Pallas' interpret mode (tests check it against
 the XLA path on the CPU); ``jax.lax.platform_dependent`` picks the compiled
@@ -875,7 +878,6 @@ def step_kernel(
   n_outputs: int,
   n_scalars: int,
   aliases: dict,
-  keep: bool,
   reread: Sequence[int] = (),
 ) -> GroupKernel:
   """An element-wise step on float32 leaves of ``shape`` as one kernel.
@@ -893,12 +895,11 @@ def step_kernel(
   Args:
     fn: the step on values: 0-d scalars, arrays all of one shape.
     shape: the leaf's shape (one shard's, see :func:`on_shards`).
-    n_arrays, n_outputs, n_scalars: how many of each ``fn`` takes and
-      returns; scalars are float32.
+    n_arrays, n_outputs: how many arrays ``fn`` takes and returns.
+    n_scalars: the scalar operands (shape ``(1,)``): float32 ones for
+      ``fn``, then an int32 flag where 0 skips the step (the guard): each
+      aliased output keeps its input's value, the others are zeros.
     aliases: ``{array position: output position}``: state updated in place.
-    keep: whether the last scalar operand is a flag (int32, from
-      ``GroupKernel.scalars``' caller) where 0 skips the step: each aliased
-      output keeps its input's value, the others are zeros.
     reread: array positions the step reads again after the kernel (the
       parameters): left for XLA to place (see :func:`_in_hbm`).
 
@@ -915,13 +916,12 @@ def step_kernel(
     ins = refs[n_scalars : n_scalars + n_arrays]
     outs = refs[n_scalars + n_arrays :]
     xs = [ref[at] for ref in ins]
-    if keep:
-      kept = scalars.pop() != 0
+    kept = scalars.pop() != 0
     new = fn(scalars, xs)
     for q, (x, ref) in enumerate(zip(new, outs)):
-      x = x.astype(jnp.float32)
-      if keep:
-        x = jnp.where(kept, x, xs[source[q]] if q in source else 0.0)
+      x = jnp.where(
+        kept, x.astype(jnp.float32), xs[source[q]] if q in source else 0.0
+      )
       ref[at] = x
 
   if tiled is None:  # the whole leaf, one grid step
@@ -1000,7 +1000,7 @@ def local_stand_in(x):
 
 
 def shard_view(arrays: Sequence[Any], kernel: str) -> Optional[Callable]:
-  """How a kernel sees ``arrays`` (a bucket's, 8-bit ones included):
+  """How a kernel sees ``arrays`` (one leaf's operands, 8-bit ones included):
   :func:`local_stand_in` where they carry one sharding in their types (a
   kernel per shard), the identity where they are whole; None where no
   kernel runs: arrays sharded apart (the loops and JAX's checks decide), or

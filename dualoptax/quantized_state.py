@@ -640,9 +640,10 @@ def update_and_apply(
     (u, s') = \mathrm{tx.update}(g, s, \theta), \quad \theta' = \theta + u
 
   The same as ``tx.update`` followed by ``optax.apply_updates`` for any
-  transformation. Where ``tx`` is :func:`quantize_state` or
-  :func:`~dualoptax.dual_optim_plus_8bit` itself (not wrapped or chained),
-  the addition joins the update: each leaf's fused kernel (or loop) writes
+  transformation. Where ``tx`` is :func:`quantize_state`,
+  :func:`~dualoptax.dual_optim_plus_8bit`, :func:`~dualoptax.dual_optim_plus`
+  or :func:`~dualoptax.dual_optim` itself (not wrapped or chained), the
+  addition joins the update: each leaf's fused kernel (or loop) writes
   :math:`\theta'` over :math:`\theta` in place, and the update is never an
   array of its own. With params and state donated to the ``jit``, the step
   then needs no params-sized temporary and reads the params once.
