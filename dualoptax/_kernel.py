@@ -856,9 +856,10 @@ def whole_leaf_kernel(
   return GroupKernel(apply, found.operands())
 
 
-# Values of one tile per operand of a float32 step kernel (step_kernel):
-# DualOptim+'s two-objective step has 16 operands, double buffered in VMEM.
-_STEP_TILE_VALUES = 1 << 16
+# VMEM for the tiles of a float32 step kernel's operands, double buffered
+# (step_kernel): DualOptim+'s two-objective step has 16 operands, each tile
+# then 64K values; more objectives, smaller tiles.
+_STEP_TILE_BYTES = 8 << 20
 
 
 def step_view(shape: Sequence[int]) -> Optional[tuple[int, ...]]:
@@ -869,6 +870,17 @@ def step_view(shape: Sequence[int]) -> Optional[tuple[int, ...]]:
   if tiled is not None:
     return tiled
   return tuple(int(s) for s in shape) if whole_leaf_values(shape) else None
+
+
+def step_tile(total: int, n: int, operands: int) -> tuple[int, int]:
+  """``(rows, width)`` of a :func:`step_kernel` tile of a ``[total, n]``
+  view (``n`` whole lanes) for ``operands`` float32 arrays in and out: at
+  most 512 lanes, rows a multiple of 8 (or all of them), every operand's
+  tile double buffered within ``_STEP_TILE_BYTES``."""
+  width = next(w for w in (4 * _LANES, 2 * _LANES, _LANES) if n % w == 0)
+  values = _STEP_TILE_BYTES // (2 * 4 * operands)
+  rows = max(values // width // _SUBLANES, 1) * _SUBLANES
+  return (total if rows >= total else rows), width
 
 
 def step_kernel(
@@ -884,9 +896,10 @@ def step_kernel(
 
   ``fn(scalars, arrays) -> outputs`` states the step (for the optimizers'
   float32 state, :func:`dualoptax._engine.dual_optim_plus_leaf` itself):
-  the kernel applies it to tiles of every array in VMEM, rows of
-  ``[total, n]`` (:func:`step_view`) in pieces of 8 (one float32 vreg per
-  128 lanes), or to the whole leaf where it is small. Each array is read
+  the kernel applies it to tiles of every array in VMEM (8 MiB for all
+  operands, double buffered), rows of ``[total, n]`` (:func:`step_view`) in
+  pieces of 8 (one float32 vreg per 128 lanes), or to the whole leaf where
+  it is small. Each array is read
   once and each output written once; outputs in ``aliases`` take their
   input's buffer. XLA's TPU compiler instead gives each leaf's step a
   fusion of its own, whose compile time grows with the step's size, while
@@ -933,9 +946,7 @@ def step_kernel(
 
   else:
     total, n = tiled
-    width = next(w for w in (4 * _LANES, 2 * _LANES, _LANES) if n % w == 0)
-    rows = max(_STEP_TILE_VALUES // width // _SUBLANES, 1) * _SUBLANES
-    rows = total if rows >= total else rows
+    rows, width = step_tile(total, n, n_arrays + n_outputs)
     piece = _SUBLANES if rows % _SUBLANES == 0 else rows
     block = pl.BlockSpec((rows, width), lambda i, j: (i, j))
     grid = (pl.cdiv(total, rows), n // width)

@@ -358,6 +358,24 @@ def test_float32_steps_run_as_kernels(name):
       _assert_float32_close(a, b)
 
 
+@pytest.mark.parametrize("objectives", [1, 2, 6, 12])
+@pytest.mark.parametrize("shape", [(50257, 768), (600, 128), (16, 1024)])
+def test_float32_step_tiles_fit_vmem(shape, objectives):
+  # DualOptim+ with weight decay: per objective a gradient and two moments
+  # in, two moments out; the base moments and the param in, the base
+  # moments and the update out. More objectives, smaller tiles: every
+  # operand's tile, double buffered, within the budget; a tile whole lanes
+  # wide, its rows whole sublanes or the leaf's.
+  from dualoptax import _kernel
+
+  operands = (3 * objectives + 3) + (2 * objectives + 3)
+  rows, width = _kernel.step_tile(*shape, operands)
+  assert 2 * 4 * operands * rows * width <= _kernel._STEP_TILE_BYTES
+  assert shape[1] % width == 0 and width % 128 == 0 and width <= 512
+  assert rows == shape[0] or rows % 8 == 0
+  assert rows * width >= min(shape[0] * width, 8 * width)
+
+
 def test_quantize_state_runs_float32_kernels_steps_elementwise():
   # quantize_state traces its inner update to run it in chunks or kernels
   # of its own: a float32 optimizer's kernels stay out of that trace (the
