@@ -733,6 +733,26 @@ def group_kernel(
   return GroupKernel(apply, found.operands())
 
 
+def per_member(fn: Callable) -> Callable:
+  """``fn`` (a kernel call on arrays) that, under ``jax.vmap`` (an ensemble
+  of models, say), runs once per batch member in a loop (``lax.map``): the
+  kernels' memory-space constraint has no batching rule, and a batched
+  kernel would be another kernel to lower. Unbatched operands are
+  broadcast."""
+  wrapped = jax.custom_batching.custom_vmap(fn)
+
+  @wrapped.def_vmap
+  def _(axis_size, in_batched, *flat):
+    flat = [
+      x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+      for x, batched in zip(flat, in_batched)
+    ]
+    out = jax.lax.map(lambda xs: wrapped(*xs), flat)
+    return out, jax.tree.map(lambda _: True, out)
+
+  return wrapped
+
+
 def _launcher(pallas_call: Callable, pinned: Sequence[bool], shared: bool):
   """``pallas_call(interpret=...)`` applied to a kernel's operands: compiled
   for TPU (operands where ``pinned`` kept in HBM), interpreted elsewhere;
@@ -746,6 +766,7 @@ def _launcher(pallas_call: Callable, pinned: Sequence[bool], shared: bool):
 
     return go
 
+  @per_member
   def fused_step(*flat):
     return jax.lax.platform_dependent(
       *flat, tpu=call(False), default=call(True)
@@ -1141,7 +1162,11 @@ def _nonfinite_sum(*xs: jax.Array) -> jax.Array:
 
     return go
 
-  part = jax.lax.platform_dependent(*xs, tpu=call(False), default=call(True))
+  part = per_member(
+    lambda *xs: jax.lax.platform_dependent(
+      *xs, tpu=call(False), default=call(True)
+    )
+  )(*xs)
   return jnp.sum(part)
 
 

@@ -358,6 +358,41 @@ def test_float32_steps_run_as_kernels(name):
       _assert_float32_close(a, b)
 
 
+@pytest.mark.parametrize(
+  "make, multi",
+  [
+    (FLOAT32_KERNEL_TXS["dual_optim_plus"], True),
+    (lambda k: dualoptax.dual_optim_plus_8bit(1e-2, kernel=k), True),
+    (lambda k: dualoptax.quantize_state(optax.adamw(1e-2), kernel=k), False),
+  ],
+  ids=["dual_optim_plus", "dual_optim_plus_8bit", "quantize_state(adamw)"],
+)
+def test_kernels_run_under_vmap_and_scan(make, multi):
+  # An ensemble: the update vmapped over two members' params and state, in
+  # a scan. Each kernel then runs once per member (a loop: the kernels'
+  # memory-space constraint has no batching rule); the values are the XLA
+  # step's.
+  params = {
+    "w": jnp.linspace(-1.0, 1.0, 2 * 64 * 512).reshape(2, 64, 512),
+    "b": jnp.linspace(0.0, 1.0, 2 * 300).reshape(2, 300),
+  }
+  g = jax.tree.map(lambda x: 0.3 * x + 0.1, params)
+  grads = {"forget": g, "retain": jax.tree.map(lambda x: 0.2 - x, g)}
+  runs = []
+  for kernel in ("xla", "pallas"):
+    tx = make(kernel)
+
+    def step(carry, _, tx=tx):
+      p, s = carry
+      u, s = jax.vmap(tx.update)(grads if multi else g, s, p)
+      return (optax.apply_updates(p, u), s), None
+
+    carry = (params, jax.vmap(tx.init)(params))
+    runs.append(jax.jit(lambda c: jax.lax.scan(step, c, None, 2)[0])(carry))
+  for a, b in zip(jax.tree.leaves(runs[0][0]), jax.tree.leaves(runs[1][0])):
+    _assert_float32_close(a, b)
+
+
 @pytest.mark.parametrize("objectives", [1, 2, 6, 12])
 @pytest.mark.parametrize("shape", [(50257, 768), (600, 128), (16, 1024)])
 def test_float32_step_tiles_fit_vmem(shape, objectives):
