@@ -738,17 +738,29 @@ def per_member(fn: Callable) -> Callable:
   of models, say), runs once per batch member in a loop (``lax.map``): the
   kernels' memory-space constraint has no batching rule, and a batched
   kernel would be another kernel to lower. Unbatched operands are
-  broadcast."""
-  wrapped = jax.custom_batching.custom_vmap(fn)
+  broadcast. Differentiated, it raises a clear error: the kernels have no
+  derivative rules (``kernel="xla"`` steps are differentiable)."""
+  batched = jax.custom_batching.custom_vmap(fn)
 
-  @wrapped.def_vmap
+  @batched.def_vmap
   def _(axis_size, in_batched, *flat):
     flat = [
-      x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
-      for x, batched in zip(flat, in_batched)
+      x if b else jnp.broadcast_to(x, (axis_size, *x.shape))
+      for x, b in zip(flat, in_batched)
     ]
-    out = jax.lax.map(lambda xs: wrapped(*xs), flat)
+    out = jax.lax.map(lambda xs: batched(*xs), flat)
     return out, jax.tree.map(lambda _: True, out)
+
+  wrapped = jax.custom_jvp(batched)
+
+  @wrapped.defjvp
+  def _(primals, tangents):
+    del primals, tangents
+    raise ValueError(
+      "dualoptax: an optimizer step that runs fused Pallas kernels (on TPU, "
+      'kernel="auto") cannot be differentiated; build the optimizer with '
+      'kernel="xla" to differentiate through its update.'
+    )
 
   return wrapped
 
@@ -1208,7 +1220,9 @@ def all_finite(trees: Sequence[Any]) -> jax.Array:
   partitioner); under several devices without them, by
   ``_objectives.all_finite`` alone.
   """
-  leaves = [jax.tree.leaves(t) for t in trees]
+  # Whether the step runs: no derivative flows through it, and none is
+  # asked of the kernels.
+  leaves = [jax.tree.leaves(jax.lax.stop_gradient(t)) for t in trees]
   flat = [x for xs in leaves for x in xs]
   if not any(_sharding.explicit(x) is not None for x in flat) and any(
     _sharding.several_devices(x) for x in flat

@@ -186,7 +186,9 @@ def scale_by_dual_optim_plus(
       written in place; the others, and everything under ``"xla"`` or off
       TPU, as XLA's element-wise ops. Under several devices a leaf takes a
       kernel per shard where its sharding is in its type (explicit mesh
-      axes), else XLA's ops.
+      axes), else XLA's ops. Under ``jax.vmap`` each kernel runs once per
+      batch member; a step with kernels cannot be differentiated (a clear
+      error says so): use ``"xla"`` to differentiate through the update.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is

@@ -396,7 +396,9 @@ def quantize_state(
       keeps the loops for other leaves there (a custom call would gather
       sharded operands), ``"pallas"`` does not. The kernel updates state in
       place and never takes a gradient's buffer (``reuse_gradient_buffers``
-      is the loops' switch).
+      is the loops' switch). Under ``jax.vmap`` each kernel runs once per
+      batch member; a step with kernels cannot be differentiated (the
+      loops can).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is ``inner``'s

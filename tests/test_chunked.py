@@ -393,6 +393,37 @@ def test_kernels_run_under_vmap_and_scan(make, multi):
     _assert_float32_close(a, b)
 
 
+def test_kernel_steps_are_not_differentiable_but_xla_steps_are():
+  # Differentiating through an update (a learned optimizer, say): the
+  # kernels have no derivative rules, so a step that runs them says so and
+  # names kernel="xla"; on TPU an XLA step's non-finite check is a kernel,
+  # through which no derivative flows (it only decides whether the step
+  # runs), so the XLA step stays differentiable there.
+  from unittest import mock
+
+  from dualoptax import _kernel
+
+  params = {"w": jnp.linspace(-1.0, 1.0, 64 * 256).reshape(64, 256)}
+
+  def grad(kernel):
+    tx = dualoptax.dual_optim_plus(1e-2, kernel=kernel)
+    state = tx.init(params)
+
+    def loss(g):
+      u, _ = tx.update({"forget": g}, state, params)
+      return jnp.sum(u["w"] ** 2)
+
+    return jax.grad(loss)(jax.tree.map(lambda x: 0.5 * x + 0.1, params))
+
+  with pytest.raises(ValueError, match='cannot be differentiated.*"xla"'):
+    grad("pallas")
+  expected = grad("xla")
+  with mock.patch.object(_kernel, "on_tpu", lambda: True):
+    on_tpu = grad("xla")
+  np.testing.assert_array_equal(on_tpu["w"], expected["w"])
+  assert np.all(np.isfinite(expected["w"])) and np.any(expected["w"] != 0)
+
+
 @pytest.mark.parametrize("objectives", [1, 2, 6, 12])
 @pytest.mark.parametrize("shape", [(50257, 768), (600, 128), (16, 1024)])
 def test_float32_step_tiles_fit_vmem(shape, objectives):
