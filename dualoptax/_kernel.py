@@ -779,10 +779,13 @@ def _launcher(pallas_call: Callable, pinned: Sequence[bool], shared: bool):
     return go
 
   @per_member
-  def fused_step(*flat):
+  def on_platform(*flat):
     return jax.lax.platform_dependent(
       *flat, tpu=call(False), default=call(True)
     )
+
+  def fused_step(*flat):
+    return on_platform(*flat)
 
   # One trace (and one lowering) of the kernel for every group it serves. A
   # jit boundary for one group only changes XLA's TPU prefetch choices for
