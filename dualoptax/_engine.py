@@ -382,10 +382,10 @@ def check_kernel(kernel: str) -> str:
   return kernel
 
 
-def call_kernel(kernel: str, extra_args: Mapping[str, Any]) -> str:
-  """``kernel`` for one call, ``"xla"`` where the call is traced to be run
-  element-wise (:data:`ELEMENTWISE`)."""
-  return "xla" if extra_args.get(ELEMENTWISE, False) else kernel
+# An extra argument of an update marked by dualoptax.quantized_state.applies:
+# True asks it for the new params instead of the update (see
+# dualoptax.update_and_apply).
+APPLY = "_dualoptax_apply"
 
 
 def use_kernels(kernel: str) -> bool:
@@ -623,6 +623,19 @@ def multi_objective_step(
   return updates, new_deltas, new_base
 
 
+class Call(NamedTuple):
+  """What one call of a float32 optimizer's update runs: the present
+  objectives' gradients, the weight-decay flags, the non-finite check (None
+  without the guard), ``kernel`` as this call uses it and whether it returns
+  the new params (:data:`APPLY`)."""
+
+  present: dict
+  flags: Sequence[bool]
+  finite: Optional[jax.Array]
+  kernel: str
+  apply: bool
+
+
 def prepare_call(
   grads,
   objectives,
@@ -631,9 +644,13 @@ def prepare_call(
   weight_decay,
   mask,
   skip_nonfinite,
-  kernel="xla",
-):
-  """Trace-time checks of one call; returns ``(present, decay_flags, finite)``."""
+  kernel: str,
+  extra_args: Mapping[str, Any],
+) -> Call:
+  """Trace-time checks of one call, and how it runs: ``kernel`` is ``"xla"``
+  where the call is traced to be run element-wise (:data:`ELEMENTWISE`)."""
+  if extra_args.get(ELEMENTWISE, False):
+    kernel = "xla"
   present = _objectives.present_gradients(grads, objectives, reference)
   if _objectives.decay_enabled(weight_decay) and params is None:
     raise ValueError("`params` must be passed to update when weight_decay > 0.")
@@ -644,7 +661,7 @@ def prepare_call(
   fused = _kernel.on_tpu() or use_kernels(kernel)
   check = _kernel.all_finite if fused else _objectives.all_finite
   finite = check(list(present.values())) if skip_nonfinite else None
-  return present, flags, finite
+  return Call(present, flags, finite, kernel, extra_args.get(APPLY, False))
 
 
 # Platforms where the float32 step's non-finite guard selects rather than
@@ -722,29 +739,26 @@ def update_shapes(grads: Mapping[str, Any], params: Any) -> Any:
 
 
 def run_step(
-  grads,
+  call: Call,
   deltas,
   base: Optional[Base],
   count,
   params,
   coefficients,
   weight_decay,
-  decay_flags,
   hyper: Hyper,
-  finite,
-  kernel: str = "xla",
-  apply: bool = False,
 ):
   """One guarded call: the step where ``finite`` (or the guard is off), else a
   zero update with every moment and count unchanged. Where kernels run
   (:func:`use_kernels`), each leaf selects instead (a kernel's in VMEM).
-  With ``apply``, the new params in place of the update (the params where
-  skipped).
+  With ``call.apply``, the new params in place of the update (the params
+  where skipped).
 
   Returns:
     ``(updates, new_deltas (present objectives), new_base_moments_or_None,
     new_count)``.
   """
+  grads, flags, finite, kernel, apply = call
 
   def step(keep=None):
     updates, new_deltas, new_base = multi_objective_step(
@@ -754,7 +768,7 @@ def run_step(
       params,
       coefficients,
       weight_decay,
-      decay_flags,
+      flags,
       hyper,
       kernel,
       keep,

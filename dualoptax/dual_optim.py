@@ -101,11 +101,8 @@ def dual_optim(
     )
 
   def update_fn(grads, state, params=None, **extra_args):
-    kernel_now = _engine.call_kernel(kernel, extra_args)
-    # From dualoptax.update_and_apply: the new params, not the update.
-    apply = extra_args.get(quantized_state.APPLY, False)
     reference = state.deltas[objectives[0]].mu
-    present, flags, finite = _engine.prepare_call(
+    call = _engine.prepare_call(
       grads,
       objectives,
       reference,
@@ -113,29 +110,26 @@ def dual_optim(
       weight_decay,
       mask,
       skip_nonfinite,
-      kernel_now,
+      kernel,
+      extra_args,
     )
     coefficients = {
-      k: -_objectives.evaluate(lrs[k], state.count) for k in present
+      k: -_objectives.evaluate(lrs[k], state.count) for k in call.present
     }
     updates, deltas, _, count = _engine.run_step(
-      present,
+      call,
       state.deltas,
       None,
       state.count,
       params,
       coefficients,
       weight_decay,
-      flags,
       hyper,
-      finite,
-      kernel_now,
-      apply,
     )
     return updates, DualOptimState(
       count,
       {**state.deltas, **deltas},
-      _engine.count_skipped(state.skipped, finite),
+      _engine.count_skipped(state.skipped, call.finite),
     )
 
   return optax.GradientTransformationExtraArgs(

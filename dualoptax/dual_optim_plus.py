@@ -82,10 +82,7 @@ def _dual_optim_plus_transform(
     )
 
   def update_fn(grads, state, params=None, **extra_args):
-    kernel_now = _engine.call_kernel(kernel, extra_args)
-    # From dualoptax.update_and_apply: the new params, not the update.
-    apply = extra_args.get(quantized_state.APPLY, False)
-    present, flags, finite = _engine.prepare_call(
+    call = _engine.prepare_call(
       grads,
       objectives,
       state.base_mu,
@@ -93,29 +90,26 @@ def _dual_optim_plus_transform(
       weight_decay,
       mask,
       skip_nonfinite,
-      kernel_now,
+      kernel,
+      extra_args,
     )
-    coefficients = coefficients_fn(present, state.count)
+    coefficients = coefficients_fn(call.present, state.count)
     updates, deltas, (base_mu, base_nu), count = _engine.run_step(
-      present,
+      call,
       state.deltas,
       _engine.Base(state.base_mu, state.base_nu, state.count),
       state.count,
       params,
       coefficients,
       weight_decay,
-      flags,
       hyper,
-      finite,
-      kernel_now,
-      apply,
     )
     return updates, DualOptimPlusState(
       count,
       base_mu,
       base_nu,
       {**state.deltas, **deltas},
-      _engine.count_skipped(state.skipped, finite),
+      _engine.count_skipped(state.skipped, call.finite),
     )
 
   return optax.GradientTransformationExtraArgs(

@@ -618,7 +618,7 @@ KERNELS = _engine.KERNELS
 KEEP_IF = "_dualoptax_keep_if"
 # An extra argument of an update marked by :func:`applies`: True asks it for
 # the new params instead of the update (see :func:`update_and_apply`).
-APPLY = "_dualoptax_apply"
+APPLY = _engine.APPLY
 _APPLIES = "dualoptax_applies_updates"
 
 
